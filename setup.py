@@ -1,0 +1,68 @@
+"""Build zeromask: the Python package, `kernels/` as `zeromask.kernels`, and the C++ extension.
+
+The CPU extension (csrc/cpu) is built with torch's BuildExtension whenever torch is
+importable at build time; the CUDA extension (csrc/cuda) only where torch has CUDA and a
+CUDA toolkit is found. ZEROMASK_NO_EXT=1 skips both: the package then runs on the reference
+(and Triton) backends and says so once when a kernel backend is asked for.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGES = ["zeromask", "zeromask.backends", "zeromask.audio", "zeromask.models",
+            "zeromask.data", "zeromask.cli", "zeromask.kernels"]
+
+
+def extensions():
+    if os.environ.get("ZEROMASK_NO_EXT", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("zeromask: torch not importable at build time; skipping the C++ extension "
+              "(install torch first and use pip install --no-build-isolation)")
+        return [], {}
+    exts = []
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if cpu_sources:
+        openmp = ["-fopenmp"]
+        exts.append(cpp_extension.CppExtension(
+            "zeromask._C_cpu", cpu_sources,
+            extra_compile_args={"cxx": ["-O3", "-march=native", "-ffast-math", "-std=c++17"]
+                                + openmp},
+            extra_link_args=openmp))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    if (cuda_sources and torch.version.cuda is not None and cpp_extension.CUDA_HOME
+            and os.environ.get("ZEROMASK_NO_CUDA_EXT", "0") != "1"):
+        exts.append(cpp_extension.CUDAExtension(
+            "zeromask._C_cuda", cuda_sources,
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}))
+    if not exts:
+        return [], {}
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="zeromask",
+    version="0.1.0",
+    description="Fused f0-rotary + zero-soft attention kernels for speech models",
+    packages=PACKAGES,
+    package_dir={"zeromask.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "audio": ["librosa", "soundfile"],
+        "train": ["tqdm", "jiwer", "librosa", "soundfile"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "expecttest"],
+    },
+    entry_points={"console_scripts": []},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

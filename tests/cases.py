@@ -1,0 +1,121 @@
+"""Random inputs and the backend-vs-reference check shared by every kernel test.
+
+``attention_case`` builds fresh random q/k/v (never zeros), zero tokens, an f0-derived
+theta with voiced and unvoiced stretches, positions and radius; ``check_attention`` runs a
+backend's forward and every gradient and compares them with :mod:`tests.tolerance` against
+the float64 reference, with the same-dtype reference as the yardstick.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+import zeromask
+from zeromask import reference
+from zeromask.modules import F0Rotary
+
+from tolerance import assert_grad_close, assert_output_close
+
+
+def f0_contour(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """A speech-like F0 contour (Hz): voiced glides between 90 and 280 Hz, unvoiced gaps (0)."""
+    t = torch.linspace(0, 1, length, dtype=torch.float64)
+    rows = []
+    for _ in range(batch):
+        base = 90 + 150 * torch.rand((), generator=generator, dtype=torch.float64)
+        glide = 40 * torch.sin(2 * math.pi * (t * (1 + 2 * torch.rand((), generator=generator,
+                                                                    dtype=torch.float64))))
+        f0 = base + glide
+        voiced = torch.ones(length, dtype=torch.bool)
+        for _ in range(max(1, length // 12)):  # a few unvoiced gaps
+            start = int(torch.randint(0, length, (1,), generator=generator))
+            voiced[start:start + int(torch.randint(1, 4, (1,), generator=generator))] = False
+        rows.append(torch.where(voiced, f0, torch.zeros_like(f0)))
+    return torch.stack(rows)
+
+
+def f0_theta(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """theta (B, L) float64 from a speech-like contour through the default F0Rotary."""
+    with torch.no_grad():
+        return F0Rotary()(f0_contour(batch, length, generator)).double()
+
+
+def attention_case(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=32, *, rotary=True, zero_frac=0.25,
+                   causal=False, zero_mode="prob", zero_scale=0.05, seqlens=False,
+                   rotary_dim=None, interleaved=False, radius=False, seed=0) -> dict:
+    """Everything for one zero_soft_attention call, in float64 (the oracle's dtype).
+
+    The zero scale defaults to 0.05 rather than 1e-6 so that the zero keys' share, and
+    so the test's sensitivity to it, is not rounded away.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    case = dict(
+        q=torch.randn(B, Hq, Lq, D, generator=g, dtype=dt),
+        k=torch.randn(B, Hkv, Lk, D, generator=g, dtype=dt),
+        v=torch.randn(B, Hkv, Lk, D, generator=g, dtype=dt),
+        key_zero=torch.rand(B, Lk, generator=g) < zero_frac,
+        zero_scale=torch.tensor(zero_scale, dtype=dt),
+        zero_mode=zero_mode,
+        causal=causal,
+    )
+    if seqlens:
+        case["seqlens_k"] = torch.randint(max(1, Lk // 2), Lk + 1, (B,), generator=g)
+    if rotary:
+        case["theta_q"] = f0_theta(B, Lq, g)
+        case["theta_k"] = f0_theta(B, Lk, g)
+        case["rotary_dim"] = rotary_dim
+        case["interleaved"] = interleaved
+        if radius:
+            R = D if rotary_dim is None else rotary_dim
+            case["radius"] = 0.5 + torch.rand(R // 2, generator=g, dtype=dt)
+    return case
+
+
+_DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")
+
+
+def _run(case: dict, dtype: torch.dtype, device, backend: Optional[str]):
+    """Forward + backward of one backend on a copy of case cast to dtype (inputs only)."""
+    args = {}
+    for key, value in case.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            if key in ("q", "k", "v"):
+                value = value.to(dtype)
+            value = value.to(device).detach().requires_grad_(key in _DIFF)
+        elif torch.is_tensor(value):
+            value = value.to(device)
+        args[key] = value
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    out = zeromask.zero_soft_attention(q, k, v, backend=backend, **args)
+    g = torch.Generator().manual_seed(1234)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    leaves = {"q": q, "k": k, "v": v, **{n: args[n] for n in _DIFF[3:] if torch.is_tensor(
+        args.get(n)) and args[n].requires_grad}}
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") -> None:
+    """Assert ``backend`` matches the reference: output and every gradient.
+
+    Yardstick: the reference run with inputs in ``dtype`` (its own rounding), against the
+    reference in float64.
+    """
+    oracle_out, oracle_g = _run(case, torch.float64, "cpu", "reference")
+    same_out, same_g = _run(case, dtype, device, "reference")
+    out, grads = _run(case, dtype, device, backend)
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    assert_output_close("out", out.cpu(), oracle_out, same_out.cpu(), dtype)
+    assert set(grads) == set(oracle_g), f"gradients for {set(grads)} vs {set(oracle_g)}"
+    for name, g in grads.items():
+        assert g is not None, f"no gradient for {name}"
+        assert_grad_close(f"d{name}", g.cpu(), oracle_g[name], same_g[name].cpu(), dtype)
+
+
+def reference_lse(case: dict) -> torch.Tensor:
+    """The float64 row logsumexp for a case (for tests of a kernel's saved lse)."""
+    kw = {k: v for k, v in case.items() if k not in ("q", "k", "v")}
+    return reference.zero_soft_attention_lse(case["q"], case["k"], **kw)

@@ -1,0 +1,114 @@
+"""The one place that picks a backend (DESIGN.md section 4).
+
+``backend=`` argument, else the ``ZEROMASK_BACKEND`` environment variable, else ``auto``:
+
+* CUDA tensors: ``triton`` if importable and it supports the call, else the ``cuda``
+  extension, else ``reference``;
+* CPU tensors: the ``cpp`` extension if built and it supports the call, else ``reference``.
+
+An explicitly requested backend that cannot serve the call raises :class:`BackendError`
+naming why. Each automatic choice is logged once (logger ``zeromask``), not printed.
+
+Backends live in :mod:`zeromask.backends` (one module each, exposing ``BACKEND``) and are
+imported lazily, so a missing compiler, extension or Triton never breaks ``import zeromask``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Dict, List, Optional
+
+from .backends import Backend
+
+logger = logging.getLogger("zeromask")
+
+#: name -> module that defines ``BACKEND``; the order is irrelevant, see ``_AUTO_ORDER``.
+_MODULES: Dict[str, str] = {
+    "reference": "zeromask.backends.reference",
+    "triton": "zeromask.backends.triton",
+    "cuda": "zeromask.backends.cuda",
+    "cpp": "zeromask.backends.cpp",
+}
+#: preference when backend="auto", by device type of the inputs.
+_AUTO_ORDER: Dict[str, List[str]] = {
+    "cuda": ["triton", "cuda", "reference"],
+    "cpu": ["cpp", "reference"],
+}
+BACKENDS = ("auto",) + tuple(_MODULES)
+
+_loaded: Dict[str, object] = {}
+_logged: set = set()
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot serve this call; the message says why."""
+
+
+def load(name: str) -> "Backend | str":
+    """The backend object, or the reason it cannot be loaded (import errors are reasons)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            backend = module.BACKEND
+            reason = backend.available()
+            _loaded[name] = backend if reason is None else reason
+        except ImportError as exc:  # the backend's code or its dependency is absent
+            _loaded[name] = f"{name} backend could not be imported: {exc}"
+    return _loaded[name]
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """{name: None if usable in this process, else the reason it is not}."""
+    out = {}
+    for name in _MODULES:
+        b = load(name)
+        out[name] = None if isinstance(b, Backend) else b
+    return out
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    name = backend if backend is not None else os.environ.get("ZEROMASK_BACKEND", "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        source = "backend=" if backend is not None else "ZEROMASK_BACKEND="
+        raise ValueError(f"{source}{name!r} is not a backend; choose one of {BACKENDS}")
+    return name
+
+
+def _reason(name: str, op: str, device_type: str, call: dict) -> "Backend | str":
+    b = load(name)
+    if not isinstance(b, Backend):
+        return b
+    if device_type not in b.device_types:
+        return f"{name} backend does not run on {device_type} tensors"
+    if getattr(b, f"{op}_forward") is None:
+        return f"{name} backend has no {op} kernel"
+    why = b.supports(op, **call)
+    return b if why is None else why
+
+
+def select(op: str, device_type: str, backend: Optional[str] = None, **call) -> Backend:
+    """The backend that runs ``op`` ("attention" or "rotary") for this call."""
+    name = requested_backend(backend)
+    if name != "auto":
+        got = _reason(name, op, device_type, call)
+        if isinstance(got, str):
+            raise BackendError(f"backend {name!r} cannot run this {op} call: {got}")
+        return got
+    order = _AUTO_ORDER.get(device_type, ["reference"])
+    skipped = []
+    for candidate in order:
+        got = _reason(candidate, op, device_type, call)
+        if isinstance(got, Backend):
+            key = (op, device_type, candidate, tuple(skipped))
+            if key not in _logged:
+                _logged.add(key)
+                why = "; ".join(skipped) if skipped else "first choice"
+                logger.info("zeromask: %s on %s uses the %s backend (%s)", op, device_type,
+                            candidate, why)
+            return got
+        skipped.append(got)
+    raise BackendError(f"no backend can run this {op} call: " + "; ".join(skipped))

@@ -1,0 +1,327 @@
+"""nn.Modules: :class:`F0Rotary` and :class:`ZeroSoftAttention` (drop-in for MHA)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .ops import ZERO_MODES, zero_soft_attention, zero_soft_attention_weights
+
+Tensor = torch.Tensor
+
+#: F0 (Hz) at which the echo mapping reaches t_max: theta = t_max at f0 = 300 Hz.
+_ECHO_F0_REF = 300.0
+
+
+def resample_contour(f0: Tensor, length: int) -> Tensor:
+    """Resample an F0 contour ``(B, T)`` to ``(B, length)``; unvoiced (0/NaN) stays 0.
+
+    Voiced values and the voicing mask are interpolated separately (linear, align_corners)
+    so a voiced frame next to silence is not dragged toward 0 Hz; a resampled frame is
+    voiced when more than half of what it interpolates is voiced.
+    """
+    if f0.shape[-1] == length:
+        return torch.nan_to_num(f0, nan=0.0).clamp_min(0.0)
+    voiced = torch.isfinite(f0) & (f0 > 0)
+    values = torch.where(voiced, f0, torch.zeros_like(f0))
+    stacked = torch.stack((values, voiced.to(f0.dtype)), dim=1)  # (B, 2, T)
+    if f0.shape[-1] == 1:
+        out = stacked.expand(-1, -1, length)
+    else:
+        out = F.interpolate(stacked, size=length, mode="linear", align_corners=True)
+    weight = out[:, 1]
+    mean = out[:, 0] / weight.clamp_min(1e-6)
+    return torch.where(weight > 0.5, mean, torch.zeros_like(mean))
+
+
+class F0Rotary(nn.Module):
+    """F0 contour (Hz; 0 or NaN = unvoiced) -> per-position rotary theta (DESIGN.md 3.2).
+
+    ``mode="echo"``: ``theta = t_min + (t_max - t_min) * log1p(f0/700) / log1p(300/700)``
+    with f0 clamped to ``[fmin, fmax]``; ``mode="additive"``: ``theta = theta_base + f0``.
+    Unvoiced frames take ``theta_base``. ``t_min``, ``t_max`` and ``theta_base`` are
+    learnable when ``learnable=True``. With no contour, :meth:`forward` returns the constant
+    ``theta_base`` (standard RoPE with a learnable base). ``rotary_dim``, ``interleaved``
+    and an optional learnable per-pair ``radius`` configure the rotation itself.
+    """
+
+    def __init__(self, mode: str = "echo", *, theta_base: float = 10000.0,
+                 t_min: float = 800.0, t_max: float = 10000.0, fmin: float = 50.0,
+                 fmax: float = 600.0, learnable: bool = True, rotary_dim: Optional[int] = None,
+                 interleaved: bool = False, learnable_radius: bool = False):
+        super().__init__()
+        if mode not in ("echo", "additive"):
+            raise ValueError(f"mode must be 'echo' or 'additive', got {mode!r}")
+        if not (1.0 < t_min < t_max) or theta_base <= 1.0:
+            raise ValueError("need 1 < t_min < t_max and theta_base > 1")
+        if not 0 < fmin < fmax:
+            raise ValueError("need 0 < fmin < fmax")
+        if learnable_radius and rotary_dim is None:
+            raise ValueError("learnable_radius needs rotary_dim (the radius has rotary_dim/2 "
+                             "entries)")
+        self.mode, self.fmin, self.fmax = mode, float(fmin), float(fmax)
+        self.rotary_dim, self.interleaved = rotary_dim, interleaved
+
+        def value(x):
+            t = torch.tensor(float(x))
+            return nn.Parameter(t) if learnable else t
+
+        for name, x in (("theta_base", theta_base), ("t_min", t_min), ("t_max", t_max)):
+            v = value(x)
+            if isinstance(v, nn.Parameter):
+                self.register_parameter(name, v)
+            else:
+                self.register_buffer(name, v)
+        self.radius = nn.Parameter(torch.ones(rotary_dim // 2)) if learnable_radius else None
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, fmin={self.fmin}, fmax={self.fmax}, "
+                f"rotary_dim={self.rotary_dim}, interleaved={self.interleaved}")
+
+    def forward(self, f0: Optional[Tensor] = None, length: Optional[int] = None,
+                batch: int = 1) -> Tensor:
+        """theta ``(B, length)``; ``f0`` is ``(B, T)`` or ``(T,)``, resampled to length."""
+        if f0 is None:
+            if length is None:
+                raise ValueError("F0Rotary needs an f0 contour or a length")
+            base = self.theta_base.clamp_min(1.0 + 1e-3)
+            return base.expand(batch, length)
+        if not torch.is_tensor(f0) or not f0.is_floating_point():
+            raise TypeError("f0 must be a floating tensor in Hz (0 or NaN = unvoiced)")
+        if f0.dim() == 1:
+            f0 = f0.unsqueeze(0)
+        if f0.dim() != 2:
+            raise ValueError(f"f0 must be (B, T) or (T,), got shape {tuple(f0.shape)}")
+        if torch.isinf(f0).any():
+            raise ValueError("f0 contains inf; use 0 or NaN for unvoiced frames")
+        f0 = resample_contour(f0.float(), length if length is not None else f0.shape[-1])
+        voiced = f0 > 0
+        if self.mode == "echo":
+            f = f0.clamp(self.fmin, self.fmax)
+            frac = torch.log1p(f / 700.0) / math.log1p(_ECHO_F0_REF / 700.0)
+            theta = self.t_min + (self.t_max - self.t_min) * frac
+        else:
+            theta = self.theta_base + f0
+        theta = torch.where(voiced, theta, self.theta_base.expand_as(theta))
+        return theta.clamp_min(1.0 + 1e-3)
+
+
+class ZeroSoftAttention(nn.Module):
+    """Drop-in replacement for ``nn.MultiheadAttention`` with zero-soft keys and f0 rotary.
+
+    Same constructor arguments that matter (``embed_dim, num_heads, dropout=0, bias, kdim,
+    vdim, batch_first``) and the same parameters and ``state_dict`` keys (with
+    ``num_kv_heads == num_heads``), so ``from_module(mha)`` and ``load_state_dict`` work
+    both ways. In ``forward``, ``key_padding_mask`` marks *zero tokens*: True keys are
+    scaled by ``zero_scale`` (softly) rather than removed with -inf. Extras: ``num_kv_heads``
+    (GQA), ``zero_scale``, ``learnable_zero_scale``, ``zero_mode`` ("prob" or "score"),
+    ``rotary`` (an :class:`F0Rotary` or None) and ``backend``.
+
+    Differences from MHA: ``need_weights`` defaults to False (weights need the L x L matrix
+    the kernels avoid); ``attn_mask`` may only be a causal mask (arbitrary masks would need
+    that matrix too); ``dropout``, ``add_bias_kv`` and ``add_zero_attn`` are not supported.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None,
+                 batch_first: bool = False, device=None, dtype=None, *,
+                 num_kv_heads: Optional[int] = None, zero_scale: float = 1e-6,
+                 learnable_zero_scale: bool = False, zero_mode: str = "prob",
+                 rotary: Optional[F0Rotary] = None, backend: Optional[str] = None):
+        super().__init__()
+        if dropout:
+            raise ValueError("ZeroSoftAttention has no attention dropout (dropout must be 0); "
+                             "apply dropout to its output instead")
+        if add_bias_kv or add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if zero_mode not in ZERO_MODES:
+            raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {zero_mode!r}")
+        if not 0.0 < zero_scale <= 1.0:
+            raise ValueError(f"zero_scale must be in (0, 1], got {zero_scale}")
+        if rotary is not None and not isinstance(rotary, F0Rotary):
+            raise TypeError("rotary must be a zeromask.F0Rotary or None")
+        fk = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.head_dim = embed_dim // num_heads
+        self.batch_first, self.dropout = batch_first, 0.0
+        self.zero_mode, self.backend, self.rotary = zero_mode, backend, rotary
+        kv_dim = num_kv_heads * self.head_dim
+        self._qkv_same_embed_dim = (self.kdim == embed_dim and self.vdim == embed_dim
+                                    and kv_dim == embed_dim)
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **fk))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **fk))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **fk))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **fk))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        log_s = torch.tensor(math.log(zero_scale), device=device)
+        if learnable_zero_scale:
+            self.zero_scale_log = nn.Parameter(log_s)
+        else:
+            self.register_buffer("zero_scale_log", log_s, persistent=False)
+        self.learnable_zero_scale = learnable_zero_scale
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:  # as nn.MultiheadAttention
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight,
+                  self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    @property
+    def zero_scale(self) -> Tensor:
+        """The current scale s in (0, 1] (``exp`` of a log parameter clamped at 0)."""
+        return self.zero_scale_log.clamp(max=0.0).exp()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # an nn.MultiheadAttention state_dict has no zero_scale_log: keep ours.
+        key = prefix + "zero_scale_log"
+        if self.learnable_zero_scale and key not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[key] = self.zero_scale_log.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention, **kwargs) -> "ZeroSoftAttention":
+        """A ZeroSoftAttention with ``mha``'s configuration and a copy of its weights."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"from_module expects nn.MultiheadAttention, got {type(mha).__name__}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv / add_zero_attn modules cannot be converted")
+        if mha.dropout:
+            raise ValueError(f"the module has attention dropout {mha.dropout}; "
+                             "ZeroSoftAttention has none (set mha.dropout = 0.0 to convert)")
+        p = mha.out_proj.weight
+        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None,
+                  kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device=p.device,
+                  dtype=p.dtype, **kwargs)
+        new.load_state_dict(mha.state_dict(), strict=True)
+        return new
+
+    def _projections(self) -> Tuple[Tensor, Tensor, Tensor]:
+        if self._qkv_same_embed_dim:
+            E = self.embed_dim
+            return self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _causal_from_mask(self, attn_mask: Optional[Tensor], is_causal: bool, lq: int,
+                          lk: int) -> bool:
+        if attn_mask is None:
+            return bool(is_causal)
+        if is_causal:  # as in MHA: the hint says attn_mask is the causal mask
+            return True
+        want = reference.hard_mask(1, lq, lk, True, None, attn_mask.device)[0, 0]
+        if attn_mask.shape == (lq, lk):
+            got = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
+            finite_ok = attn_mask.dtype == torch.bool or bool((attn_mask[~got] == 0).all())
+            if finite_ok and torch.equal(got, want):
+                return True
+        raise ValueError("attn_mask: ZeroSoftAttention accepts only a causal mask (or "
+                         "is_causal=True); mark zero tokens with key_padding_mask and hard "
+                         "lengths with seqlens_k")
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, *, f0: Optional[Tensor] = None,
+                query_f0: Optional[Tensor] = None, key_f0: Optional[Tensor] = None,
+                query_pos=None, key_pos=None,
+                seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """As ``nn.MultiheadAttention.forward``; returns ``(output, weights or None)``.
+
+        ``key_padding_mask`` (bool ``(B, Lk)``): True = zero token (soft-scaled, not
+        removed). With a ``rotary``: ``f0`` is the contour for self-attention (both sides);
+        ``query_f0``/``key_f0`` set each side separately (cross-attention); a side with no
+        contour uses the constant ``theta_base``. ``seqlens_k`` hard-masks keys by length.
+        """
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError("query, key and value must be 3-D (batched) or 2-D (unbatched)")
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # now (L, B, E), as MHA's internal layout
+        Lq, B, E = query.shape
+        Lk = key.shape[0]
+        if E != self.embed_dim:
+            raise ValueError(f"query has embed dim {E}, expected {self.embed_dim}")
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"key and value must share (L, B), got {tuple(key.shape)} and "
+                             f"{tuple(value.shape)}")
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be bool (True = zero token); a float "
+                                "additive mask has no soft meaning here")
+            if tuple(key_padding_mask.shape) != (B, Lk):
+                raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
+                                 f"{tuple(key_padding_mask.shape)}")
+        causal = self._causal_from_mask(attn_mask, is_causal, Lq, Lk)
+        wq, wk, wv = self._projections()
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            kv = self.num_kv_heads * self.head_dim
+            bq, bk, bv = self.in_proj_bias.split([self.embed_dim, kv, kv])
+        Hq, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = F.linear(query, wq, bq).view(Lq, B, Hq, Dh).permute(1, 2, 0, 3)
+        k = F.linear(key, wk, bk).view(Lk, B, Hkv, Dh).permute(1, 2, 0, 3)
+        v = F.linear(value, wv, bv).view(Lk, B, Hkv, Dh).permute(1, 2, 0, 3)
+        kw = dict(key_zero=key_padding_mask, zero_scale=self.zero_scale, zero_mode=self.zero_mode,
+                  causal=causal, seqlens_k=seqlens_k)
+        if self.rotary is not None:
+            qf = query_f0 if query_f0 is not None else f0
+            kf = key_f0 if key_f0 is not None else f0
+            kw.update(theta_q=self.rotary(qf, Lq, B), theta_k=self.rotary(kf, Lk, B),
+                      pos_q=query_pos, pos_k=key_pos, rotary_dim=self.rotary.rotary_dim,
+                      interleaved=self.rotary.interleaved, radius=self.rotary.radius)
+        out = zero_soft_attention(q, k, v, backend=self.backend, **kw)  # (B, Hq, Lq, Dh)
+        out = out.permute(2, 0, 1, 3).reshape(Lq, B, E)
+        out = self.out_proj(out)
+        weights = None
+        if need_weights:
+            weights = zero_soft_attention_weights(q, k, **kw)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        return out, weights
+
+
+__all__ = ["F0Rotary", "ZeroSoftAttention", "resample_contour"]

@@ -1,0 +1,474 @@
+"""Public functionals: input validation, argument normalisation and the autograd glue.
+
+``zero_soft_attention`` and ``f0_rotary`` check every argument (errors name it), normalise
+it to the kernel contract of :mod:`zeromask.backends`, ask :mod:`zeromask.dispatch` for a
+backend and run it. The ``reference`` backend runs with PyTorch's own autograd; every
+kernel backend runs through the ``torch.library`` custom ops defined here
+(``zeromask::attention_fwd`` / ``attention_bwd``, ``zeromask::rotary_fwd`` /
+``rotary_bwd``), which carry fake (meta) implementations and autograd formulas so
+``torch.compile(fullgraph=True)`` can trace a model that uses them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import dispatch, reference
+
+Tensor = torch.Tensor
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ZERO_MODES = ("prob", "score")
+
+
+# --------------------------------------------------------------------------------------
+# validation and normalisation
+# --------------------------------------------------------------------------------------
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> Tensor:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not _compiling() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf; for an F0 contour use "
+                         "zeromask.F0Rotary, which maps unvoiced (0/NaN) frames to theta_base")
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rotary angles, theta and positions are handled in: fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rotary_dim(rotary_dim, head_dim: int) -> int:
+    if rotary_dim is None:
+        rotary_dim = head_dim
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
+        raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
+    rotary_dim = int(rotary_dim)
+    if rotary_dim % 2 or rotary_dim <= 0 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and in [2, head dim {head_dim}], "
+                         f"got {rotary_dim}")
+    return rotary_dim
+
+
+def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional[Tensor]:
+    """float / 0-dim / (L,) / (B, L) -> (B, L) tensor in dtype; keeps the autograd graph."""
+    if theta is None:
+        return None
+    if isinstance(theta, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool")
+    if isinstance(theta, numbers.Real):
+        if not math.isfinite(theta) or theta <= 1.0:
+            raise ValueError(f"{name} must be a finite float > 1, got {theta}")
+        return torch.full((batch, length), float(theta), device=device, dtype=dtype)
+    _check_tensor(name, theta)
+    if not theta.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {theta.dtype}")
+    _check_device(name, theta, device)
+    if theta.dim() > 2 or (theta.dim() >= 1 and theta.shape[-1] != length) or (
+            theta.dim() == 2 and theta.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must be a float or have shape ({batch}, {length}) or "
+                         f"({length},), got {tuple(theta.shape)}")
+    _check_finite(name, theta)
+    if not _compiling() and bool((theta <= 1.0).any()):
+        raise ValueError(f"{name} must be > 1 everywhere (min is {theta.min().item():g})")
+    if theta.dim() < 2:
+        theta = theta.reshape(1, -1) if theta.dim() == 1 else theta.reshape(1, 1)
+    return theta.to(dtype).expand(batch, length).contiguous()
+
+
+def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: int = 0) -> Tensor:
+    """None / int offset / (L,) / (B, L) -> float (B, L) positions."""
+    if pos is None or (isinstance(pos, numbers.Integral) and not isinstance(pos, bool)):
+        start = offset if pos is None else int(pos)
+        return (torch.arange(length, device=device, dtype=dtype) + start).expand(
+            batch, length).contiguous()
+    _check_tensor(name, pos)
+    _check_device(name, pos, device)
+    if pos.dim() not in (1, 2) or pos.shape[-1] != length or (
+            pos.dim() == 2 and pos.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must be an int offset or have shape ({batch}, {length}) "
+                         f"or ({length},), got {tuple(pos.shape)}")
+    if pos.is_floating_point():
+        _check_finite(name, pos)
+    return pos.to(dtype).reshape(-1, length).expand(batch, length).contiguous()
+
+
+def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
+    if radius is None:
+        return None
+    _check_tensor("radius", radius, 1)
+    _check_device("radius", radius, device)
+    if radius.shape[0] != rotary_dim // 2:
+        raise ValueError(f"radius must have shape ({rotary_dim // 2},) = rotary_dim/2, "
+                         f"got {tuple(radius.shape)}")
+    _check_finite("radius", radius)
+    if not _compiling() and bool((radius <= 0).any()):
+        raise ValueError("radius must be > 0 everywhere")
+    return radius.to(dtype).contiguous()
+
+
+def _zero_scale(zero_scale, device, dtype) -> Tensor:
+    if isinstance(zero_scale, bool):
+        raise TypeError("zero_scale must be a float or a 0-dim tensor, got bool")
+    if isinstance(zero_scale, numbers.Real):
+        if not 0.0 < float(zero_scale) <= 1.0:
+            raise ValueError(f"zero_scale must be in (0, 1], got {zero_scale}")
+        return torch.tensor(float(zero_scale), device=device, dtype=dtype)
+    _check_tensor("zero_scale", zero_scale)
+    if zero_scale.numel() != 1:
+        raise ValueError(f"zero_scale must be a float or a 0-dim tensor, got shape "
+                         f"{tuple(zero_scale.shape)}")
+    if not zero_scale.is_floating_point():
+        raise TypeError(f"zero_scale must be floating, got {zero_scale.dtype}")
+    if not _compiling():
+        value = float(zero_scale.detach().reshape(()).item())
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"zero_scale must be in (0, 1], got {value}; a learnable scale "
+                             "should be parameterised to stay there (see ZeroSoftAttention)")
+    return zero_scale.reshape(()).to(device=device, dtype=dtype)
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+        _check_float(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_device("k", k, q.device)
+    _check_device("v", v, q.device)
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Lk, D), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, Hkv, Lk, D={D}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+
+
+def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
+                         seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
+                         radius) -> dict:
+    _check_qkv(q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, _, Lq, D = q.shape
+    Lk = k.shape[2]
+    dev = q.device
+    cdt = compute_dtype(q.dtype)
+    if key_zero is not None:
+        _check_tensor("key_zero", key_zero, 2)
+        if key_zero.dtype != torch.bool:
+            raise TypeError(f"key_zero must be a bool tensor (True = zero token), "
+                            f"got {key_zero.dtype}")
+        if tuple(key_zero.shape) != (B, Lk):
+            raise ValueError(f"key_zero must have shape (B, Lk) = ({B}, {Lk}), "
+                             f"got {tuple(key_zero.shape)}")
+        _check_device("key_zero", key_zero, dev)
+        key_zero = key_zero.contiguous()
+    if zero_mode not in ZERO_MODES:
+        raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {zero_mode!r}")
+    zs = _zero_scale(zero_scale, dev, cdt)
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    elif isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not (
+            math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive float, got {sm_scale!r}")
+    if seqlens_k is not None:
+        _check_tensor("seqlens_k", seqlens_k, 1)
+        if seqlens_k.is_floating_point() or seqlens_k.dtype == torch.bool:
+            raise TypeError(f"seqlens_k must be an integer tensor, got {seqlens_k.dtype}")
+        if seqlens_k.shape[0] != B:
+            raise ValueError(f"seqlens_k must have shape ({B},), got {tuple(seqlens_k.shape)}")
+        _check_device("seqlens_k", seqlens_k, dev)
+        if not _compiling() and bool(((seqlens_k < 0) | (seqlens_k > Lk)).any()):
+            raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
+        seqlens_k = seqlens_k.to(torch.int32).contiguous()
+    rotary = theta_q is not None or theta_k is not None
+    R = _rotary_dim(rotary_dim, D) if rotary else (D if rotary_dim is None else
+                                                     _rotary_dim(rotary_dim, D))
+    tq = _theta("theta_q", theta_q, B, Lq, dev, cdt)
+    tk = _theta("theta_k", theta_k, B, Lk, dev, cdt)
+    pq = _positions("pos_q", pos_q, B, Lq, dev, cdt, offset=(Lk - Lq) if causal else 0) \
+        if tq is not None else None
+    pk = _positions("pos_k", pos_k, B, Lk, dev, cdt) if tk is not None else None
+    rad = _radius(radius, R, dev, cdt) if rotary else None
+    if radius is not None and not rotary:
+        raise ValueError("radius was given but no theta_q/theta_k: there is no rotary to scale")
+    return dict(q=q, k=k, v=v, key_zero=key_zero, zero_scale=zs, theta_q=tq, theta_k=tk,
+                pos_q=pq, pos_k=pk, radius=rad, seqlens_k=seqlens_k, zero_mode=zero_mode,
+                causal=bool(causal), sm_scale=float(sm_scale), rotary_dim=R,
+                interleaved=bool(interleaved))
+
+
+# --------------------------------------------------------------------------------------
+# torch.library custom ops: the path of every kernel backend
+# --------------------------------------------------------------------------------------
+_ATTN_KW = ("zero_mode", "causal", "sm_scale", "rotary_dim", "interleaved")
+
+
+def _placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """custom ops cannot return None: an empty (0,) tensor stands for 'no gradient'."""
+    return t if t is not None else like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("zeromask::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
+                   zero_scale: Tensor, theta_q: Optional[Tensor], theta_k: Optional[Tensor],
+                   pos_q: Optional[Tensor], pos_k: Optional[Tensor], radius: Optional[Tensor],
+                   seqlens_k: Optional[Tensor], zero_mode: str, causal: bool, sm_scale: float,
+                   rotary_dim: int, interleaved: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    b = dispatch.load(backend)
+    return b.attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k,
+                               radius, seqlens_k, zero_mode=zero_mode, causal=causal,
+                               sm_scale=sm_scale, rotary_dim=rotary_dim,
+                               interleaved=interleaved)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
+      zero_mode, causal, sm_scale, rotary_dim, interleaved, backend):
+    B, H, L, D = q.shape
+    return q.new_empty((B, H, L, D)), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("zeromask::attention_bwd", mutates_args=())
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   key_zero: Optional[Tensor], zero_scale: Tensor, theta_q: Optional[Tensor],
+                   theta_k: Optional[Tensor], pos_q: Optional[Tensor], pos_k: Optional[Tensor],
+                   radius: Optional[Tensor], seqlens_k: Optional[Tensor], zero_mode: str,
+                   causal: bool, sm_scale: float, rotary_dim: int, interleaved: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b = dispatch.load(backend)
+    dq, dk, dv, dtq, dtk, drad, dzs = b.attention_backward(
+        do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+        seqlens_k, zero_mode=zero_mode, causal=causal, sm_scale=sm_scale,
+        rotary_dim=rotary_dim, interleaved=interleaved)
+    return (dq, dk, dv, _placeholder(dtq, q), _placeholder(dtk, q), _placeholder(drad, q),
+            _placeholder(dzs, q))
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+      seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend):
+    def like(t):
+        return q.new_empty((0,), dtype=torch.float32) if t is None else t.new_empty(
+            t.shape, dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(theta_q),
+            like(theta_k), like(radius), like(zero_scale if key_zero is not None else None))
+
+
+def _attention_setup(ctx, inputs, output):
+    (q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
+     zero_mode, causal, sm_scale, rotary_dim, interleaved, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
+                          pos_k, radius, seqlens_k)
+    ctx.flags = (zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
+
+
+def _attention_backward(ctx, dout, dlse):
+    (q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+     seqlens_k) = ctx.saved_tensors
+    zero_mode, causal, sm_scale, rotary_dim, interleaved, backend = ctx.flags
+    dq, dk, dv, dtq, dtk, drad, dzs = _attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
+        pos_k, radius, seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
+    dtq = dtq if theta_q is not None else None
+    dtk = dtk if theta_k is not None else None
+    drad = drad if radius is not None else None
+    dzs = dzs.reshape(()).to(zero_scale.dtype) if key_zero is not None else None
+    return (dq, dk, dv, None, dzs, dtq, dtk, None, None, drad, None, None, None, None, None,
+            None, None)
+
+
+torch.library.register_autograd("zeromask::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup)
+
+
+@torch.library.custom_op("zeromask::rotary_fwd", mutates_args=())
+def _rotary_fwd(x: Tensor, theta: Tensor, positions: Tensor, radius: Optional[Tensor],
+                rotary_dim: int, interleaved: bool, backend: str) -> Tensor:
+    return dispatch.load(backend).rotary_forward(x, theta, positions, radius,
+                                                 rotary_dim=rotary_dim, interleaved=interleaved)
+
+
+@_rotary_fwd.register_fake
+def _(x, theta, positions, radius, rotary_dim, interleaved, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("zeromask::rotary_bwd", mutates_args=())
+def _rotary_bwd(dy: Tensor, x: Tensor, theta: Tensor, positions: Tensor,
+                radius: Optional[Tensor], rotary_dim: int, interleaved: bool,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dtheta, drad = dispatch.load(backend).rotary_backward(
+        dy, x, theta, positions, radius, rotary_dim=rotary_dim, interleaved=interleaved)
+    return dx, dtheta, _placeholder(drad, x)
+
+
+@_rotary_bwd.register_fake
+def _(dy, x, theta, positions, radius, rotary_dim, interleaved, backend):
+    drad = x.new_empty((0,), dtype=torch.float32) if radius is None else torch.empty_like(radius)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(theta), drad
+
+
+def _rotary_setup(ctx, inputs, output):
+    x, theta, positions, radius, rotary_dim, interleaved, backend = inputs
+    ctx.save_for_backward(x, theta, positions, radius)
+    ctx.flags = (rotary_dim, interleaved, backend)
+
+
+def _rotary_backward(ctx, dy):
+    x, theta, positions, radius = ctx.saved_tensors
+    rotary_dim, interleaved, backend = ctx.flags
+    dx, dtheta, drad = _rotary_bwd(dy.contiguous(), x, theta, positions, radius, rotary_dim,
+                                   interleaved, backend)
+    return dx, dtheta, None, (drad if radius is not None else None), None, None, None
+
+
+torch.library.register_autograd("zeromask::rotary_fwd", _rotary_backward,
+                                setup_context=_rotary_setup)
+
+
+# --------------------------------------------------------------------------------------
+# public functionals
+# --------------------------------------------------------------------------------------
+def zero_soft_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_zero: Optional[Tensor] = None,
+    zero_scale: Union[float, Tensor] = 1e-6,
+    zero_mode: str = "prob",
+    causal: bool = False,
+    sm_scale: Optional[float] = None,
+    seqlens_k: Optional[Tensor] = None,
+    theta_q: Union[Tensor, float, None] = None,
+    theta_k: Union[Tensor, float, None] = None,
+    pos_q: Union[Tensor, int, None] = None,
+    pos_k: Union[Tensor, int, None] = None,
+    rotary_dim: Optional[int] = None,
+    interleaved: bool = False,
+    radius: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention where zero-token keys are scaled by ``zero_scale`` instead of masked.
+
+    Shapes follow ``F.scaled_dot_product_attention``: q ``(B, Hq, Lq, D)``, k/v
+    ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0``. ``key_zero`` (bool ``(B, Lk)``) marks zero
+    tokens; in ``zero_mode="prob"`` their softmax weight is multiplied by ``zero_scale``
+    (logit + ln s), in ``"score"`` (the original Echo code) their logit is multiplied by it.
+    ``causal`` masks bottom-right aligned, ``seqlens_k`` hard-masks keys past each batch's
+    length; a row with no unmasked key returns 0. ``theta_q``/``theta_k`` (float > 1 or
+    ``(B, L)``) switch on the f0 rotary for that side, at positions ``pos_q``/``pos_k``
+    (default ``arange(L)``, queries offset by ``Lk - Lq`` when causal). Differentiable in
+    q, k, v, theta_q, theta_k, radius and zero_scale. See DESIGN.md 3.3.
+    """
+    a = _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
+                             seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
+                             radius)
+    chosen = dispatch.select("attention", a["q"].device.type, backend, **a)
+    if chosen.name == "reference":
+        return reference.zero_soft_attention(
+            a["q"], a["k"], a["v"], key_zero=a["key_zero"], zero_scale=a["zero_scale"],
+            zero_mode=a["zero_mode"], causal=a["causal"], sm_scale=a["sm_scale"],
+            seqlens_k=a["seqlens_k"], theta_q=a["theta_q"], theta_k=a["theta_k"],
+            pos_q=a["pos_q"], pos_k=a["pos_k"], rotary_dim=a["rotary_dim"],
+            interleaved=a["interleaved"], radius=a["radius"])
+    out, _ = _attention_fwd(a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(),
+                            _f32(a["theta_q"]), _f32(a["theta_k"]), _f32(a["pos_q"]),
+                            _f32(a["pos_k"]), _f32(a["radius"]), a["seqlens_k"],
+                            a["zero_mode"], a["causal"], a["sm_scale"], a["rotary_dim"],
+                            a["interleaved"], chosen.name)
+    return out
+
+
+def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
+    """The attention probabilities ``(B, Hq, Lq, Lk)`` of :func:`zero_soft_attention`.
+
+    Same keyword arguments (``backend`` is ignored): this materialises the L x L matrix
+    through the reference, for inspection and plots, not for speed.
+    """
+    kwargs.pop("backend", None)
+    names = ("key_zero", "zero_scale", "zero_mode", "causal", "sm_scale", "seqlens_k",
+             "theta_q", "theta_k", "pos_q", "pos_k", "rotary_dim", "interleaved", "radius")
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    defaults = dict(key_zero=None, zero_scale=1e-6, zero_mode="prob", causal=False,
+                    sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None, pos_q=None,
+                    pos_k=None, rotary_dim=None, interleaved=False, radius=None)
+    defaults.update(kwargs)
+    a = _normalise_attention(q, k, k, **defaults)
+    a.pop("v")
+    return reference.zero_soft_attention_weights(a.pop("q"), a.pop("k"), **a)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
+
+
+def f0_rotary(
+    x: Tensor,
+    theta: Union[Tensor, float],
+    *,
+    positions: Union[Tensor, int, None] = None,
+    rotary_dim: Optional[int] = None,
+    interleaved: bool = False,
+    radius: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Rotary embedding of x ``(B, H, L, D)`` with a per-position theta (DESIGN.md 3.1).
+
+    theta: float > 1, ``(L,)`` or ``(B, L)``; positions: None (``arange(L)``), an int
+    offset, ``(L,)`` or ``(B, L)``. Pairs are ``(i, i + R/2)`` (GPT-NeoX/LLaMA) or, with
+    ``interleaved=True``, ``(2i, 2i+1)`` (GPT-J/Echo). ``radius`` ``(R/2,)`` scales each
+    pair. Differentiable in x, theta and radius; constant theta is standard RoPE.
+    """
+    _check_tensor("x", x, 4)
+    _check_float("x", x)
+    if theta is None:
+        raise ValueError("theta is required (a float > 1 or a (B, L) tensor)")
+    x = _last_dim_contiguous(x)
+    B, _, L, D = x.shape
+    cdt = compute_dtype(x.dtype)
+    R = _rotary_dim(rotary_dim, D)
+    th = _theta("theta", theta, B, L, x.device, cdt)
+    pos = _positions("positions", positions, B, L, x.device, cdt)
+    rad = _radius(radius, R, x.device, cdt)
+    chosen = dispatch.select("rotary", x.device.type, backend, x=x, theta=th, positions=pos,
+                             radius=rad, rotary_dim=R, interleaved=bool(interleaved))
+    if chosen.name == "reference":
+        return reference.f0_rotary(x, th, pos, R, bool(interleaved), rad)
+    return _rotary_fwd(x, th.float(), pos.float(), _f32(rad), R, bool(interleaved), chosen.name)
+
+
+__all__ = ["zero_soft_attention", "zero_soft_attention_weights", "f0_rotary", "ZERO_MODES", "compute_dtype"]
