@@ -60,9 +60,15 @@ setup(
         "audio": ["librosa", "soundfile"],
         "train": ["tqdm", "jiwer", "librosa", "soundfile"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "expecttest"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "triton",
+                 "librosa", "soundfile", "jiwer"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "zeromask-bench = zeromask.cli.bench:main",
+        "zeromask-make-data = zeromask.cli.make_data:main",
+        "zeromask-train = zeromask.cli.train:main",
+        "zeromask-eval = zeromask.cli.eval:main",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
