@@ -96,7 +96,7 @@ class F0Rotary(nn.Module):
             f0 = f0.unsqueeze(0)
         if f0.dim() != 2:
             raise ValueError(f"f0 must be (B, T) or (T,), got shape {tuple(f0.shape)}")
-        if torch.isinf(f0).any():
+        if not torch.compiler.is_compiling() and bool(torch.isinf(f0).any()):
             raise ValueError("f0 contains inf; use 0 or NaN for unvoiced frames")
         f0 = resample_contour(f0.float(), length if length is not None else f0.shape[-1])
         voiced = f0 > 0

@@ -134,8 +134,10 @@ def zero_soft_scores(
     s = scale * torch.matmul(q, k.transpose(-1, -2))
     if key_zero is not None:
         zero = key_zero.view(B, 1, 1, Lk)
-        zs = zero_scale if torch.is_tensor(zero_scale) else torch.tensor(zero_scale)
-        zs = zs.to(device=s.device, dtype=compute)
+        if torch.is_tensor(zero_scale):
+            zs = zero_scale.to(device=s.device, dtype=compute)
+        else:
+            zs = torch.tensor(float(zero_scale), device=s.device, dtype=compute)
         if zero_mode == "prob":
             s = s + torch.where(zero, torch.log(zs), torch.zeros((), dtype=compute, device=s.device))
         elif zero_mode == "score":
@@ -176,7 +178,8 @@ def zero_soft_attention_lse(q: Tensor, k: Tensor, **kwargs) -> Tensor:
 def sdpa_equivalent_mask(key_zero: Tensor, zero_scale: float, dtype=torch.float32) -> Tensor:
     """The additive (B, 1, 1, Lk) mask that makes SDPA compute prob mode: ln(s) on zero keys."""
     B, Lk = key_zero.shape
-    return torch.where(key_zero, math.log(zero_scale), 0.0).to(dtype).view(B, 1, 1, Lk)
+    bias = torch.zeros(B, 1, 1, Lk, dtype=dtype, device=key_zero.device)
+    return bias.masked_fill(key_zero.view(B, 1, 1, Lk), math.log(zero_scale))
 
 
 __all__ = [

@@ -29,29 +29,36 @@ def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, po
     return out, lse
 
 
+def _vjp(fn, primals, cotangent):
+    """Gradients of fn at primals (None entries skipped), by torch.func.vjp.
+
+    torch.func works inside a torch.library custom op, where the dispatcher has switched
+    ordinary autograd recording off.
+    """
+    present = [i for i, t in enumerate(primals) if t is not None]
+
+    def f(*xs):
+        full = list(primals)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    _, pullback = torch.func.vjp(f, *[primals[i] for i in present])
+    grads = iter(pullback(cotangent))
+    return tuple(next(grads) if t is not None else None for t in primals)
+
+
 def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
                        pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
                        interleaved):
-    def leaf(t):
-        return None if t is None else t.detach().requires_grad_(True)
+    def fn(q, k, v, theta_q, theta_k, radius, zero_scale):
+        zs = zero_scale if zero_scale is not None else 1.0
+        kw = _attention_kwargs(key_zero, zs, theta_q, theta_k, pos_q, pos_k, radius,
+                               seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved)
+        return reference.zero_soft_attention(q, k, v, **kw)
 
-    q_, k_, v_ = leaf(q), leaf(k), leaf(v)
-    tq, tk, rad = leaf(theta_q), leaf(theta_k), leaf(radius)
-    zs = leaf(zero_scale) if key_zero is not None else zero_scale
-    with torch.enable_grad():
-        kw = _attention_kwargs(key_zero, zs, tq, tk, pos_q, pos_k, rad, seqlens_k, zero_mode,
-                               causal, sm_scale, rotary_dim, interleaved)
-        o = reference.zero_soft_attention(q_, k_, v_, **kw)
-        inputs = [t for t in (q_, k_, v_, tq, tk, rad, zs if key_zero is not None else None)]
-        present = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(o, present, do, allow_unused=True))
-    result = []
-    for t in inputs:
-        g = next(grads) if t is not None else None
-        if t is not None and g is None:
-            g = torch.zeros_like(t)
-        result.append(g)
-    return tuple(result)
+    zs = zero_scale if key_zero is not None else None
+    return _vjp(fn, (q, k, v, theta_q, theta_k, radius, zs), do)
 
 
 def rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved):
@@ -59,14 +66,10 @@ def rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved):
 
 
 def rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved):
-    x_ = x.detach().requires_grad_(True)
-    t_ = theta.detach().requires_grad_(True)
-    r_ = None if radius is None else radius.detach().requires_grad_(True)
-    with torch.enable_grad():
-        y = reference.f0_rotary(x_, t_, positions, rotary_dim, interleaved, r_)
-        present = [x_, t_] + ([r_] if r_ is not None else [])
-        grads = torch.autograd.grad(y, present, dy)
-    return grads[0], grads[1], (grads[2] if r_ is not None else None)
+    def fn(x, theta, radius):
+        return reference.f0_rotary(x, theta, positions, rotary_dim, interleaved, radius)
+
+    return _vjp(fn, (x, theta, radius), dy)
 
 
 BACKEND = Backend(

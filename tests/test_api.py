@@ -1,0 +1,208 @@
+"""Public functionals, input validation, the dispatch and the custom-op autograd glue."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import zeromask
+from zeromask import dispatch, ops, reference
+from zeromask.backends import reference as reference_backend
+
+from cases import attention_case, check_attention
+
+
+def qkv(B=2, Hq=4, Hkv=2, Lq=6, Lk=7, D=8, dtype=torch.float32):
+    return (torch.randn(B, Hq, Lq, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype),
+            torch.randn(B, Hkv, Lk, D, dtype=dtype))
+
+
+@pytest.fixture
+def glue_backend(monkeypatch):
+    """The reference kernels registered as a *kernel* backend named "glue", so calls go
+    through the torch.library custom ops and their autograd formula (the path every
+    compiled backend takes) with no compiled code needed."""
+    fake = dataclasses.replace(reference_backend.BACKEND, name="glue")
+    monkeypatch.setitem(dispatch._MODULES, "glue", "zeromask.backends.reference")
+    monkeypatch.setitem(dispatch._loaded, "glue", fake)
+    monkeypatch.setattr(dispatch, "BACKENDS", dispatch.BACKENDS + ("glue",))
+    return "glue"
+
+
+# ---------------------------------------------------------------- the custom-op glue
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(causal=True, Lq=5, Lk=9, zero_mode="score"),
+    dict(seqlens=True, radius=True, interleaved=True, rotary_dim=16, D=24),
+    dict(rotary=False, Hkv=1),
+])
+def test_custom_op_path_matches_reference(glue_backend, kw):
+    check_attention(attention_case(**kw), torch.float32, glue_backend)
+
+
+def test_custom_op_rotary_matches_reference(glue_backend):
+    x = torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    theta = (torch.rand(2, 9, dtype=torch.float64) * 1000 + 50)
+    radius = torch.rand(8, dtype=torch.float64) + 0.5
+    outs = []
+    for backend in ("reference", glue_backend):
+        xs = x.float().requires_grad_()
+        ts = theta.float().requires_grad_()
+        rs = radius.float().requires_grad_()
+        y = zeromask.f0_rotary(xs, ts, positions=3, radius=rs, backend=backend)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xs.grad, ts.grad, rs.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_fake_implementations_match_real_shapes():
+    case = attention_case()
+    a = ops._normalise_attention(case["q"].float(), case["k"].float(), case["v"].float(),
+                                 case["key_zero"], 0.1, "prob", False, None, None,
+                                 case["theta_q"], case["theta_k"], None, None, None, False, None)
+    args = (a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"], a["theta_q"], a["theta_k"],
+            a["pos_q"], a["pos_k"], a["radius"], a["seqlens_k"], "prob", False, a["sm_scale"],
+            a["rotary_dim"], False, "reference")
+    torch.library.opcheck(ops._attention_fwd, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_traces_the_public_call(glue_backend):
+    q, k, v = qkv()
+    key_zero = torch.rand(2, 7) < 0.3
+
+    def f(q, k, v):
+        return zeromask.zero_soft_attention(q, k, v, key_zero=key_zero, theta_q=500.0,
+                                            theta_k=500.0, backend=glue_backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+# ---------------------------------------------------------------- dispatch
+def test_explicit_unavailable_backend_names_why(monkeypatch):
+    monkeypatch.setitem(dispatch._loaded, "cuda", "cuda backend could not be imported: test")
+    q, k, v = qkv()
+    with pytest.raises(dispatch.BackendError, match="cuda.*could not be imported"):
+        zeromask.zero_soft_attention(q, k, v, backend="cuda")
+
+
+def test_backend_that_cannot_serve_the_device_says_so(glue_backend, monkeypatch):
+    monkeypatch.setitem(dispatch._loaded, "glue", dataclasses.replace(
+        dispatch._loaded["glue"], device_types=("cuda",)))
+    q, k, v = qkv()
+    with pytest.raises(dispatch.BackendError, match="does not run on cpu"):
+        zeromask.zero_soft_attention(q, k, v, backend="glue")
+
+
+def test_env_var_selects_and_bad_names_are_rejected(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("ZEROMASK_BACKEND", "reference")
+    out = zeromask.zero_soft_attention(q, k, v)
+    torch.testing.assert_close(out, reference.zero_soft_attention(q, k, v))
+    monkeypatch.setenv("ZEROMASK_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="ZEROMASK_BACKEND='fastest'"):
+        zeromask.zero_soft_attention(q, k, v)
+    with pytest.raises(ValueError, match="backend='nope'"):
+        zeromask.zero_soft_attention(q, k, v, backend="nope")
+
+
+def test_auto_choice_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged", set())
+    q, k, v = qkv()
+    with caplog.at_level(logging.INFO, logger="zeromask"):
+        zeromask.zero_soft_attention(q, k, v)
+        zeromask.zero_soft_attention(q, k, v)
+    lines = [r for r in caplog.records if "attention on cpu uses" in r.getMessage()]
+    assert len(lines) == 1
+
+
+def test_available_backends_lists_every_backend_with_reasons():
+    status = zeromask.available_backends()
+    assert set(status) == {"reference", "triton", "cuda", "cpp"}
+    assert status["reference"] is None
+    for name, why in status.items():
+        assert why is None or (isinstance(why, str) and why)
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v: dict(q=q[0]), ValueError, "q must have 4 dims"),
+    (lambda q, k, v: dict(q=q.int()), TypeError, "q must be float16"),
+    (lambda q, k, v: dict(k=k.double()), TypeError, "share a dtype"),
+    (lambda q, k, v: dict(v=v[..., :4]), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: dict(k=k[:, :1].expand(2, 3, 7, 8), v=v[:, :1].expand(2, 3, 7, 8)),
+     ValueError, "multiple of k/v heads"),
+    (lambda q, k, v: dict(key_zero=torch.zeros(2, 6, dtype=torch.bool)), ValueError,
+     r"key_zero must have shape \(B, Lk\)"),
+    (lambda q, k, v: dict(key_zero=torch.zeros(2, 7)), TypeError, "key_zero must be a bool"),
+    (lambda q, k, v: dict(zero_scale=0.0), ValueError, r"zero_scale must be in \(0, 1\]"),
+    (lambda q, k, v: dict(zero_scale=1.5), ValueError, r"zero_scale must be in \(0, 1\]"),
+    (lambda q, k, v: dict(zero_scale=torch.tensor(2.0)), ValueError, "zero_scale"),
+    (lambda q, k, v: dict(zero_mode="soft"), ValueError, "zero_mode"),
+    (lambda q, k, v: dict(theta_q=100.0, rotary_dim=5), ValueError, "rotary_dim must be even"),
+    (lambda q, k, v: dict(theta_q=100.0, rotary_dim=16), ValueError, "rotary_dim"),
+    (lambda q, k, v: dict(theta_q=torch.full((2, 6), float("nan"))), ValueError,
+     "theta_q contains NaN"),
+    (lambda q, k, v: dict(theta_k=torch.full((2, 7), float("inf"))), ValueError,
+     "theta_k contains NaN or inf"),
+    (lambda q, k, v: dict(theta_q=torch.full((2, 5), 100.0)), ValueError, "theta_q must be"),
+    (lambda q, k, v: dict(theta_q=0.5), ValueError, "theta_q must be a finite float > 1"),
+    (lambda q, k, v: dict(theta_q=100.0, radius=torch.ones(3)), ValueError, "radius"),
+    (lambda q, k, v: dict(radius=torch.ones(4)), ValueError, "no theta"),
+    (lambda q, k, v: dict(seqlens_k=torch.tensor([3, 9])), ValueError, "seqlens_k values"),
+    (lambda q, k, v: dict(seqlens_k=torch.tensor([3.0, 2.0])), TypeError, "seqlens_k"),
+    (lambda q, k, v: dict(sm_scale=-1.0), ValueError, "sm_scale"),
+    (lambda q, k, v: dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_raises_naming_the_argument(make, exc, match):
+    q, k, v = qkv(Hkv=2)
+    args = dict(q=q, k=k, v=v)
+    over = make(q, k, v)
+    kwargs = {n: over.pop(n) for n in list(over) if n not in ("q", "k", "v")}
+    args.update(over)
+    with pytest.raises(exc, match=match):
+        zeromask.zero_soft_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_rotary_validation():
+    x = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="x must have 4 dims"):
+        zeromask.f0_rotary(x[0], 100.0)
+    with pytest.raises(ValueError, match="theta contains NaN"):
+        zeromask.f0_rotary(x, torch.tensor([[100.0, float("nan"), 3.0, 4.0, 5.0]]))
+    with pytest.raises(ValueError, match="positions must be"):
+        zeromask.f0_rotary(x, 100.0, positions=torch.arange(4))
+    with pytest.raises(ValueError, match="theta is required"):
+        zeromask.f0_rotary(x, None)
+
+
+def test_strided_inputs_are_accepted():
+    q, k, v = qkv(Hq=2, Hkv=2)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    nc = torch.randn(2, 2, 6, 16)[..., ::2]  # last dim not contiguous
+    out = zeromask.zero_soft_attention(qt, k, v)
+    torch.testing.assert_close(out, reference.zero_soft_attention(q, k, v))
+    out = zeromask.zero_soft_attention(nc, k, v)
+    torch.testing.assert_close(out, reference.zero_soft_attention(nc.contiguous(), k, v))
+
+
+def test_causal_queries_default_to_bottom_right_positions():
+    """Decoding: the last Lq queries of a self-attention are at positions Lk-Lq ... Lk-1."""
+    x = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    full = zeromask.zero_soft_attention(x, x, x, causal=True, theta_q=300.0, theta_k=300.0)
+    last = zeromask.zero_soft_attention(x[:, :, -3:], x, x, causal=True, theta_q=300.0,
+                                        theta_k=300.0)
+    torch.testing.assert_close(last, full[:, :, -3:])
+
+
+def test_weights_sum_to_one_and_match_output():
+    q, k, v = qkv(dtype=torch.float64)
+    kz = torch.rand(2, 7) < 0.3
+    p = ops.zero_soft_attention_weights(q, k, key_zero=kz, zero_scale=0.1, theta_q=200.0,
+                                        theta_k=200.0, causal=True)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 6, dtype=torch.float64))
+    out = zeromask.zero_soft_attention(q, k, v, key_zero=kz, zero_scale=0.1, theta_q=200.0,
+                                       theta_k=200.0, causal=True)
+    torch.testing.assert_close(p @ v.repeat_interleave(2, 1), out)
