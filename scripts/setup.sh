@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up zeromask on a fresh machine: system tools, a virtual environment, torch, the
+# package with its C++ extension and test extras. Idempotent; safe to re-run.
+#   ZEROMASK_VENV   where the venv goes (default .venv)
+#   ZEROMASK_TORCH  the torch requirement (default torch==2.13.0, the CPU build; on a GPU
+#                   machine set it to the CUDA build you want)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ZEROMASK_VENV:-.venv}
+TORCH=${ZEROMASK_TORCH:-torch==2.13.0}
+
+# espeak-ng (speech synthesis for zeromask-make-data) and sox, from Debian.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
+      || echo "setup: could not install espeak-ng/sox; data-synthesis tests will be skipped" >&2
+  else
+    echo "setup: espeak-ng not found (apt-get install espeak-ng sox); data-synthesis tests will be skipped" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q "$TORCH"
+python -m pip install -q setuptools wheel ninja
+# --no-build-isolation: the C++ extension builds against the torch installed above.
+python -m pip install -q --no-build-isolation -e ".[test]"
+python - <<'PY'
+import zeromask
+status = zeromask.available_backends()
+print("zeromask", zeromask.__version__, "backends:",
+      ", ".join(f"{k}={'ok' if v is None else 'unavailable'}" for k, v in status.items()))
+PY
