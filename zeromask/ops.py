@@ -10,6 +10,7 @@ kernel backend runs through the ``torch.library`` custom ops defined here
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Optional, Tuple, Union
@@ -417,17 +418,15 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     Same keyword arguments (``backend`` is ignored): this materialises the L x L matrix
     through the reference, for inspection and plots, not for speed.
     """
-    kwargs.pop("backend", None)
-    names = ("key_zero", "zero_scale", "zero_mode", "causal", "sm_scale", "seqlens_k",
-             "theta_q", "theta_k", "pos_q", "pos_k", "rotary_dim", "interleaved", "radius")
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-    defaults = dict(key_zero=None, zero_scale=1e-6, zero_mode="prob", causal=False,
-                    sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None, pos_q=None,
-                    pos_k=None, rotary_dim=None, interleaved=False, radius=None)
-    defaults.update(kwargs)
-    a = _normalise_attention(q, k, k, **defaults)
+    try:
+        bound = inspect.signature(zero_soft_attention).bind(q, k, k, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"zero_soft_attention_weights: {exc}") from None
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    args.pop("backend")
+    args.pop("v")
+    a = _normalise_attention(v=k, **args)
     a.pop("v")
     return reference.zero_soft_attention_weights(a.pop("q"), a.pop("k"), **a)
 
