@@ -1,0 +1,285 @@
+"""zeromask.models: zero tokens, backends, feature order, curriculum, switches, decoding."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from zeromask import dispatch
+from zeromask.models import Attention, ModelConfig, SpeechModel, downsample_mask
+
+N_MELS, HOP = 16, 32
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=12, d_model=16, num_heads=2, ffn_mult=2, enc_layers=1,
+                dec_self_layers=1, dec_cross_layers=1, dropout=0.0, n_mels=N_MELS,
+                hop_length=HOP, downsample=2, max_decode_len=10)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_batch(seed=0, B=2, T=24, N=7):
+    """Random features with a silent stretch (frames 8-13 of utterance 0) and padding."""
+    g = torch.Generator().manual_seed(seed)
+    spec = torch.rand(B, T, N_MELS, generator=g) * 30 - 20
+    spec[0, 8:14] = -100.0                        # silence
+    wave = torch.randn(B, T, HOP, generator=g) * 0.1
+    f0 = 100 + 100 * torch.rand(B, T, generator=g)
+    f0[:, ::5] = 0.0                              # some unvoiced frames
+    energy = torch.rand(B, T, generator=g)
+    per = torch.rand(B, T, generator=g)
+    pitch = torch.stack([f0, energy, per], -1)
+    lengths = [T, T - 6]
+    for i, n in enumerate(lengths):               # padding: exact zeros
+        for x in (spec, wave, pitch, f0):
+            x[i, n:] = 0.0
+    ids = torch.randint(1, 12, (B, N), generator=g)
+    ids[:, 0] = 0                                 # start token
+    ids[1, 5:] = 0                                # text padding
+    labels = torch.cat([ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
+    labels[1, 5:] = -100
+    labels[1, 4] = 0
+    return dict(spectrogram=spec, waveform=wave, pitch=pitch, f0=f0, input_ids=ids,
+                labels=labels)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    return SpeechModel(tiny_config(**kw))
+
+
+def cpu_backends():
+    out = []
+    for name, why in dispatch.available_backends().items():
+        if why is None and "cpu" in dispatch.load(name).device_types:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------- zero tokens
+def test_silent_and_padding_frames_are_zero_tokens():
+    b = tiny_batch()
+    m = make()
+    z = m.zero_mask(b["spectrogram"])
+    assert z[0, 8:14].all() and not z[0, :8].any() and not z[0, 14:].any()
+    assert z[1, 18:].all() and not z[1, :18].any()
+    zd = downsample_mask(z, 2)
+    assert zd.shape == (2, 12)
+    assert zd[0, 4:7].all() and not zd[0, 3] and not zd[0, 7]   # frames 8..13 -> 4..6
+    assert zd[1, 9:].all() and not zd[1, :9].any()
+    odd = downsample_mask(torch.tensor([[False, True, True, True, True]]), 4)
+    assert odd.tolist() == [[False, True]]
+
+
+# ----------------------------------------------------------------------- backends
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_forward_backward_same_loss_on_every_backend(backend):
+    b = tiny_batch()
+    ref = make(backend="reference")
+    ref_out = ref(**b)
+    ref_out["loss"].backward()
+    m = make(backend=backend)
+    m.load_state_dict(ref.state_dict())
+    try:
+        out = m(**b)
+    except dispatch.BackendError as exc:  # an explicitly chosen backend that cannot serve it
+        pytest.skip(f"{backend}: {exc}")
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"], ref_out["loss"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logits"], ref_out["logits"], rtol=1e-3, atol=1e-4)
+    grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    ref_grads = dict(ref.named_parameters())
+    assert len(grads) > 20
+    for n, g in grads.items():
+        assert torch.isfinite(g).all(), n
+        torch.testing.assert_close(g, ref_grads[n].grad, rtol=2e-3, atol=2e-4, msg=n)
+
+
+def test_every_parameter_gets_a_gradient():
+    b = tiny_batch()
+    m = make(learnable_zero_scale=True)
+    m(**b)["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert missing == []
+    for name, stage in m.stages.items():
+        assert stage.gate.grad.abs() > 0, name
+    rot = m.encoders["spectrogram"].layers[0].attn.attn.rotary
+    assert rot.t_min.grad is not None and rot.t_min.grad.abs() > 0  # f0 rotary is learned
+
+
+# ----------------------------------------------------------------------- feature order
+def test_feature_order_changes_the_computation():
+    b = tiny_batch()
+    m1 = make(feature_order=("spectrogram", "pitch", "waveform"))
+    m2 = make(feature_order=("waveform", "pitch", "spectrogram"))
+    m2.load_state_dict(m1.state_dict())  # same modules, same weights, other order
+    with torch.no_grad():
+        l1, l2 = m1(**b)["logits"], m2(**b)["logits"]
+        l1b = m1(**b)["logits"]
+    torch.testing.assert_close(l1, l1b)  # deterministic
+    assert (l1 - l2).abs().max() > 1e-4
+    m3 = make(feature_order=("pitch",))
+    assert list(m3.encoders) == ["pitch"] and list(m3.stages) == ["pitch"]
+    with torch.no_grad():
+        out = m3(spectrogram=b["spectrogram"], pitch=b["pitch"], f0=b["f0"],
+                 input_ids=b["input_ids"])
+    assert out["logits"].shape == (2, 7, 12)
+    with pytest.raises(ValueError, match="feature_order"):
+        tiny_config(feature_order=("pitch", "pitch"))
+    with pytest.raises(ValueError, match="feature_order"):
+        tiny_config(feature_order=("mfcc",))
+
+
+def test_curriculum_enables_stages_in_order():
+    m = make(curriculum_steps=10, feature_order=("pitch", "spectrogram", "waveform"))
+    assert m.active_features(0) == ["pitch"]
+    assert m.active_features(9) == ["pitch"]
+    assert m.active_features(10) == ["pitch", "spectrogram"]
+    assert m.active_features(25) == ["pitch", "spectrogram", "waveform"]
+    assert m.active_features(1000) == ["pitch", "spectrogram", "waveform"]
+    b = tiny_batch()
+    m.set_step(12)
+    m(**b)["loss"].backward()
+    used = {f for f in m.encoders if m.encoders[f].front.proj.weight.grad is not None}
+    assert used == {"pitch", "spectrogram"}
+    assert m.stages["waveform"].gate.grad is None
+    assert make(curriculum_steps=0).active_features(0) == list(tiny_config().feature_order)
+    # the step is part of the state (a resumed run keeps its curriculum)
+    m2 = make(curriculum_steps=10, feature_order=("pitch", "spectrogram", "waveform"))
+    m2.load_state_dict(m.state_dict())
+    assert m2.active_features() == ["pitch", "spectrogram"]
+
+
+# ----------------------------------------------------------------------- switches
+def test_switches_change_the_computation():
+    b = tiny_batch()
+    base = make()
+    sd = base.state_dict()
+    with torch.no_grad():
+        ref = base(**b)["loss"]
+        for kw in (dict(zero_mode="score"), dict(zero_scaling=False), dict(zero_scale=0.5)):
+            m = make(**kw)
+            m.load_state_dict(sd)
+            assert abs(m(**b)["loss"] - ref) > 1e-6, kw
+        # f0 rotary: the contour matters only when it is on
+        b2 = dict(b, f0=b["f0"] * 1.7)
+        assert abs(base(**b2)["loss"] - ref) > 1e-6
+        off = make(f0_rotary=False)
+        off.load_state_dict(sd)
+        torch.testing.assert_close(off(**b2)["loss"], off(**b)["loss"])
+
+
+def test_hard_masking_matches_soft_limit_and_never_nans():
+    cfg_soft = tiny_config(zero_scale=1e-30)
+    cfg_hard = tiny_config(zero_scaling=False)
+    torch.manual_seed(0)
+    soft = Attention(cfg_soft, None)
+    hard = Attention(cfg_hard, None)
+    hard.load_state_dict(soft.state_dict())
+    x = torch.randn(2, 5, 16)
+    mem = torch.randn(2, 9, 16)
+    kz = torch.zeros(2, 9, dtype=torch.bool)
+    kz[0, 2:6] = True
+    kz[1, :] = True  # every key of row 1 is a zero token
+    with torch.no_grad():
+        hs = hard(x, mem, kz)
+        ss = soft(x, mem, kz)
+    torch.testing.assert_close(hs[0], ss[0], rtol=1e-5, atol=1e-6)  # s -> 0 is -inf
+    # a row with no key left: the attention gives 0, so the output is the out-proj bias
+    assert torch.isfinite(hs).all()
+    torch.testing.assert_close(hs[1], hard.attn.out_proj.bias.expand(5, 16))
+    assert not torch.allclose(ss[1], hs[1])  # soft keeps attending to zero tokens
+    # with no zero tokens both paths are plain attention
+    none = torch.zeros(2, 9, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(hard(x, mem, none), soft(x, mem, none), rtol=1e-5,
+                                   atol=1e-6)
+    # full hard model: the start token (a zero token) has no causal key, still finite
+    b = tiny_batch()
+    m = make(zero_scaling=False)
+    out = m(**b)
+    out["loss"].backward()
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_config_round_trip():
+    c = tiny_config(feature_order=("pitch", "waveform"), zero_mode="score", curriculum_steps=3)
+    c2 = ModelConfig.from_json(c.to_json())
+    assert c2 == c
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict(dict(c.to_dict(), bogus=1))
+    assert dataclasses.replace(c, zero_scaling=False).zero_scaling is False
+
+
+# ----------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("kw", [dict(), dict(zero_scaling=False),
+                                dict(cross_rotary=True, zero_mode="score")])
+def test_greedy_kv_cache_matches_full_decoding(kw):
+    b = tiny_batch()
+    m = make(seed=1, **kw).eval()
+    with torch.no_grad():  # make the model keep talking so decoding runs many steps
+        m.head.bias[0] = -5.0
+    cached = m.generate(**b, max_len=8)
+    full = m.generate(**b, max_len=8, use_cache=False)
+    assert cached == full
+    assert all(len(r) == 8 for r in cached)
+    # and the step logits equal the full forward's logits at every position
+    ids = torch.tensor([[0] + cached[0][:7], [0] + cached[1][:7]])
+    with torch.no_grad():
+        logits = m(**dict(b, input_ids=ids, labels=None))["logits"]
+        mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+        step = m._cached_stepper(mem, b["f0"], 2, torch.device("cpu"))
+        for t in range(8):
+            torch.testing.assert_close(step(ids[:, t:t + 1], t), logits[:, t], rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_greedy_decoding_stops_at_zero():
+    b = tiny_batch()
+    m = make().eval()
+    with torch.no_grad():
+        m.head.bias.zero_()
+        m.head.weight.zero_()
+        m.head.bias[3] = 1.0
+    assert m.generate(**b, max_len=5) == [[3] * 5, [3] * 5]
+    with torch.no_grad():
+        m.head.bias[0] = 2.0  # 0 ("end") is now the argmax at once
+    assert m.generate(**b, max_len=5) == [[], []]
+
+
+def test_learns_a_fixed_batch():
+    b = tiny_batch()
+    m = make(seed=2)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss = m(**b)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert first == pytest.approx(math.log(12), rel=0.3)  # starts near uniform
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_cross_attention_weights_for_plots(hard):
+    b = tiny_batch()
+    m = make(zero_scaling=not hard).eval()
+    w = m.cross_attention_weights(**b)
+    assert list(w) == list(m.config.feature_order)
+    for f, maps in w.items():
+        assert len(maps) == 1 and maps[0].shape == (2, 7, 12)
+        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 7))  # rows are softmaxes
+    silent = m.zero_mask(b["spectrogram"])
+    silent = downsample_mask(silent, 2)
+    frac = w["spectrogram"][0][0][:, silent[0]].sum(-1)  # weight on zero tokens
+    assert frac.max() < 1e-4  # zero-soft (s = 1e-6) and -inf both starve zero tokens
+    # the weights come from the same computation as the output
+    with torch.no_grad():
+        full = m(**b)["logits"]
+        torch.testing.assert_close(m.decode(b["input_ids"], m.encode(
+            b["spectrogram"], b["waveform"], b["pitch"], b["f0"]), b["f0"], cross_weights={}),
+            full)

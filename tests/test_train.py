@@ -1,0 +1,193 @@
+"""zeromask-train / zeromask-eval: end to end, resume, loss goes down, torchrun DDP."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("librosa")
+pytest.importorskip("jiwer")
+
+from zeromask.cli import eval as eval_cli  # noqa: E402
+from zeromask.cli import make_data as make_data_cli  # noqa: E402
+from zeromask.cli import train as train_cli  # noqa: E402
+from zeromask.models.training import BucketBatchSampler, load_checkpoint, lr_lambda  # noqa: E402
+
+SR = 16000
+TINY = ["--d-model", "16", "--num-heads", "2", "--enc-layers", "1", "--dec-self-layers", "1",
+        "--ffn-mult", "2", "--downsample", "4", "--no-progress", "--threads", "1",
+        "--samples", "1", "--max-decode-len", "12"]
+HAVE_ESPEAK = shutil.which("espeak-ng") is not None
+
+
+def write_tone_set(root, n, seed=0):
+    """A wav+txt set with no espeak-ng: each 'word' is a tone burst, silences between."""
+    rng = np.random.default_rng(seed)
+    words = ["ab", "ba", "cab", "bad"]
+    freqs = {"ab": 140.0, "ba": 190.0, "cab": 240.0, "bad": 300.0}
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        text = " ".join(rng.choice(words, size=rng.integers(1, 3)))
+        parts = [np.zeros(int(0.1 * SR))]
+        for w in text.split():
+            t = np.arange(int(0.12 * SR)) / SR
+            parts += [0.4 * np.sin(2 * np.pi * freqs[w] * t), np.zeros(int(0.05 * SR))]
+        sf.write(str(root / f"u{i:03d}.wav"), np.concatenate(parts).astype(np.float32), SR)
+        (root / f"u{i:03d}.txt").write_text(text + "\n")
+
+
+@pytest.fixture(scope="module")
+def tone_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tones")
+    write_tone_set(root / "train", 8, seed=0)
+    write_tone_set(root / "test", 3, seed=1)
+    return root
+
+
+def read_log(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_bucket_sampler_splits_ranks_evenly():
+    lengths = list(range(100, 137))
+    s0 = BucketBatchSampler(lengths, 4, seed=1, rank=0, world=2, pool=3)
+    s1 = BucketBatchSampler(lengths, 4, seed=1, rank=1, world=2, pool=3)
+    b0, b1 = list(s0), list(s1)
+    assert len(b0) == len(b1) == len(s0) == 5  # 10 batches of the 37 items, split evenly
+    flat0 = [i for b in b0 for i in b]
+    flat1 = [i for b in b1 for i in b]
+    assert not set(flat0) & set(flat1)
+    assert list(BucketBatchSampler(lengths, 4, seed=1, rank=0, world=2, pool=3)) == b0
+    s0.set_epoch(1)
+    assert list(s0) != b0
+    single = list(BucketBatchSampler(lengths, 4, seed=1))
+    assert sorted(i for b in single for i in b) == list(range(37))
+    for b in single:  # batches are length buckets: spread within a pool of 12
+        assert max(lengths[i] for i in b) - min(lengths[i] for i in b) < 37
+
+
+def test_lr_schedule():
+    f = lr_lambda(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert lr_lambda(0, None)(1000) == 1.0
+
+
+def test_train_checkpoint_resume_eval(tone_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(tone_data), "--out", str(out), "--batch-size", "4",
+              "--log-every", "1", "--eval-every", "2", "--ckpt-every", "2"] + TINY
+    assert train_cli.main(common + ["--max-steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out CER" in text and "ref:" in text and "hyp:" in text
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 3 and ck["config"]["d_model"] == 16
+    assert (out / "best.pt").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 3 and 0.0 <= results["cer"]
+    # resume: continues from step 3 with the saved optimizer and architecture
+    assert train_cli.main(common + ["--max-steps", "5", "--d-model", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "at step 3" in text
+    ck2 = load_checkpoint(out / "last.pt")
+    assert ck2["step"] == 5 and ck2["config"]["d_model"] == 16
+    assert ck2["optimizer"]["state"]  # optimizer moments came along
+    steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    # eval CLI on the held-out folder
+    assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(tone_data),
+                          "--json", str(tmp_path / "ev.json"), "--no-progress",
+                          "--samples", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "CER" in text and "WER" in text
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n"] == 3 and len(ev["utterances"]) == 3 and 0 <= ev["cer"]
+
+
+def test_time_budget_stops_training(tone_data, tmp_path):
+    out = tmp_path / "budget"
+    assert train_cli.main(["--data", str(tone_data), "--out", str(out), "--batch-size", "2",
+                           "--time-budget", "0", "--no-eval"] + TINY) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 1  # checked after every step
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path):
+    root = tmp_path / "fixed"
+    write_tone_set(root / "train", 2, seed=3)
+    out = tmp_path / "run"
+    assert train_cli.main(["--train", str(root / "train"), "--out", str(out), "--batch-size",
+                           "2", "--max-steps", "40", "--lr", "3e-3", "--warmup", "0",
+                           "--log-every", "1", "--no-eval", "--grad-clip", "0",
+                           "--dropout", "0"] + TINY) == 0
+    losses = [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.4 * np.mean(losses[:3]), losses
+
+
+def test_torchrun_ddp_two_cpu_processes_agree(tone_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "zeromask.cli.train",
+           "--data", str(tone_data), "--out", str(out), "--batch-size", "2", "--max-steps",
+           "3", "--eval-every", "0", "--save-rank-states", "--seed", "4",
+           "--curriculum-steps", "2"] + TINY
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "world 2 on cpu" in res.stdout
+    r0 = torch.load(out / "rank0.pt")
+    r1 = torch.load(out / "rank1.pt")
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=k)
+    # they trained (the ranks saw different batches, DDP kept them equal)
+    torch.manual_seed(4)
+    from zeromask.models import ModelConfig, SpeechModel
+    init = SpeechModel(ModelConfig.from_dict(load_checkpoint(out / "last.pt")["config"]))
+    moved = [k for k, v in init.state_dict().items() if not torch.equal(v, r0[k])]
+    assert len(moved) > 10
+    assert int(r0["step"]) == 2  # the curriculum step is part of the state
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed "
+                    "(apt-get install -y espeak-ng); make-data needs it")
+def test_end_to_end_make_data_train_eval(tmp_path, capsys):
+    data = tmp_path / "synth"
+    assert make_data_cli.main(["--out", str(data), "--n", "6", "--test-fraction", "0.34",
+                               "--jobs", "2", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert train_cli.main(["--data", str(data), "--out", str(out), "--batch-size", "2",
+                           "--max-steps", "3", "--eval-every", "0"] + TINY) == 0
+    assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(data),
+                          "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out CER" in text  # from the training run's final evaluation
+    lines = [l for l in text.splitlines() if l.startswith("checkpoint ")]
+    assert len(lines) == 1 and "CER" in lines[0] and "(2 utterances" in lines[0]
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"d_model": 48, "zero_mode": "score",
+                                         "feature_order": ["pitch", "spectrogram"]},
+                               "train": {"lr": 5e-4, "batch_size": 3}}))
+    args = train_cli.build_parser().parse_args(
+        ["--out", str(tmp_path), "--config", str(cfg), "--d-model", "64", "--max-steps", "7",
+         "--no-zero-scaling", "--no-f0-rotary", "--feature-order", "waveform,pitch"])
+    model_kw, opt = train_cli.resolve(args)
+    assert model_kw["d_model"] == 64 and model_kw["zero_mode"] == "score"
+    assert model_kw["zero_scaling"] is False and model_kw["f0_rotary"] is False
+    assert model_kw["feature_order"] == ["waveform", "pitch"]
+    assert opt["lr"] == 5e-4 and opt["batch_size"] == 3 and opt["max_steps"] == 7
+    with pytest.raises(SystemExit, match="max-steps"):
+        train_cli.resolve(train_cli.build_parser().parse_args(["--out", str(tmp_path)]))
+    cfg.write_text(json.dumps({"train": {"learning_rate": 1}}))
+    with pytest.raises(SystemExit, match="unknown train options"):
+        train_cli.resolve(train_cli.build_parser().parse_args(
+            ["--out", str(tmp_path), "--config", str(cfg), "--max-steps", "1"]))

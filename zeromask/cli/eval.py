@@ -1,0 +1,86 @@
+"""``zeromask-eval``: CER/WER of a checkpoint on a held-out folder, with greedy samples.
+
+    zeromask-eval --checkpoint runs/base/best.pt --data data/synth/test
+
+``--data`` is a wav+txt or LibriSpeech-style folder (a folder with a ``test/`` subfolder is
+read from there). ``--backend`` runs the same weights on another attention backend.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zeromask-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a last.pt / best.pt from zeromask-train")
+    p.add_argument("--data", required=True, help="held-out folder (or a folder with test/)")
+    p.add_argument("--cache-dir", help="feature cache (default: DATA/../.features)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-utts", type=int, default=None)
+    p.add_argument("--samples", type=int, default=10, help="greedy samples to print")
+    p.add_argument("--backend", default=None, help="attention backend override")
+    p.add_argument("--max-len", type=int, default=None, help="longest decoded text")
+    p.add_argument("--json", help="write the metrics (and all hypotheses) here")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
+    from ..models.training import (evaluate, load_checkpoint, model_from_checkpoint,
+                                   utterance_frames)
+    from .train import print_samples
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if os.path.isdir(os.path.join(data, "test")):
+        data = os.path.join(data, "test")
+    cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".features")
+    ckpt = load_checkpoint(args.checkpoint)
+    overrides = {"backend": args.backend} if args.backend else {}
+    model = model_from_checkpoint(ckpt, **overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
+    utts = find_utterances(data)
+    ds = SpeechDataset(utts, tokenizer, cache_dir=cache)
+    fc = ds.config
+    lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in utts]
+    order = sorted(range(len(utts)), key=lambda i: lengths[i])
+    if args.max_utts is not None:
+        order = sorted(range(len(utts)))[: args.max_utts]
+        order.sort(key=lambda i: lengths[i])
+    bs = args.batch_size
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
+        collate_fn=collate)
+    t0 = time.time()
+    res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
+                   progress=not args.no_progress)
+    dt = time.time() - t0
+    print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
+          f"CER {res['cer']:.4f}  WER {res['wer']:.4f}  ({res['n']} utterances, {dt:.1f} s)")
+    print_samples(res, args.samples)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
+             "cer": res["cer"], "wer": res["wer"], "n": res["n"], "seconds": dt,
+             "utterances": [{"id": i, "ref": r, "hyp": h}
+                            for i, r, h in zip(res["ids"], res["refs"], res["hyps"])]},
+            indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""``zeromask-train``: train the reference speech model (single process or torchrun DDP).
+
+Data: ``--data DIR`` with ``DIR/train`` and ``DIR/test`` (as ``zeromask-make-data`` writes;
+wav+txt or LibriSpeech layouts), or ``--train DIR --test DIR``. Configuration comes from
+``--config FILE`` (JSON: ``{"model": {...ModelConfig fields}, "train": {...flag names}}``)
+and flags, flags winning. Writes under ``--out``: ``config.json``, ``log.jsonl`` (one line
+per logged step and per evaluation), ``last.pt`` (every ``--ckpt-every`` steps and at the
+end), ``best.pt`` (best held-out CER) and ``results.json``. A run whose ``--out`` already
+has ``last.pt`` resumes from it (``--no-resume`` starts over).
+
+Stops at ``--max-steps`` or after ``--time-budget`` seconds of this invocation, whichever
+comes first. Multi-process: ``torchrun --nproc_per_node N -m zeromask.cli.train ...``
+(gloo on CPU, nccl on GPU); rank 0 logs, evaluates and writes checkpoints.
+
+Example (CPU, synthesized data)::
+
+    zeromask-make-data --out data/synth --n 3000
+    zeromask-train --data data/synth --out runs/base --time-budget 900
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..models.config import ModelConfig
+
+logger = logging.getLogger("zeromask")
+
+# flag -> ModelConfig field for model options given on the command line
+_MODEL_FLAGS = {
+    "d_model": int, "num_heads": int, "num_kv_heads": int, "ffn_mult": int, "enc_layers": int,
+    "dec_self_layers": int, "dec_cross_layers": int, "dropout": float, "downsample": int,
+    "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
+    "max_decode_len": int, "backend": str, "silence_top_db": float,
+}
+_TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
+                       time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
+                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
+                       feature_workers=0, threads=None, eval_batch_size=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zeromask-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="folder with train/ and test/ subfolders")
+    d.add_argument("--train", help="training folder (overrides DATA/train)")
+    d.add_argument("--test", help="held-out folder (overrides DATA/test)")
+    d.add_argument("--cache-dir", help="feature cache (default: DATA/.features or TRAIN/../.features)")
+    d.add_argument("--out", required=True, help="run folder: checkpoints, logs, results")
+    d.add_argument("--config", help="JSON file with 'model' and 'train' sections")
+    m = p.add_argument_group("model (ModelConfig)")
+    for name, typ in _MODEL_FLAGS.items():
+        m.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    m.add_argument("--feature-order", help="comma-separated, e.g. spectrogram,pitch,waveform")
+    m.add_argument("--no-zero-scaling", action="store_true",
+                   help="-inf masking of zero tokens instead of zero-soft scaling")
+    m.add_argument("--no-f0-rotary", action="store_true", help="constant-theta rotary")
+    m.add_argument("--learnable-zero-scale", action="store_true")
+    m.add_argument("--cross-rotary", action="store_true")
+    m.add_argument("--no-abs-pos", action="store_true",
+                   help="no sinusoidal absolute positions (rotary only)")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--eval-batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--warmup", type=int)
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps (0: only at the end)")
+    t.add_argument("--ckpt-every", type=int)
+    t.add_argument("--log-every", type=int)
+    t.add_argument("--eval-max", type=int, help="held-out utterances per evaluation")
+    t.add_argument("--samples", type=int, help="greedy samples printed per evaluation")
+    t.add_argument("--grad-clip", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--num-workers", type=int, help="DataLoader workers")
+    t.add_argument("--feature-workers", type=int, help="processes that fill the feature cache")
+    t.add_argument("--threads", type=int, help="torch CPU threads per process")
+    t.add_argument("--no-resume", action="store_true", help="ignore OUT/last.pt")
+    t.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--save-rank-states", action="store_true",
+                   help="DDP check: every rank writes OUT/rank<R>.pt with its final weights")
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    """(ModelConfig kwargs, train options) from --config, then flags."""
+    file_cfg = {}
+    if args.config:
+        file_cfg = json.loads(Path(args.config).read_text())
+        unknown = set(file_cfg) - {"model", "train"}
+        if unknown:
+            raise SystemExit(f"zeromask-train: --config has unknown sections {sorted(unknown)}")
+    model_kw = dict(file_cfg.get("model", {}))
+    for name in _MODEL_FLAGS:
+        v = getattr(args, name)
+        if v is not None:
+            model_kw[name] = v
+    if args.feature_order:
+        model_kw["feature_order"] = [f.strip() for f in args.feature_order.split(",") if f.strip()]
+    if args.no_zero_scaling:
+        model_kw["zero_scaling"] = False
+    if args.no_f0_rotary:
+        model_kw["f0_rotary"] = False
+    if args.learnable_zero_scale:
+        model_kw["learnable_zero_scale"] = True
+    if args.cross_rotary:
+        model_kw["cross_rotary"] = True
+    if args.no_abs_pos:
+        model_kw["abs_pos"] = False
+    train = dict(_TRAIN_DEFAULTS)
+    unknown = set(file_cfg.get("train", {})) - set(train)
+    if unknown:
+        raise SystemExit(f"zeromask-train: unknown train options in --config: {sorted(unknown)}")
+    train.update(file_cfg.get("train", {}))
+    for k in _TRAIN_DEFAULTS:
+        v = getattr(args, k, None)
+        if v is not None:
+            train[k] = v
+    if train["max_steps"] is None and train["time_budget"] is None:
+        raise SystemExit("zeromask-train: give --max-steps or --time-budget (or both)")
+    return model_kw, train
+
+
+class Dist:
+    """torchrun environment: rank, world size, device; no-op when single-process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (a stop decision everyone shares)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, x: float) -> float:
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+        t = torch.tensor([x], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _folders(args):
+    train = args.train or (os.path.join(args.data, "train") if args.data else None)
+    test = args.test or (os.path.join(args.data, "test") if args.data else None)
+    if train is None:
+        raise SystemExit("zeromask-train: give --data DIR (with train/ and test/) or --train DIR")
+    cache = args.cache_dir or os.path.join(args.data or os.path.dirname(os.path.abspath(train)),
+                                           ".features")
+    return train, test, cache
+
+
+def print_samples(result: dict, n: int, file=None) -> None:
+    file = file or sys.stdout
+    for ref, hyp, uid in list(zip(result["refs"], result["hyps"], result["ids"]))[:n]:
+        print(f"  [{uid}] ref: {ref}\n  {' ' * (len(uid) + 2)} hyp: {hyp}", file=file)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    model_kw, opt = resolve(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dist_env = Dist()
+    try:
+        return _train(args, model_kw, opt, dist_env)
+    finally:
+        dist_env.close()
+
+
+def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
+    from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
+    from ..models import SpeechModel
+    from ..models.training import (BucketBatchSampler, evaluate, load_checkpoint, lr_lambda,
+                                   save_checkpoint, to_device, utterance_frames)
+
+    if opt["threads"]:
+        torch.set_num_threads(int(opt["threads"]))
+    out = Path(args.out)
+    train_dir, test_dir, cache_dir = _folders(args)
+    tokenizer = CharTokenizer()
+    last = out / "last.pt"
+    ckpt = None
+    if last.exists() and not args.no_resume:
+        ckpt = load_checkpoint(last, map_location="cpu")
+        saved = ckpt["config"]
+        # the saved architecture wins; flags may only change the backend on resume
+        model_kw = dict(saved, **{k: v for k, v in model_kw.items() if k == "backend"})
+        tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
+    model_kw.setdefault("vocab_size", tokenizer.vocab_size)
+    cfg = ModelConfig(**model_kw) if ckpt is None else ModelConfig.from_dict(model_kw)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise SystemExit(f"zeromask-train: vocab_size {cfg.vocab_size} < tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    seed = int(opt["seed"])
+    random.seed(seed + de.rank)
+    torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts)
+
+    train_utts = find_utterances(train_dir)
+    test_utts = find_utterances(test_dir) if (test_dir and os.path.isdir(test_dir)
+                                              and not args.no_eval) else []
+    train_ds = SpeechDataset(train_utts, tokenizer, cache_dir=cache_dir)
+    test_ds = SpeechDataset(test_utts, tokenizer, cache_dir=cache_dir) if test_utts else None
+    if de.main:
+        out.mkdir(parents=True, exist_ok=True)
+        progress = not args.no_progress
+        train_ds.prepare(num_workers=int(opt["feature_workers"]), progress=progress)
+        if test_ds is not None:
+            test_ds.prepare(num_workers=int(opt["feature_workers"]), progress=progress)
+        (out / "config.json").write_text(json.dumps(
+            {"model": cfg.to_dict(), "train": opt, "data": {"train": train_dir, "test": test_dir,
+                                                             "cache": cache_dir}}, indent=2))
+    de.barrier()  # the cache is full before any rank reads it
+
+    fc = train_ds.config
+    lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in train_utts]
+    sampler = BucketBatchSampler(lengths, int(opt["batch_size"]), seed=seed, rank=de.rank,
+                                 world=de.world)
+    if len(sampler) == 0:
+        raise SystemExit(f"zeromask-train: {len(train_utts)} training utterances make no batch "
+                         f"for {de.world} rank(s)")
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=int(opt["num_workers"]))
+    model = SpeechModel(cfg).to(de.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt["lr"]),
+                                  weight_decay=float(opt["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(int(opt["warmup"]), opt["max_steps"]))
+    step, epoch = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if de.main:
+            print(f"resumed from {last} at step {step}")
+    net = model
+    if de.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[de.local_rank] if de.device.type == "cuda" else None,
+                  find_unused_parameters=cfg.curriculum_steps > 0)
+    eval_loader = None
+    if test_ds is not None and de.main:
+        ev_lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in test_utts]
+        order = sorted(range(len(test_utts)), key=lambda i: ev_lengths[i])
+        bs = int(opt["eval_batch_size"])
+        eval_loader = torch.utils.data.DataLoader(
+            test_ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
+            collate_fn=collate)
+    n_params = sum(p.numel() for p in model.parameters())
+    log_fh = open(out / "log.jsonl", "a") if de.main else None
+    if de.main:
+        print(f"model {n_params / 1e6:.2f} M parameters; features {list(cfg.feature_order)}; "
+              f"zero_mode={cfg.zero_mode} zero_scaling={cfg.zero_scaling} "
+              f"f0_rotary={cfg.f0_rotary}; {len(train_utts)} train / {len(test_utts)} test "
+              f"utterances; world {de.world} on {de.device}")
+
+    def log(rec: dict):
+        if log_fh is not None:
+            log_fh.write(json.dumps(rec) + "\n")
+            log_fh.flush()
+
+    best = float("inf")
+    if ckpt is not None:
+        best = ckpt.get("extra", {}).get("best_cer", best)
+
+    def run_eval(tag: str):
+        nonlocal best
+        if eval_loader is None:
+            return None
+        res = evaluate(model, eval_loader, tokenizer, de.device, max_utts=int(opt["eval_max"]),
+                       progress=not args.no_progress)
+        print(f"[{tag} step {step}] held-out CER {res['cer']:.4f}  WER {res['wer']:.4f} "
+              f"on {res['n']} utterances")
+        print_samples(res, int(opt["samples"]))
+        log({"step": step, "eval": True, "cer": res["cer"], "wer": res["wer"], "n": res["n"],
+             "elapsed": time.time() - t0})
+        if res["cer"] < best:
+            best = res["cer"]
+            save_checkpoint(out / "best.pt", model=model, step=step, epoch=epoch,
+                            tokenizer=tokenizer, extra={"cer": res["cer"], "wer": res["wer"]})
+        return res
+
+    def checkpoint():
+        save_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                        epoch=epoch, tokenizer=tokenizer, extra={"best_cer": best})
+
+    t0 = time.time()
+    budget = opt["time_budget"]
+    max_steps = opt["max_steps"]
+    bar = None
+    if de.main and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    stop = max_steps is not None and step >= max_steps
+    window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
+    last_loss = float("nan")
+    while not stop:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            model.set_step(step)
+            tb = to_device(batch, de.device)
+            loss = net(**tb)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(opt["grad_clip"]))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            lv = loss.item()
+            window_loss += lv
+            window_n += 1
+            window_utts += tb["input_ids"].shape[0] * de.world
+            if step % int(opt["log_every"]) == 0 or step == 1:
+                mean_loss = de.mean(window_loss / window_n)
+                dt = max(time.time() - window_t, 1e-9)
+                rec = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                       "steps_per_s": window_n / dt, "utts_per_s": window_utts / dt,
+                       "elapsed": time.time() - t0, "features": model.active_features(step)}
+                log(rec)
+                last_loss = mean_loss
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", it_s=f"{window_n / dt:.2f}",
+                                    utt_s=f"{window_utts / dt:.1f}",
+                                    lr=f"{rec['lr']:.2e}")
+                window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
+            if bar is not None:
+                bar.update(1)
+            out_of_time = budget is not None and time.time() - t0 >= float(budget)
+            stop = de.any(out_of_time or (max_steps is not None and step >= max_steps))
+            if de.main and int(opt["ckpt_every"]) and step % int(opt["ckpt_every"]) == 0:
+                checkpoint()
+            if (de.main and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0
+                    and not stop):
+                run_eval("eval")
+                model.train()
+            if de.enabled and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0:
+                de.barrier()
+            if stop:
+                break
+        else:
+            epoch += 1
+    if bar is not None:
+        bar.close()
+    elapsed = time.time() - t0
+    if args.save_rank_states:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   out / f"rank{de.rank}.pt")
+    if de.main:
+        checkpoint()
+        res = run_eval("final")
+        results = {"step": step, "epoch": epoch, "elapsed_s": elapsed, "last_loss": last_loss,
+                   "parameters": n_params, "config": cfg.to_dict()}
+        if res is not None:
+            results.update(cer=res["cer"], wer=res["wer"], n_eval=res["n"], best_cer=best)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"done: step {step}, {elapsed:.1f} s, last loss {last_loss:.4f}; "
+              f"checkpoint {last}")
+    if log_fh is not None:
+        log_fh.close()
+    de.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

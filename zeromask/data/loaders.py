@@ -1,0 +1,185 @@
+"""Find labelled utterances on disk and turn them into padded model batches.
+
+Two layouts are read as they are:
+
+* a folder (searched recursively) of ``NAME.wav`` (or ``.flac``) next to ``NAME.txt`` holding
+  the transcript, as written by ``zeromask-make-data``;
+* the LibriSpeech layout: ``SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt`` with one
+  ``UTTERANCE-ID transcript`` line per utterance and ``UTTERANCE-ID.flac`` (or ``.wav``)
+  beside it.
+
+:func:`find_utterances` picks the layout by itself (a folder with any ``*.trans.txt`` is
+LibriSpeech-style). :class:`SpeechDataset` featurises through a
+:class:`zeromask.audio.FeatureCache` and :func:`collate` pads a batch with exact zeros,
+which :mod:`zeromask.zero` reads as padding zero tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .text import CharTokenizer
+
+logger = logging.getLogger("zeromask")
+AUDIO_EXTS = (".wav", ".flac")
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    id: str
+    audio: str
+    text: str
+
+
+def _audio_for(stem: Path) -> Optional[Path]:
+    for ext in AUDIO_EXTS:
+        p = stem.with_suffix(ext)
+        if p.exists():
+            return p
+    return None
+
+
+def load_librispeech(root: Union[str, os.PathLike]) -> List[Utterance]:
+    """Utterances of a LibriSpeech-style tree (``*.trans.txt`` + ``ID.flac``/``ID.wav``)."""
+    root = Path(root)
+    out, missing = [], 0
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            uid, _, text = line.partition(" ")
+            audio = _audio_for(trans.parent / uid)
+            if audio is None:
+                missing += 1
+                continue
+            out.append(Utterance(uid, str(audio), text.strip()))
+    if missing:
+        logger.warning("zeromask: %d transcript lines under %s have no audio file", missing, root)
+    return out
+
+
+def load_folder(root: Union[str, os.PathLike]) -> List[Utterance]:
+    """Utterances of a folder of ``NAME.wav``/``NAME.flac`` + ``NAME.txt`` (recursive)."""
+    root = Path(root)
+    out, unlabelled = [], 0
+    for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTS):
+        txt = audio.with_suffix(".txt")
+        if not txt.exists():
+            unlabelled += 1
+            continue
+        text = " ".join(txt.read_text(encoding="utf-8").split())
+        uid = str(audio.relative_to(root).with_suffix("")).replace(os.sep, "/")
+        out.append(Utterance(uid, str(audio), text))
+    if unlabelled:
+        logger.warning("zeromask: %d audio files under %s have no .txt transcript (skipped)",
+                       unlabelled, root)
+    return out
+
+
+def find_utterances(root: Union[str, os.PathLike]) -> List[Utterance]:
+    """Utterances under ``root`` in either layout; a clear error when there are none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if next(root.rglob("*.trans.txt"), None) is not None:
+        utts = load_librispeech(root)
+    else:
+        utts = load_folder(root)
+    if not utts:
+        raise ValueError(f"no labelled utterances under {root}: expected NAME.wav + NAME.txt "
+                         "pairs or a LibriSpeech-style tree with *.trans.txt files")
+    return utts
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances -> (features, token ids), featurised once through an on-disk cache.
+
+    ``cache_dir=None`` extracts on every access (fine for tests; slow for training).
+    ``max_frames`` drops longer utterances (logged).
+    """
+
+    def __init__(self, utterances: Sequence[Utterance], tokenizer: CharTokenizer,
+                 cache_dir: Optional[Union[str, os.PathLike]] = None, feature_config=None,
+                 max_frames: Optional[int] = None):
+        from ..audio import FeatureCache, FeatureConfig
+        self.tokenizer = tokenizer
+        self.config = feature_config or FeatureConfig()
+        self.cache = FeatureCache(cache_dir, self.config) if cache_dir is not None else None
+        self.utterances = list(utterances)
+        self.max_frames = max_frames
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def features(self, i: int) -> Dict[str, np.ndarray]:
+        from ..audio import extract_features, load_audio
+        u = self.utterances[i]
+        if self.cache is not None:
+            return self.cache.get(u.audio)
+        wav = load_audio(u.audio, self.config.sample_rate)
+        return extract_features(wav, self.config.sample_rate, self.config)
+
+    def __getitem__(self, i: int) -> dict:
+        u = self.utterances[i]
+        f = self.features(i)
+        ids = self.tokenizer.encode(u.text)
+        return {"id": u.id, "text": self.tokenizer.normalize(u.text),
+                "spectrogram": torch.from_numpy(f["spectrogram"]),
+                "waveform": torch.from_numpy(f["waveform"]),
+                "pitch": torch.from_numpy(f["pitch"]),
+                "f0": torch.from_numpy(f["f0"]),
+                "tokens": torch.tensor(ids, dtype=torch.long)}
+
+    def prepare(self, num_workers: int = 0, progress: bool = False) -> None:
+        """Fill the feature cache for every utterance (multiprocess when asked)."""
+        if self.cache is None:
+            return
+        from ..audio import extract_batch
+        extract_batch([u.audio for u in self.utterances], self.cache.root, self.config,
+                      num_workers=num_workers, progress=progress)
+
+
+def _pad(seqs: Sequence[torch.Tensor], length: int, value: float = 0.0) -> torch.Tensor:
+    shape = (len(seqs), length) + tuple(seqs[0].shape[1:])
+    out = seqs[0].new_full(shape, value)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Pad a list of :class:`SpeechDataset` items into a batch.
+
+    Audio streams are padded with exact zeros (padding frames -> zero tokens);
+    ``frame_lengths`` keeps the true lengths. Text: ``input_ids`` = ``[0, c_1..c_n]`` (0 is the
+    start token) padded with 0; ``labels`` = ``[c_1..c_n, 0]`` (the 0 is "end", so stopping is
+    learnable) padded with -100 (ignored by the loss).
+    """
+    T = max(it["spectrogram"].shape[0] for it in items)
+    N = max(it["tokens"].shape[0] for it in items) + 1
+    batch = {k: _pad([it[k] for it in items], T) for k in ("spectrogram", "waveform", "pitch",
+                                                          "f0")}
+    batch["frame_lengths"] = torch.tensor([it["spectrogram"].shape[0] for it in items])
+    inp = torch.zeros(len(items), N, dtype=torch.long)
+    lab = torch.full((len(items), N), IGNORE_INDEX, dtype=torch.long)
+    for i, it in enumerate(items):
+        t = it["tokens"]
+        inp[i, 1: 1 + len(t)] = t
+        lab[i, : len(t)] = t
+        lab[i, len(t)] = 0
+    batch["input_ids"], batch["labels"] = inp, lab
+    batch["text"] = [it["text"] for it in items]
+    batch["id"] = [it["id"] for it in items]
+    return batch
+
+
+__all__ = ["Utterance", "find_utterances", "load_folder", "load_librispeech", "SpeechDataset",
+           "collate", "IGNORE_INDEX", "AUDIO_EXTS"]

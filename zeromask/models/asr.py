@@ -1,0 +1,527 @@
+"""The reference speech model (DESIGN.md section 5): per-feature encoders, gated decoder.
+
+Encoder: for each feature in ``feature_order`` (spectrogram ``(B, T, n_mels)``, waveform
+frames ``(B, T, hop)``, pitch ``(B, T, 3)`` = f0, energy, periodicity) its own front-end
+(fixed input scaling, a linear layer, stride-2 convolutions down to ``T / downsample``) and
+sinusoidal absolute positions (``abs_pos``), and its own stack of pre-LN transformer layers
+whose self-attention is a
+:class:`zeromask.ZeroSoftAttention` with an :class:`zeromask.F0Rotary` fed by the
+utterance's F0 contour. Silent frames (``zeromask.zero.from_audio``: log-mel energy more
+than ``silence_top_db`` below the utterance's loudest frame, or padding) are zero tokens; a
+downsampled frame is a zero token when every frame it covers is one.
+
+Decoder: character embeddings, causal self-attention layers (id 0 — start, pad — is a
+zero token), then one cross-attention stage per feature in ``feature_order``, each stage
+reading that feature's encoder output; stage ``k`` maps ``x`` to ``stage_k(x)`` and the
+result is blended ``x + sigmoid(g_k) * (stage_k(x) - x)`` with a learnable gate ``g_k``, so
+every stage builds on the one before. Labels are the text followed by one 0 ("end");
+:meth:`SpeechModel.generate` decodes greedily with a KV cache and stops at 0.
+
+Every attention call goes through the zeromask dispatch with ``config.backend``; with
+``zero_scaling=False`` zero tokens are hard-masked (-inf) through PyTorch SDPA instead,
+after the same f0 rotary (see :class:`ModelConfig`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import zero
+from ..modules import F0Rotary, ZeroSoftAttention
+from ..ops import f0_rotary, zero_soft_attention
+from .config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------
+# attention with a soft (zero-soft kernel) or hard (-inf, SDPA) path and a KV-cache step
+# ----------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """A :class:`ZeroSoftAttention` plus the model's extra paths.
+
+    * soft (``zero_scaling=True``), full sequence: ``ZeroSoftAttention.forward`` itself;
+    * hard (``zero_scaling=False``): the module's projections and rotary, then SDPA with zero
+      tokens masked out (-inf); rows with no key left return 0;
+    * :meth:`attend` on already projected q/k/v, used by the KV-cache decoding step (soft:
+      :func:`zeromask.zero_soft_attention` with the module's scale, mode, rotary and
+      backend, so it computes what ``forward`` computes).
+    """
+
+    def __init__(self, cfg: ModelConfig, rotary: Optional[F0Rotary]):
+        super().__init__()
+        self.attn = ZeroSoftAttention(
+            cfg.d_model, cfg.num_heads, batch_first=True, num_kv_heads=cfg.num_kv_heads,
+            zero_scale=cfg.zero_scale, learnable_zero_scale=cfg.learnable_zero_scale,
+            zero_mode=cfg.zero_mode, rotary=rotary, backend=cfg.backend)
+        self.hard = not cfg.zero_scaling
+
+    # projections -------------------------------------------------------------------
+    def _split_bias(self):
+        a = self.attn
+        if a.in_proj_bias is None:
+            return None, None, None
+        kv = a.num_kv_heads * a.head_dim
+        return a.in_proj_bias.split([a.embed_dim, kv, kv])
+
+    def project_q(self, x: Tensor) -> Tensor:
+        a = self.attn
+        wq, _, _ = a._projections()
+        bq, _, _ = self._split_bias()
+        B, L, _ = x.shape
+        return F.linear(x, wq, bq).view(B, L, a.num_heads, a.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        a = self.attn
+        _, wk, wv = a._projections()
+        _, bk, bv = self._split_bias()
+        B, L, _ = x.shape
+        shape = (B, L, a.num_kv_heads, a.head_dim)
+        k = F.linear(x, wk, bk).view(shape).transpose(1, 2)
+        v = F.linear(x, wv, bv).view(shape).transpose(1, 2)
+        return k, v
+
+    def thetas(self, B: int, Lq: int, Lk: int, query_f0: Optional[Tensor],
+               key_f0: Optional[Tensor]):
+        rot = self.attn.rotary
+        if rot is None:
+            return None, None
+        return rot(query_f0, Lq, B), rot(key_f0, Lk, B)
+
+    # attention on projected tensors ------------------------------------------------
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
+               causal: bool, theta_q, theta_k, pos_q=None, pos_k=None) -> Tensor:
+        """(B, Hq, Lq, D) attention output, before the output projection."""
+        a = self.attn
+        rot = a.rotary
+        rkw = {} if rot is None else dict(rotary_dim=rot.rotary_dim,
+                                          interleaved=rot.interleaved, radius=rot.radius)
+        if not self.hard:
+            return zero_soft_attention(q, k, v, key_zero=key_zero, zero_scale=a.zero_scale,
+                                       zero_mode=a.zero_mode, causal=causal, theta_q=theta_q,
+                                       theta_k=theta_k, pos_q=pos_q, pos_k=pos_k,
+                                       backend=a.backend, **rkw)
+        Lq, Lk = q.shape[2], k.shape[2]
+        if rot is not None:
+            if pos_q is None:
+                pos_q = (Lk - Lq) if causal else 0
+            q = f0_rotary(q, theta_q, positions=pos_q, backend=a.backend, **rkw)
+            k = f0_rotary(k, theta_k, positions=pos_k, backend=a.backend, **rkw)
+        if k.shape[1] != q.shape[1]:  # GQA: SDPA's boolean-mask path wants equal heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        B = q.shape[0]
+        allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+        if key_zero is not None:
+            allowed = allowed & ~key_zero[:, None, None, :]
+        if causal:
+            i = torch.arange(Lq, device=q.device).unsqueeze(1)
+            j = torch.arange(Lk, device=q.device).unsqueeze(0)
+            allowed = allowed & (j <= i + (Lk - Lq))
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty)
+        return out.masked_fill(empty, 0.0)
+
+    def _out(self, o: Tensor) -> Tensor:
+        B, H, L, D = o.shape
+        return self.attn.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
+
+    def forward(self, x: Tensor, mem: Tensor, key_zero: Optional[Tensor], causal: bool = False,
+                query_f0: Optional[Tensor] = None, key_f0: Optional[Tensor] = None,
+                weights: Optional[list] = None) -> Tensor:
+        """Output ``(B, Lq, E)``; with a list ``weights``, appends the head-averaged
+        attention probabilities ``(B, Lq, Lk)`` (materialised: for plots, not for speed)."""
+        if not self.hard:
+            out, w = self.attn(x, mem, mem, key_padding_mask=key_zero, is_causal=causal,
+                               query_f0=query_f0, key_f0=key_f0,
+                               need_weights=weights is not None)
+            if weights is not None:
+                weights.append(w)
+            return out
+        q = self.project_q(x)
+        k, v = self.project_kv(mem)
+        tq, tk = self.thetas(x.shape[0], x.shape[1], mem.shape[1], query_f0, key_f0)
+        if weights is not None:
+            weights.append(self._hard_weights(q, k, key_zero, causal, tq, tk))
+        return self._out(self.attend(q, k, v, key_zero, causal, tq, tk))
+
+    def _hard_weights(self, q, k, key_zero, causal, theta_q, theta_k) -> Tensor:
+        rot = self.attn.rotary
+        Lq, Lk = q.shape[2], k.shape[2]
+        if rot is not None:
+            rkw = dict(rotary_dim=rot.rotary_dim, interleaved=rot.interleaved, radius=rot.radius)
+            q = f0_rotary(q, theta_q, positions=(Lk - Lq) if causal else 0, **rkw)
+            k = f0_rotary(k, theta_k, **rkw)
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        allowed = torch.ones_like(s, dtype=torch.bool)
+        if key_zero is not None:
+            allowed = allowed & ~key_zero[:, None, None, :]
+        if causal:
+            i = torch.arange(Lq, device=q.device).unsqueeze(1)
+            j = torch.arange(Lk, device=q.device).unsqueeze(0)
+            allowed = allowed & (j <= i + (Lk - Lq))
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        return torch.nan_to_num(p, nan=0.0).mean(dim=1)
+
+    def step(self, x: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor], pos: int,
+             key_f0: Optional[Tensor] = None) -> Tensor:
+        """One query token at position ``pos`` against cached (unrotated) k/v."""
+        q = self.project_q(x)
+        tq, tk = self.thetas(x.shape[0], 1, k.shape[2], None, key_f0)
+        return self._out(self.attend(q, k, v, key_zero, False, tq, tk, pos_q=pos))
+
+
+def sinusoid(length: int, dim: int, offset: int = 0, device=None,
+             dtype=torch.float32) -> Tensor:
+    """(length, dim) sinusoidal position table for positions ``offset ..``."""
+    pos = torch.arange(offset, offset + length, device=device, dtype=torch.float32)[:, None]
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / max(1, half - 1)))
+    ang = pos * freq[None]
+    table = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    table[:, 0:2 * half:2] = torch.sin(ang)
+    table[:, 1:2 * half:2] = torch.cos(ang)
+    return table.to(dtype)
+
+
+def make_rotary(cfg: ModelConfig, contour: bool) -> F0Rotary:
+    """An :class:`F0Rotary`; with ``contour=False`` (no F0 ever reaches it: text, or
+    ``f0_rotary=False``) only its constant ``theta_base`` is learnable, ``t_min``/``t_max``
+    become buffers so no parameter goes without a gradient (DDP needs that)."""
+    rot = F0Rotary(cfg.rotary_mode)
+    if not contour:
+        for name in ("t_min", "t_max"):
+            value = getattr(rot, name).detach().clone()
+            delattr(rot, name)
+            rot.register_buffer(name, value)
+    return rot
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.ffn_mult * d), nn.GELU(),
+                                 nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * d, d),
+                                 nn.Dropout(cfg.dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, make_rotary(cfg, contour=cfg.f0_rotary))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor]) -> Tensor:
+        h = self.norm(x)
+        x = x + self.drop(self.attn(h, h, zero_mask, query_f0=f0, key_f0=f0))
+        return self.ffn(x)
+
+
+class FrontEnd(nn.Module):
+    """Fixed input scaling, per-frame linear layer, stride-2 convolutions."""
+
+    def __init__(self, feature: str, cfg: ModelConfig):
+        super().__init__()
+        self.feature = feature
+        in_dim = {"spectrogram": cfg.n_mels, "waveform": cfg.hop_length, "pitch": 3}[feature]
+        d = cfg.d_model
+        self.proj = nn.Linear(in_dim, d)
+        n_down = int(round(math.log2(cfg.downsample)))
+        self.convs = nn.ModuleList(nn.Conv1d(d, d, 3, stride=2, padding=1)
+                                   for _ in range(n_down))
+        self.norm = nn.LayerNorm(d)
+
+    def scale(self, x: Tensor) -> Tensor:
+        if self.feature == "spectrogram":  # dB, floor -100: roughly [-2, 1.5]
+            return (x + 40.0) / 30.0
+        if self.feature == "waveform":
+            return x * 4.0
+        f0, energy, per = x.unbind(-1)
+        f0n = torch.log1p(f0.clamp_min(0) / 700.0) / math.log1p(600.0 / 700.0)
+        en = (torch.log(energy.clamp_min(0) + 1e-4) + 5.0) / 4.0
+        return torch.stack([f0n, en, per], dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.proj(self.scale(x)))
+        h = h.transpose(1, 2)
+        for conv in self.convs:
+            h = F.gelu(conv(h))
+        return self.norm(h.transpose(1, 2))
+
+
+def downsample_mask(mask: Tensor, factor: int) -> Tensor:
+    """(B, T) zero mask -> (B, ceil(T / factor)): zero where every covered frame is zero."""
+    while factor > 1:
+        if mask.shape[1] % 2:
+            mask = F.pad(mask, (0, 1), value=True)
+        mask = mask.view(mask.shape[0], -1, 2).all(dim=-1)
+        factor //= 2
+    return mask
+
+
+class FeatureEncoder(nn.Module):
+    def __init__(self, feature: str, cfg: ModelConfig):
+        super().__init__()
+        self.abs_pos = cfg.abs_pos
+        self.front = FrontEnd(feature, cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor]) -> Tensor:
+        h = self.front(x)
+        if self.abs_pos:
+            h = h + sinusoid(h.shape[1], h.shape[2], device=h.device, dtype=h.dtype)
+        for layer in self.layers:
+            h = layer(h, zero_mask, f0)
+        return self.norm(h)
+
+
+class DecoderSelfLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, make_rotary(cfg, contour=False))  # text has no f0
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg)
+
+
+class CrossLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, make_rotary(cfg, contour=cfg.f0_rotary)
+                              if cfg.cross_rotary else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg)
+
+
+class CrossStage(nn.Module):
+    """Cross-attention to one feature's encoder output, blended in by a learnable gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.dec_cross_layers))
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def blend(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + torch.sigmoid(self.gate) * (y - x)
+
+
+class SpeechModel(nn.Module):
+    """Encoder/decoder ASR of DESIGN.md section 5 (see the module doc)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoders = nn.ModuleDict({f: FeatureEncoder(f, cfg) for f in cfg.feature_order})
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.self_layers = nn.ModuleList(DecoderSelfLayer(cfg)
+                                         for _ in range(cfg.dec_self_layers))
+        self.stages = nn.ModuleDict({f: CrossStage(cfg) for f in cfg.feature_order})
+        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # curriculum -----------------------------------------------------------------------
+    def active_features(self, step: Optional[int] = None) -> List[str]:
+        """Features (in ``feature_order``) enabled at training ``step`` (default: own step).
+
+        With ``curriculum_steps = c > 0`` stage k is enabled from step ``k * c`` on.
+        """
+        order = list(self.config.feature_order)
+        c = self.config.curriculum_steps
+        if c <= 0:
+            return order
+        s = int(self.step) if step is None else int(step)
+        return order[: min(len(order), 1 + s // c)]
+
+    def set_step(self, step: int) -> None:
+        self.step.fill_(int(step))
+
+    # encoder --------------------------------------------------------------------------
+    def zero_mask(self, spectrogram: Tensor) -> Tensor:
+        """(B, T) frame-rate zero tokens: silent (log-mel) or padding frames."""
+        c = self.config
+        return zero.from_audio(spectrogram, spectrogram, top_db=c.silence_top_db,
+                               threshold_db=c.silence_threshold_db)
+
+    def encode(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+               pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+               features: Optional[Sequence[str]] = None) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """{feature: (memory (B, T', d), zero mask (B, T'))} for the active features.
+
+        The spectrogram is always needed, even when it is not in ``feature_order``: the zero
+        tokens of every stream come from its log-mel energy (one hop rate for all).
+        """
+        feats = list(features) if features is not None else self.active_features()
+        inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
+        mask = downsample_mask(self.zero_mask(spectrogram), self.config.downsample)
+        contour = f0 if self.config.f0_rotary else None
+        out = {}
+        for f in feats:
+            x = inputs[f]
+            if x is None:
+                raise ValueError(f"feature {f!r} is in feature_order but was not given")
+            mem = self.encoders[f](x, mask, contour)
+            if mem.shape[1] != mask.shape[1]:  # an internal invariant of the front-end
+                raise RuntimeError(f"{f} encoder gave {mem.shape[1]} frames, mask has "
+                                   f"{mask.shape[1]}")
+            out[f] = (mem, mask)
+        return out
+
+    # decoder --------------------------------------------------------------------------
+    def _key_f0(self, f0: Optional[Tensor]) -> Optional[Tensor]:
+        return f0 if (self.config.cross_rotary and self.config.f0_rotary) else None
+
+    def _embed(self, ids: Tensor, offset: int = 0) -> Tensor:
+        x = self.embed(ids)
+        if self.config.abs_pos:
+            x = x + sinusoid(ids.shape[1], x.shape[-1], offset, device=x.device, dtype=x.dtype)
+        return x
+
+    def decode(self, input_ids: Tensor, memories: Dict[str, Tuple[Tensor, Tensor]],
+               f0: Optional[Tensor] = None,
+               cross_weights: Optional[Dict[str, list]] = None) -> Tensor:
+        """Logits; ``cross_weights`` (a dict) receives ``{feature: [per cross layer
+        (B, N, T') head-averaged attention]}``."""
+        x = self._embed(input_ids)
+        text_zero = zero.from_ids(input_ids)
+        for layer in self.self_layers:
+            h = layer.norm(x)
+            x = x + layer.drop(layer.attn(h, h, text_zero, causal=True))
+            x = layer.ffn(x)
+        kf0 = self._key_f0(f0)
+        for f in self.config.feature_order:
+            if f not in memories:
+                continue  # curriculum: stage not enabled yet
+            mem, mask = memories[f]
+            stage = self.stages[f]
+            y = x
+            w = None
+            if cross_weights is not None:
+                w = cross_weights.setdefault(f, [])
+            for layer in stage.layers:
+                y = y + layer.drop(layer.attn(layer.norm(y), mem, mask, key_f0=kf0, weights=w))
+                y = layer.ffn(y)
+            x = stage.blend(x, y)
+        return self.head(self.out_norm(x))
+
+    def forward(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+                pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+                input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                **_ignored) -> Dict[str, Tensor]:
+        """Logits ``(B, N, vocab)`` (and ``loss`` when ``labels`` are given; -100 ignored).
+
+        Extra batch keys (``frame_lengths``, ``text``, ``id``) are accepted and ignored, so
+        ``model(**batch)`` works on a :func:`zeromask.data.collate` batch.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids are required (start token 0, then the text)")
+        memories = self.encode(spectrogram, waveform, pitch, f0)
+        logits = self.decode(input_ids, memories, f0)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                          labels.reshape(-1), ignore_index=-100)
+        return out
+
+    @torch.no_grad()
+    def cross_attention_weights(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+                                pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+                                input_ids: Optional[Tensor] = None,
+                                **_ignored) -> Dict[str, List[Tensor]]:
+        """{feature: [(B, N, T') attention of each cross layer]} for plots (text x frames)."""
+        memories = self.encode(spectrogram, waveform, pitch, f0)
+        out: Dict[str, List[Tensor]] = {}
+        self.decode(input_ids, memories, f0, cross_weights=out)
+        return out
+
+    # greedy decoding ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+                 pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+                 max_len: Optional[int] = None, use_cache: bool = True,
+                 **_ignored) -> List[List[int]]:
+        """Greedy token ids per utterance, stopping when the model emits 0 (not included).
+
+        ``use_cache=True`` keeps each self-attention layer's keys/values and each
+        cross-attention layer's projected memory, so a step costs one token's worth of work;
+        ``use_cache=False`` re-runs the full decoder each step (the check for the cache).
+        """
+        max_len = max_len or self.config.max_decode_len
+        memories = self.encode(spectrogram, waveform, pitch, f0)
+        B = spectrogram.shape[0]
+        device = spectrogram.device
+        ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        if use_cache:
+            step_fn = self._cached_stepper(memories, f0, B, device)
+        for t in range(max_len):
+            if use_cache:
+                logits = step_fn(ids[:, -1:], t)
+            else:
+                logits = self.decode(ids, memories, f0)[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, 0)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == 0
+            if bool(done.all()):
+                break
+        out = []
+        for row in ids[:, 1:].tolist():
+            out.append(row[: row.index(0)] if 0 in row else row)
+        return out
+
+    def _cached_stepper(self, memories, f0, B, device):
+        kf0 = self._key_f0(f0)
+        self_cache = []
+        for layer in self.self_layers:
+            a = layer.attn.attn
+            empty = torch.zeros(B, a.num_kv_heads, 0, a.head_dim, device=device)
+            self_cache.append([empty, empty.clone()])
+        cross = {}
+        for f in self.config.feature_order:
+            if f in memories:
+                mem, _ = memories[f]
+                cross[f] = [layer.attn.project_kv(mem) for layer in self.stages[f].layers]
+        state = {"zero": torch.zeros(B, 0, dtype=torch.bool, device=device)}
+
+        def step(tok: Tensor, t: int) -> Tensor:
+            x = self._embed(tok, t)
+            state["zero"] = torch.cat([state["zero"], zero.from_ids(tok)], dim=1)
+            for layer, cache in zip(self.self_layers, self_cache):
+                h = layer.norm(x)
+                k, v = layer.attn.project_kv(h)
+                cache[0] = torch.cat([cache[0], k], dim=2)
+                cache[1] = torch.cat([cache[1], v], dim=2)
+                x = x + layer.attn.step(h, cache[0], cache[1], state["zero"], t)
+                x = layer.ffn(x)
+            for f in self.config.feature_order:
+                if f not in memories:
+                    continue
+                _, mask = memories[f]
+                stage = self.stages[f]
+                y = x
+                for layer, (k, v) in zip(stage.layers, cross[f]):
+                    y = y + layer.attn.step(layer.norm(y), k, v, mask, t, key_f0=kf0)
+                    y = layer.ffn(y)
+                x = stage.blend(x, y)
+            return self.head(self.out_norm(x))[:, -1]
+
+        return step
+
+
+__all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
+           "downsample_mask"]

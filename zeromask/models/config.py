@@ -1,0 +1,103 @@
+"""Configuration of the reference speech model (one dataclass, JSON round-trip)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Tuple
+
+from ..audio.features import FEATURES
+from ..ops import ZERO_MODES
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that shapes :class:`zeromask.models.SpeechModel`.
+
+    Comparison switches (issue 7's experiments):
+
+    ``zero_mode``       "prob" (zero-token weight x ``zero_scale``) or "score" (Echo's logit
+                        x ``zero_scale``), see DESIGN.md 3.3.
+    ``zero_scaling``    True: zero tokens are soft-scaled (zero-soft attention, any backend).
+                        False: zero tokens are removed with -inf instead (a boolean mask in
+                        ``F.scaled_dot_product_attention`` after the same f0 rotary; a row
+                        with no key left gives 0, as the kernels do for hard-masked rows).
+    ``f0_rotary``       True: encoder self-attention rotates with theta from the utterance's
+                        F0 contour (:class:`zeromask.F0Rotary`); False: constant learnable
+                        theta (standard RoPE with a learnable base).
+    ``feature_order``   which audio features the model uses and the order of the decoder's
+                        cross-attention stages (a subset of spectrogram, waveform, pitch).
+    ``abs_pos``         add sinusoidal absolute positions to each encoder's front-end output
+                        and to the decoder's embeddings (as Whisper): rotary gives
+                        self-attention relative positions, but cross-attention needs to know
+                        where in the utterance a frame is to align text with audio.
+    ``curriculum_steps`` > 0: feature stage k (in ``feature_order``) is enabled from training
+                        step ``k * curriculum_steps`` on; 0: all stages always on.
+    """
+    vocab_size: int = 29
+    d_model: int = 96
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    ffn_mult: int = 4
+    enc_layers: int = 2          # per feature
+    dec_self_layers: int = 2
+    dec_cross_layers: int = 1    # per feature stage
+    dropout: float = 0.1
+    feature_order: Tuple[str, ...] = ("spectrogram", "pitch", "waveform")
+    n_mels: int = 80
+    hop_length: int = 160        # samples per waveform frame (= the feature hop)
+    downsample: int = 4          # encoder frame-rate reduction, a power of 2
+    zero_mode: str = "prob"
+    zero_scaling: bool = True
+    zero_scale: float = 1e-6
+    learnable_zero_scale: bool = False
+    f0_rotary: bool = True
+    rotary_mode: str = "echo"
+    cross_rotary: bool = False   # rotate text queries / audio keys in cross-attention too
+    abs_pos: bool = True         # sinusoidal absolute positions on encoder and decoder inputs
+    silence_top_db: Optional[float] = 50.0
+    silence_threshold_db: Optional[float] = None
+    curriculum_steps: int = 0
+    max_decode_len: int = 200
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        self.feature_order = tuple(self.feature_order)
+        if not self.feature_order:
+            raise ValueError("feature_order must name at least one feature")
+        bad = [f for f in self.feature_order if f not in FEATURES]
+        if bad or len(set(self.feature_order)) != len(self.feature_order):
+            raise ValueError(f"feature_order must be distinct names from {FEATURES}, "
+                             f"got {self.feature_order}")
+        if self.zero_mode not in ZERO_MODES:
+            raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {self.zero_mode!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError("d_model must be divisible by num_heads")
+        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+            raise ValueError("downsample must be a power of 2 (1, 2, 4, ...)")
+        if self.rotary_mode not in ("echo", "additive"):
+            raise ValueError("rotary_mode must be 'echo' or 'additive'")
+        if self.curriculum_steps < 0:
+            raise ValueError("curriculum_steps must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["feature_order"] = list(self.feature_order)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(s))
+
+
+__all__ = ["ModelConfig"]

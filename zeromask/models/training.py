@@ -1,0 +1,161 @@
+"""Training helpers shared by ``zeromask-train`` and ``zeromask-eval``.
+
+Length-bucketed batching that splits the same way on every DDP rank, checkpoints that
+carry everything a resume needs (model config, tokenizer, optimizer, scheduler, step, RNG),
+and CER/WER evaluation with greedy decoding (jiwer).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from ..data.text import CharTokenizer
+from .asr import SpeechModel
+from .config import ModelConfig
+
+TENSOR_KEYS = ("spectrogram", "waveform", "pitch", "f0", "input_ids", "labels")
+
+
+def utterance_frames(path: str, hop_length: int, sample_rate: int) -> int:
+    """Frame count of an audio file from its header (no decoding)."""
+    import soundfile as sf
+    info = sf.info(path)
+    n = int(round(info.frames * sample_rate / info.samplerate))
+    return 1 + n // hop_length
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar length, identical on every rank for one (seed, epoch).
+
+    Indices are shuffled, cut into pools of ``pool`` batches, sorted by length inside a pool
+    and cut into batches; the batch order is shuffled again. Rank ``r`` of ``world`` takes
+    batches ``r, r + world, ...`` and every rank gets the same number of batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world: int = 1, pool: int = 50, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.pool, self.drop_last = pool, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> List[List[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        size = self.batch_size * self.pool
+        batches = []
+        for i in range(0, len(idx), size):
+            chunk = sorted(idx[i:i + size], key=lambda j: self.lengths[j])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(batches)
+        per_rank = len(batches) // self.world if self.world > 1 else len(batches)
+        return batches[self.rank::self.world][:per_rank]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def to_device(batch: dict, device) -> Dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS if k in batch}
+
+
+def lr_lambda(warmup: int, max_steps: Optional[int], min_ratio: float = 0.1):
+    """Linear warmup, then cosine decay to ``min_ratio`` at ``max_steps`` (flat if None)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if not max_steps or max_steps <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def save_checkpoint(path: Union[str, os.PathLike], *, model: SpeechModel, optimizer=None,
+                    scheduler=None, step: int = 0, epoch: int = 0,
+                    tokenizer: Optional[CharTokenizer] = None, extra: Optional[dict] = None) -> None:
+    """Atomically write a checkpoint (a torn file never replaces a good one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "config": model.config.to_dict(),
+        "tokenizer": (tokenizer or CharTokenizer()).to_json(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> dict:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
+    """A model with the checkpoint's config (``overrides`` e.g. ``backend=``) and weights."""
+    cfg = ModelConfig.from_dict(dict(ckpt["config"], **overrides))
+    model = SpeechModel(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
+             max_utts: Optional[int] = None, max_len: Optional[int] = None,
+             progress: bool = False) -> dict:
+    """Greedy-decode ``loader`` and score it: {cer, wer, n, refs, hyps, ids}."""
+    import jiwer
+    was_training = model.training
+    model.eval()
+    refs, hyps, ids = [], [], []
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc="eval", unit="batch", leave=False)
+    for batch in it:
+        out = model.generate(**to_device(batch, device), max_len=max_len)
+        for r, h, i in zip(batch["text"], out, batch["id"]):
+            refs.append(r)
+            hyps.append(tokenizer.decode(h))
+            ids.append(i)
+        if max_utts is not None and len(refs) >= max_utts:
+            break
+    if max_utts is not None:
+        refs, hyps, ids = refs[:max_utts], hyps[:max_utts], ids[:max_utts]
+    model.train(was_training)
+    keep = [k for k, r in enumerate(refs) if r.strip()]
+    if not keep:
+        raise ValueError("no non-empty reference transcripts to score")
+    r = [refs[k] for k in keep]
+    h = [hyps[k] for k in keep]
+    return {"cer": float(jiwer.cer(r, h)), "wer": float(jiwer.wer(r, h)), "n": len(keep),
+            "refs": refs, "hyps": hyps, "ids": ids}
+
+
+__all__ = ["BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda",
+           "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
+           "TENSOR_KEYS"]
