@@ -114,8 +114,3 @@ def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") 
         assert g is not None, f"no gradient for {name}"
         assert_grad_close(f"d{name}", g.cpu(), oracle_g[name], same_g[name].cpu(), dtype)
 
-
-def reference_lse(case: dict) -> torch.Tensor:
-    """The float64 row logsumexp for a case (for tests of a kernel's saved lse)."""
-    kw = {k: v for k, v in case.items() if k not in ("q", "k", "v")}
-    return reference.zero_soft_attention_lse(case["q"], case["k"], **kw)

@@ -14,7 +14,6 @@ imported lazily, so a missing compiler, extension or Triton never breaks ``impor
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Dict, List, Optional
@@ -23,19 +22,31 @@ from .backends import Backend
 
 logger = logging.getLogger("zeromask")
 
-#: name -> module that defines ``BACKEND``; the order is irrelevant, see ``_AUTO_ORDER``.
-_MODULES: Dict[str, str] = {
-    "reference": "zeromask.backends.reference",
-    "triton": "zeromask.backends.triton",
-    "cuda": "zeromask.backends.cuda",
-    "cpp": "zeromask.backends.cpp",
-}
+#: every backend's name; :func:`_import_backend` maps each to its module.
+NAMES = ("reference", "triton", "cuda", "cpp")
+
+
+def _import_backend(name: str):
+    """The backend's module, by plain import statements: Dynamo traces these (it refuses
+    ``importlib.import_module``), so a backend first loaded inside
+    ``torch.compile(fullgraph=True)`` compiles."""
+    if name == "reference":
+        from .backends import reference as module
+    elif name == "triton":
+        from .backends import triton as module
+    elif name == "cuda":
+        from .backends import cuda as module
+    else:
+        from .backends import cpp as module
+    return module
+
+
 #: preference when backend="auto", by device type of the inputs.
 _AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "cuda", "reference"],
     "cpu": ["cpp", "reference"],
 }
-BACKENDS = ("auto",) + tuple(_MODULES)
+BACKENDS = ("auto",) + NAMES
 
 _loaded: Dict[str, object] = {}
 _logged: set = set()
@@ -47,12 +58,11 @@ class BackendError(RuntimeError):
 
 def load(name: str) -> "Backend | str":
     """The backend object, or the reason it cannot be loaded (import errors are reasons)."""
-    if name not in _MODULES:
+    if name not in NAMES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name not in _loaded:
         try:
-            module = importlib.import_module(_MODULES[name])
-            backend = module.BACKEND
+            backend = _import_backend(name).BACKEND
             reason = backend.available()
             _loaded[name] = backend if reason is None else reason
         except ImportError as exc:  # the backend's code or its dependency is absent
@@ -63,7 +73,7 @@ def load(name: str) -> "Backend | str":
 def available_backends() -> Dict[str, Optional[str]]:
     """{name: None if usable in this process, else the reason it is not}."""
     out = {}
-    for name in _MODULES:
+    for name in NAMES:
         b = load(name)
         out[name] = None if isinstance(b, Backend) else b
     return out

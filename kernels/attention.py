@@ -1,0 +1,608 @@
+"""One-pass f0-rotary + zero-soft attention (DESIGN.md 3.3): Triton forward and backward.
+
+Forward: one program per (query block, batch x q head). Q and K tiles are loaded as rotary
+halves (see :mod:`zeromask.kernels.common`), rotated in registers with cos/sin computed from
+theta and the position, and multiplied; zero keys get ``+ ln s`` (prob) or ``* s`` (score);
+causal (bottom-right) and ``seqlens_k`` masks are ``-inf``; online softmax in base 2 with
+fp32 accumulation; the row logsumexp (natural log) is saved. Nothing L x L, no rotated copy
+and no cos/sin table is written.
+
+Backward (flash-attention 2 style, no atomics, so always deterministic):
+
+* ``delta = rowsum(dO * O)`` (host, (B, Hq, Lq));
+* the dk/dv kernel: one program per (key block, batch x kv head) loops over the q heads of
+  its GQA group and the query blocks, recomputing P from the saved lse; it also yields
+  dtheta_k (per kv head, summed over heads on the host) and the k side of dradius;
+* the dq kernel: one program per (query block, batch x q head) loops over key blocks and
+  yields dq, dtheta_q (per q head), the q side of dradius and the dzero_scale partials
+  (per row, where it sees every key: see the comment there).
+
+Every cross-program sum (over heads, blocks) goes through a per-program partial buffer
+reduced on the host, so results are bitwise reproducible; there is no atomic anywhere and
+hence no separate "deterministic" switch.
+
+Accuracy notes: the online softmax keeps its running max in natural units and takes
+``exp(x)`` as ``exp2(x * log2 e)`` with the product's rounding recovered by an fma for fp32
+inputs (:func:`zeromask.kernels.common.exp_e`); the rotary angles use libdevice
+``pow``/``cos``/``sin`` when compiled (see :func:`zeromask.kernels.common.angles`).
+
+The rotary gradient is taken in the rotated frame and rotated back by ``-phi``:
+``dx = rho * R(-phi) dx'``; ``dphi = rho * (dx'_b * u_a - dx'_a * u_b)`` with ``u`` the
+rotated, unscaled pair; ``drho = dx'_a * u_a + dx'_b * u_b``;
+``dtheta = sum_i dphi_i * (-pos * (2i/R) * w_i / theta)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune
+from .common import angles, exp_e, interpreting, load_split, mm, pow2, store_split
+
+_new_output = None
+
+
+def _alloc(shape, dtype, device):
+    global _new_output
+    if _new_output is None:
+        from zeromask.backends import new_output
+        _new_output = new_output
+    return _new_output(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# shared jit helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _rotate(a, b, theta_ptr, pos_ptr, offs_l, mask_l, offs_i, rho,
+            R: tl.constexpr, ROT: tl.constexpr):
+    """(rho * u_a, rho * u_b, u_a, u_b, cos, sin, dphi/dtheta); identity when not ROT."""
+    if ROT:
+        c, s, dth = angles(theta_ptr, pos_ptr, offs_l, mask_l, offs_i, R)
+        ua = a * c - b * s
+        ub = a * s + b * c
+        return rho * ua, rho * ub, ua, ub, c, s, dth
+    else:
+        return a, b, a, b, a, b, a
+
+
+@triton.jit
+def _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
+            HAS_REST: tl.constexpr, HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr,
+            DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """(S' with the zero-token rule, S before it), fp32 (BLOCK_M, BLOCK_N), natural units."""
+    s = mm(qa, tl.trans(ka), DOT_F32, PREC) + mm(qb, tl.trans(kb), DOT_F32, PREC)
+    if HAS_REST:
+        s += mm(qr, tl.trans(kr), DOT_F32, PREC)
+    s = s * sm_scale
+    raw = s
+    if HAS_KZ:
+        if ZERO_PROB:
+            s = tl.where(kz[None, :], s + ln_zs, s)
+        else:
+            s = tl.where(kz[None, :], s * zs, s)
+    return s, raw
+
+
+@triton.jit
+def _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
+    valid = mask_m[:, None] & key_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    return valid
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                     Hq, Lq, Lk, GROUP, sm_scale, TUNE_LQ, TUNE_LK,
+                     D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
+                     REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
+                     HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_REST: tl.constexpr,
+                     DOT_F32: tl.constexpr, PREC: tl.constexpr, EXACT_EXP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = R // 2
+    REST: tl.constexpr = D - R
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    dt = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < Lq
+    offs_i = tl.arange(0, HALF_P)
+    offs_r = tl.arange(0, REST_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_RAD:
+        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
+    else:
+        rho = tl.full((1, HALF_P), 1.0, tl.float32)
+
+    qa, qb, qr = load_split(Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r,
+                            HALF, R, REST, INTERLEAVED, HAS_REST)
+    qa, qb, _qua, _qub, _qc, _qs, _qd = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq, offs_m,
+                                                mask_m, offs_i, rho, R, ROT_Q)
+    qa = qa.to(dt)
+    qb = qb.to(dt)
+    qr = qr.to(dt)
+
+    kv_len = Lk
+    if HAS_SEQ:
+        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    zs = tl.load(ZS)
+    ln_zs = tl.log(zs)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_d = offs_d < D
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_len
+        ka, kb, kr = load_split(k_base, offs_n, key_ok, skl, offs_i, offs_r,
+                                HALF, R, REST, INTERLEAVED, HAS_REST)
+        ka, kb, _kua, _kub, _kc, _ks, _kd = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n,
+                                                    key_ok, offs_i, rho, R, ROT_K)
+        if HAS_KZ:
+            kz = tl.load(KZ + b * Lk + offs_n, mask=key_ok, other=0) != 0
+        else:
+            kz = key_ok
+        s, _raw = _scores(qa, qb, qr, ka.to(dt), kb.to(dt), kr.to(dt), kz, zs, ln_zs, sm_scale,
+                          HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
+        valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+        # the running max stays in natural units (an exact logit), so lse = m + ln(l) has
+        # a single rounding; exp(x) is taken as exp2(x * log2(e)) (see exp_e)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - m_safe[:, None], EXACT_EXP), 0.0)
+        alpha = tl.where(m_i == float("-inf"), 0.0,
+                         exp_e(tl.where(m_i == float("-inf"), 0.0, m_i) - m_safe, EXACT_EXP))
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
+                    mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + mm(p.to(dt), v, DOT_F32, PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptr = O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
+    tl.store(o_ptr, out.to(dt), mask=mask_m[:, None] & mask_d[None, :])
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+
+
+# --------------------------------------------------------------------------------------
+# backward: delta = rowsum(dO * O)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, Hq, Lq,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+# --------------------------------------------------------------------------------------
+# backward: dk, dv, dtheta_k, dradius (k side), dzero_scale
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
+                          DTK_PART, DRADK_PART,
+                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+                          sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+                          Hq, Hkv, Lq, Lk, GROUP, sm_scale, n_nblocks, TUNE_LQ, TUNE_LK,
+                          D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
+                          REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
+                          HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr,
+                          HAS_REST: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                          EXACT_EXP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = R // 2
+    REST: tl.constexpr = D - R
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    dt = Q.dtype.element_ty
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Lk
+    offs_i = tl.arange(0, HALF_P)
+    offs_r = tl.arange(0, REST_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if HAS_RAD:
+        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
+    else:
+        rho = tl.full((1, HALF_P), 1.0, tl.float32)
+
+    kv_len = Lk
+    if HAS_SEQ:
+        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
+    key_ok = offs_n < kv_len
+    ka, kb, kr = load_split(K + b * skb + hk * skh, offs_n, mask_n, skl, offs_i, offs_r,
+                            HALF, R, REST, INTERLEAVED, HAS_REST)
+    ka, kb, ka_u, kb_u, kc, ks, kdth = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n, mask_n,
+                                               offs_i, rho, R, ROT_K)
+    ka = ka.to(dt)
+    kb = kb.to(dt)
+    kr = kr.to(dt)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if HAS_KZ:
+        kz = tl.load(KZ + b * Lk + offs_n, mask=mask_n, other=0) != 0
+    else:
+        kz = key_ok
+    zs = tl.load(ZS)
+    ln_zs = tl.log(zs)
+
+    dka = tl.zeros((BLOCK_N, HALF_P), dtype=tl.float32)
+    dkb = tl.zeros((BLOCK_N, HALF_P), dtype=tl.float32)
+    dkr = tl.zeros((BLOCK_N, REST_P), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - (Lk - Lq), 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.where(start_n < kv_len, Lq, 0)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Lq
+            qa, qb, qr = load_split(q_base, offs_m, mask_m, sql, offs_i, offs_r,
+                                    HALF, R, REST, INTERLEAVED, HAS_REST)
+            qa, qb, _qua, _qub, _qc, _qs, _qd = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq,
+                                                        offs_m, mask_m, offs_i, rho, R, ROT_Q)
+            qa = qa.to(dt)
+            qb = qb.to(dt)
+            qr = qr.to(dt)
+            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :],
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
+            s, _raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
+                              HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
+            valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+            p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
+            dv += mm(tl.trans(p.to(dt)), do, DOT_F32, PREC)
+            dp = mm(do, tl.trans(v), DOT_F32, PREC)
+            ds = p * (dp - delta[:, None])
+            if HAS_KZ:
+                if not ZERO_PROB:
+                    ds = tl.where(kz[None, :], ds * zs, ds)
+            ds = (ds * sm_scale).to(dt)
+            dst = tl.trans(ds)
+            dka += mm(dst, qa, DOT_F32, PREC)
+            dkb += mm(dst, qb, DOT_F32, PREC)
+            if HAS_REST:
+                dkr += mm(dst, qr, DOT_F32, PREC)
+
+    if ROT_K:
+        ga = rho * (dka * kc + dkb * ks)
+        gb = rho * (dkb * kc - dka * ks)
+        dphi = rho * (dkb * ka_u - dka * kb_u)
+        dtk = tl.sum(dphi * kdth, 1)
+        tl.store(DTK_PART + pid_bh.to(tl.int64) * Lk + offs_n, dtk, mask=mask_n)
+        if HAS_RAD:
+            part = DRADK_PART + (pid_bh.to(tl.int64) * n_nblocks + pid_n) * HALF
+            tl.store(part + offs_i, tl.sum(dka * ka_u + dkb * kb_u, 0), mask=offs_i < HALF)
+    else:
+        ga = dka
+        gb = dkb
+    store_split(DK + b * sdkb + hk * sdkh, offs_n, mask_n, sdkl, offs_i, offs_r, ga, gb, dkr,
+                HALF, R, REST, INTERLEAVED, HAS_REST)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvl + offs_d[None, :],
+             dv.to(dt), mask=mask_n[:, None] & mask_d[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# backward: dq, dtheta_q, dradius (q side)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
+                        DTQ_PART, DRADQ_PART, DZS_PART,
+                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+                        sdqb, sdqh, sdql,
+                        Hq, Lq, Lk, GROUP, sm_scale, n_mblocks, TUNE_LQ, TUNE_LK,
+                        D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
+                        REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
+                        HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr,
+                        HAS_REST: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                        EXACT_EXP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = R // 2
+    REST: tl.constexpr = D - R
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    dt = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < Lq
+    offs_i = tl.arange(0, HALF_P)
+    offs_r = tl.arange(0, REST_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if HAS_RAD:
+        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
+    else:
+        rho = tl.full((1, HALF_P), 1.0, tl.float32)
+
+    qa, qb, qr = load_split(Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r,
+                            HALF, R, REST, INTERLEAVED, HAS_REST)
+    qa, qb, qa_u, qb_u, qc, qs, qdth = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq, offs_m, mask_m,
+                                               offs_i, rho, R, ROT_Q)
+    qa = qa.to(dt)
+    qb = qb.to(dt)
+    qr = qr.to(dt)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :],
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    bh = pid_bh.to(tl.int64)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
+
+    kv_len = Lk
+    if HAS_SEQ:
+        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    zs = tl.load(ZS)
+    ln_zs = tl.log(zs)
+
+    dqa = tl.zeros((BLOCK_M, HALF_P), dtype=tl.float32)
+    dqb = tl.zeros((BLOCK_M, HALF_P), dtype=tl.float32)
+    dqr = tl.zeros((BLOCK_M, REST_P), dtype=tl.float32)
+    # dzero_scale, per row: sum over zero keys of dS' (prob: / s; score: * S), with
+    # delta taken as sum_j p dp / sum_j p of the recomputed p (not rowsum(dO * O)), so
+    # that rows whose keys are all zero tokens give exactly 0 in prob mode
+    row_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_len
+        ka, kb, kr = load_split(k_base, offs_n, key_ok, skl, offs_i, offs_r,
+                                HALF, R, REST, INTERLEAVED, HAS_REST)
+        ka, kb, _kua, _kub, _kc, _ks, _kd = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n,
+                                                    key_ok, offs_i, rho, R, ROT_K)
+        ka = ka.to(dt)
+        kb = kb.to(dt)
+        kr = kr.to(dt)
+        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
+                    mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        if HAS_KZ:
+            kz = tl.load(KZ + b * Lk + offs_n, mask=key_ok, other=0) != 0
+        else:
+            kz = key_ok
+        s, raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
+                         HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
+        valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+        p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
+        dp = mm(do, tl.trans(v), DOT_F32, PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_KZ:
+            pdp = p * dp
+            row_t += tl.sum(pdp, 1)
+            row_p += tl.sum(p, 1)
+            if ZERO_PROB:
+                row_a += tl.sum(tl.where(kz[None, :], pdp, 0.0), 1)
+                row_z += tl.sum(tl.where(kz[None, :], p, 0.0), 1)
+            else:
+                row_a += tl.sum(tl.where(kz[None, :], pdp * raw, 0.0), 1)
+                row_z += tl.sum(tl.where(kz[None, :], p * raw, 0.0), 1)
+                ds = tl.where(kz[None, :], ds * zs, ds)
+        ds = (ds * sm_scale).to(dt)
+        dqa += mm(ds, ka, DOT_F32, PREC)
+        dqb += mm(ds, kb, DOT_F32, PREC)
+        if HAS_REST:
+            dqr += mm(ds, kr, DOT_F32, PREC)
+
+    if ROT_Q:
+        ga = rho * (dqa * qc + dqb * qs)
+        gb = rho * (dqb * qc - dqa * qs)
+        dphi = rho * (dqb * qa_u - dqa * qb_u)
+        tl.store(DTQ_PART + bh * Lq + offs_m, tl.sum(dphi * qdth, 1), mask=mask_m)
+        if HAS_RAD:
+            part = DRADQ_PART + (bh * n_mblocks + pid_m) * HALF
+            tl.store(part + offs_i, tl.sum(dqa * qa_u + dqb * qb_u, 0), mask=offs_i < HALF)
+    else:
+        ga = dqa
+        gb = dqb
+    store_split(DQ + b * sdqb + h * sdqh, offs_m, mask_m, sdql, offs_i, offs_r, ga, gb, dqr,
+                HALF, R, REST, INTERLEAVED, HAS_REST)
+    if HAS_KZ:
+        # dividing by sum_j p (= 1 up to the rounding of the saved lse) also cancels the
+        # lse's rounding, which is common to a row and would otherwise add up over rows
+        p_safe = tl.where(row_p == 0.0, 1.0, row_p)
+        d_ex = row_t / p_safe
+        total = tl.sum((row_a - row_z * d_ex) / p_safe, 0)
+        if ZERO_PROB:
+            total = total / zs
+        tl.store(DZS_PART + bh * n_mblocks + pid_m, total)
+
+
+# --------------------------------------------------------------------------------------
+# host launchers
+# --------------------------------------------------------------------------------------
+_TUNED = {}
+
+
+def _kernel(kernel, backward: bool):
+    """(callable, extra launch kwargs): autotuned on a GPU, one small config interpreted."""
+    if autotune.use_autotune():
+        if kernel not in _TUNED:
+            _TUNED[kernel] = autotune.tuned(kernel, backward)
+        return _TUNED[kernel], {}
+    return kernel, dict(autotune.INTERPRET_CONFIG, num_warps=4)
+
+
+def _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal, rotary_dim,
+           interleaved):
+    D = q.shape[-1]
+    R = int(rotary_dim)
+    return dict(
+        D=D, R=R, HALF_P=pow2(R // 2), REST_P=pow2(D - R), BLOCK_D=pow2(D),
+        HAS_KZ=key_zero is not None, ZERO_PROB=zero_mode == "prob", CAUSAL=bool(causal),
+        HAS_SEQ=seqlens_k is not None, ROT_Q=theta_q is not None, ROT_K=theta_k is not None,
+        HAS_RAD=radius is not None, INTERLEAVED=bool(interleaved), HAS_REST=D > R,
+        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        EXACT_EXP=q.dtype == torch.float32,
+    )
+
+
+def _ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k):
+    dummy = zero_scale
+    kz = key_zero.view(torch.uint8) if key_zero is not None else dummy
+    return (kz, zero_scale,
+            theta_q if theta_q is not None else dummy, theta_k if theta_k is not None else dummy,
+            pos_q if pos_q is not None else dummy, pos_k if pos_k is not None else dummy,
+            radius if radius is not None else dummy,
+            seqlens_k if seqlens_k is not None else dummy)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+                      seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq, Lq), torch.float32, q.device)
+    if B * Hq * Lq == 0:
+        return out, lse
+    flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
+                   rotary_dim, interleaved)
+    kernel, extra = _kernel(_attn_fwd_kernel, False)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel[grid](
+        q, k, v, out, lse,
+        *_ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        Hq, Lq, Lk, Hq // Hkv, float(sm_scale), pow2(Lq), pow2(Lk),
+        **flags, **extra)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
+                       pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
+                       interleaved):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dev = q.device
+    half = int(rotary_dim) // 2
+    dq = _alloc(q.shape, q.dtype, dev)
+    dk = _alloc(k.shape, k.dtype, dev)
+    dv = _alloc(v.shape, v.dtype, dev)
+    rot_q, rot_k = theta_q is not None, theta_k is not None
+    dtq_part = _alloc((B, Hq, Lq), torch.float32, dev) if rot_q else None
+    dtk_part = _alloc((B, Hkv, Lk), torch.float32, dev) if rot_k else None
+    flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
+                   rotary_dim, interleaved)
+    ptrs = _ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k)
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+    if Lq > 0:
+        block = 16 if interpreting() else 64
+        _attn_bwd_delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
+            out, do, delta, *_strides(out), *_strides(do), Hq, Lq, D=D, BLOCK_D=pow2(D),
+            BLOCK_M=block, num_warps=4)
+    scale = float(sm_scale)
+    # per-program partials are sized for the smallest BLOCK of any config (16)
+    min_block = 16
+    n_nb = triton.cdiv(Lk, min_block)
+    n_mb = triton.cdiv(Lq, min_block)
+    dradk_part = dradq_part = dzs_part = None
+    if radius is not None and rot_k:
+        dradk_part = torch.zeros((B * Hkv * n_nb, half), dtype=torch.float32, device=dev)
+    if radius is not None and rot_q:
+        dradq_part = torch.zeros((B * Hq * n_mb, half), dtype=torch.float32, device=dev)
+    if key_zero is not None:
+        dzs_part = torch.zeros((B * Hq * n_mb,), dtype=torch.float32, device=dev)
+    dummy = zero_scale
+
+    if Lk > 0:
+        kernel, extra = _kernel(_attn_bwd_dkdv_kernel, True)
+        grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        kernel[grid](
+            q, k, v, do, lse, delta, dk, dv, *ptrs,
+            dtk_part if dtk_part is not None else dummy,
+            dradk_part if dradk_part is not None else dummy,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            *_strides(dv),
+            Hq, Hkv, Lq, Lk, group, scale, n_nb, pow2(Lq), pow2(Lk),
+            **flags, **extra)
+    if Lq > 0:
+        kernel, extra = _kernel(_attn_bwd_dq_kernel, True)
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        kernel[grid](
+            q, k, v, do, lse, delta, dq, *ptrs,
+            dtq_part if dtq_part is not None else dummy,
+            dradq_part if dradq_part is not None else dummy,
+            dzs_part if dzs_part is not None else dummy,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            Hq, Lq, Lk, group, scale, n_mb, pow2(Lq), pow2(Lk),
+            **flags, **extra)
+
+    dtheta_q = dtheta_k = dradius = dzero = None
+    if rot_q:
+        dtheta_q = _alloc((B, Lq), torch.float32, dev)
+        torch.sum(dtq_part, dim=1, out=dtheta_q)
+    if rot_k:
+        dtheta_k = _alloc((B, Lk), torch.float32, dev)
+        torch.sum(dtk_part, dim=1, out=dtheta_k)
+    if radius is not None:
+        dradius = _alloc((half,), torch.float32, dev)
+        dradius.zero_()
+        if dradk_part is not None:
+            dradius += dradk_part.sum(0)
+        if dradq_part is not None:
+            dradius += dradq_part.sum(0)
+    if key_zero is not None:
+        dzero = _alloc((), torch.float32, dev)
+        torch.sum(dzs_part, dim=0, out=dzero)
+    return dq, dk, dv, dtheta_q, dtheta_k, dradius, dzero
