@@ -28,18 +28,25 @@ def extensions():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources:
         openmp = ["-fopenmp"]
+        # No -ffast-math: the kernels rely on -inf for masked logits and empty rows
+        # (-ffinite-math-only would let the compiler drop those paths). -march=native is
+        # right for a package built on the machine that runs it; ZEROMASK_PORTABLE=1 drops
+        # it for a wheel that must run elsewhere.
+        arch = [] if os.environ.get("ZEROMASK_PORTABLE", "0") == "1" else ["-march=native"]
         exts.append(cpp_extension.CppExtension(
             "zeromask._C_cpu", cpu_sources,
-            extra_compile_args={"cxx": ["-O3", "-march=native", "-ffast-math", "-std=c++17"]
-                                + openmp},
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math",
+                                        "-std=c++20"] + arch + openmp},
             extra_link_args=openmp))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if (cuda_sources and torch.version.cuda is not None and cpp_extension.CUDA_HOME
             and os.environ.get("ZEROMASK_NO_CUDA_EXT", "0") != "1"):
+        # No --use_fast_math: it turns sinf/cosf into approximations that are poor for the
+        # large rotary angles (pos * w reaches thousands of radians before reduction).
         exts.append(cpp_extension.CUDAExtension(
             "zeromask._C_cuda", cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}))
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                                "nvcc": ["-O3", "-std=c++20"]}))
     if not exts:
         return [], {}
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
@@ -57,11 +64,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "audio": ["librosa", "soundfile"],
-        "train": ["tqdm", "jiwer", "librosa", "soundfile"],
+        "audio": ["librosa", "soundfile", "praat-parselmouth"],
+        "train": ["tqdm", "jiwer", "librosa", "soundfile", "praat-parselmouth"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "triton",
-                 "librosa", "soundfile", "jiwer"],
+                 "librosa", "soundfile", "jiwer", "praat-parselmouth"],
     },
     entry_points={"console_scripts": [
         "zeromask-bench = zeromask.cli.bench:main",

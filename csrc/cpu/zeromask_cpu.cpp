@@ -1,0 +1,894 @@
+// zeromask CPU kernels: fused f0 rotary + zero-soft attention (forward and backward) and the
+// standalone f0 rotary op.  DESIGN.md sections 3.1 and 3.3; the kernel contract is the
+// docstring of zeromask/backends/__init__.py.
+//
+// Structure (flash-attention-2 style, fp32 accumulation for every input dtype):
+//   * rotary angle tables cos/sin/dphi_dtheta (B, L, R/2) are computed once per call, angles
+//     in double precision (so the kernel is not less accurate than the fp32 reference);
+//     self-attention with identical theta/positions on both sides shares one table;
+//   * keys are rotated once per (batch, kv head) -- per thread that meets that head -- into
+//     a packed fp32 scratch: K^T (D x Lkp) for the Q K^T tiles and, for the backward,
+//     K (Lkp x Dp); V likewise (V or V^T); score-mode zero scaling is folded into the
+//     packed keys (S' = Q . (g_j k_j)); queries are rotated per query block as loaded;
+//   * prob-mode ln(s), seqlens_k and padding are one additive per-key bias row (B, Lkp);
+//   * forward: work split over (batch, q head, query block) with at::parallel_for; online
+//     softmax over key blocks of BK; every product (Q K^T, P V, and in the backward dP,
+//     dV, dK, dQ) runs through one register-blocked microkernel (4 rows x 64 columns of
+//     fp32 accumulators, GCC vector extensions, which compile to AVX-512 / AVX2 FMAs under
+//     -march=native); exp is a vectorised Cephes polynomial;
+//   * backward: phase 1 splits over (batch, kv head, slice of the GQA group's q heads;
+//     one slice unless there are fewer (b, kv head) pairs than threads), dK'/dV accumulate
+//     in per-task fp32 buffers (no atomics), dQ per query block; each task then finishes
+//     its keys (dk/dv), or, for a sliced group, phase 2 sums the slices per (batch, kv
+//     head) and finishes them; theta/radius/zero_scale gradients are
+//     per-task partial sums returned to Python and reduced there;
+//   * memory O(L * D) per thread / head: tiles are BQ x BK, no L x L buffer.
+// Masked logits are -inf; the exp below maps anything below -87 to exactly 0, and a row
+// whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace zm {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef int vi __attribute__((vector_size(64)));
+constexpr int VL = 16;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+
+static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf vset(float x) { vf v = {}; return v + x; }
+
+// exp for a vector of floats, ~2 ulp (Cephes expf); exactly 0 below -87 (incl. -inf).
+static inline vf vexp(vf x) {
+  const vf lo = vset(-87.0f), hi = vset(88.0f), zero = vset(0.0f);
+  vi dead = x < lo;
+  x = dead ? lo : x;
+  x = (x > hi) ? hi : x;
+  const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = vset(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  vf y = p * r * r + r + 1.0f;
+  vi ni = __builtin_convertvector(n, vi);
+  vi bits = (ni + 127) << 23;
+  y = y * (vf)bits;  // GCC vector cast = bit cast
+  return dead ? zero : y;
+}
+
+static inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
+  return m;
+}
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
+// C[MR x NV*16] (+)= sum_t A(r, t) * B[t, :], A(r, t) = A[r * asr + t * ast].
+template <int MR, int NV, bool ACC>
+static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int64_t ast,
+                         const float* __restrict B, int64_t ldb, float* __restrict C,
+                         int64_t ldc) {
+  vf acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? vload(C + r * ldc + v * VL) : vset(0.f);
+  for (int64_t t = 0; t < K; ++t) {
+    vf b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + t * ldb + v * VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * asr + t * ast];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VL, acc[r][v]);
+}
+
+// C (M x N) (+)= A (M x K) B (K x N); M % 4 == 0, N % 16 == 0.
+template <bool ACC>
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
+                 const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int MR = 4;
+  for (int64_t m = 0; m < M; m += MR) {
+    const float* Am = A + m * asr;
+    float* Cm = C + m * ldc;
+    int64_t n = 0;
+    for (; n + 4 * VL <= N; n += 4 * VL) micro<MR, 4, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc);
+    switch ((N - n) / VL) {
+      case 3: micro<MR, 3, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
+      case 2: micro<MR, 2, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
+      case 1: micro<MR, 1, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
+      default: break;
+    }
+  }
+}
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------
+// rotary
+// ---------------------------------------------------------------------------------------
+struct RotTable {
+  // (B, L, R/2) each; empty when there is no rotary on that side.
+  std::vector<float> cs, sn, dpdt;
+  int64_t L = 0, half = 0;
+  bool on = false;
+  const float* c(int64_t b, int64_t t) const { return cs.data() + (b * L + t) * half; }
+  const float* s(int64_t b, int64_t t) const { return sn.data() + (b * L + t) * half; }
+  const float* d(int64_t b, int64_t t) const { return dpdt.data() + (b * L + t) * half; }
+};
+
+// phi_i = pos * theta^(-2i/R); dphi_i/dtheta = -pos * (2i/R) * w_i / theta.  In double.
+static RotTable make_table(const std::optional<at::Tensor>& theta,
+                           const std::optional<at::Tensor>& pos, int64_t B, int64_t L,
+                           int64_t R, bool need_grad) {
+  RotTable t;
+  if (!theta.has_value()) return t;
+  TORCH_CHECK(pos.has_value(), "zeromask: positions must be given with theta");
+  TORCH_CHECK(theta->scalar_type() == at::kFloat && theta->is_contiguous() &&
+                  theta->numel() == B * L,
+              "zeromask: theta must be float32 (B, L) contiguous");
+  TORCH_CHECK(pos->scalar_type() == at::kFloat && pos->is_contiguous() && pos->numel() == B * L,
+              "zeromask: positions must be float32 (B, L) contiguous");
+  t.on = true;
+  t.L = L;
+  t.half = R / 2;
+  const int64_t half = R / 2;
+  t.cs.resize(B * L * half);
+  t.sn.resize(B * L * half);
+  if (need_grad) t.dpdt.resize(B * L * half);
+  const float* th = theta->data_ptr<float>();
+  const float* ps = pos->data_ptr<float>();
+  constexpr double TWO_PI = 6.283185307179586476925;
+  // Serial up to ~256k angles (a few ms at most): a parallel region costs a thread wake-up,
+  // which on a loaded machine can exceed the whole table's work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(half, 1));
+  at::parallel_for(0, B * L, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      // w_i = theta^(-2i/R) = ratio^i, by repeated multiplication in double (error ~ i ulp
+      // of a double); phi = pos * w_i reduced mod 2 pi in double, then sincosf.
+      const double ratio = std::exp(-2.0 / static_cast<double>(R) * std::log(static_cast<double>(th[row])));
+      const double p = ps[row];
+      double w = 1.0;
+      for (int64_t i = 0; i < half; ++i, w *= ratio) {
+        const double phi = p * w;
+        const double red = phi - TWO_PI * std::nearbyint(phi * (1.0 / TWO_PI));
+        const float rf = static_cast<float>(red);
+        t.cs[row * half + i] = std::cos(rf);
+        t.sn[row * half + i] = std::sin(rf);
+        if (need_grad) {
+          const double e = -2.0 * static_cast<double>(i) / static_cast<double>(R);
+          t.dpdt[row * half + i] = static_cast<float>(p * e * w / th[row]);
+        }
+      }
+    }
+  });
+  return t;
+}
+
+static inline void pair_idx(int64_t i, int64_t half, bool inter, int64_t& a, int64_t& b) {
+  if (inter) { a = 2 * i; b = 2 * i + 1; } else { a = i; b = i + half; }
+}
+
+// y = rot(x) (one row of D); dims >= R copied.  y may not alias x.
+static inline void rot_row(const float* x, float* y, int64_t D, int64_t R, bool inter,
+                           const float* c, const float* s, const float* rho) {
+  const int64_t half = R / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    int64_t ia, ib;
+    pair_idx(i, half, inter, ia, ib);
+    const float xa = x[ia], xb = x[ib], r = rho ? rho[i] : 1.0f;
+    y[ia] = r * (xa * c[i] - xb * s[i]);
+    y[ib] = r * (xa * s[i] + xb * c[i]);
+  }
+  for (int64_t d = R; d < D; ++d) y[d] = x[d];
+}
+
+// Given x and dy = dL/d rot(x): dx, returns dL/dtheta for this row, adds dL/drho.
+static inline double rot_row_bwd(const float* x, const float* dy, float* dx, int64_t D,
+                                 int64_t R, bool inter, const float* c, const float* s,
+                                 const float* dpdt, const float* rho, double* drho) {
+  const int64_t half = R / 2;
+  double dth = 0.0;
+  for (int64_t i = 0; i < half; ++i) {
+    int64_t ia, ib;
+    pair_idx(i, half, inter, ia, ib);
+    const float xa = x[ia], xb = x[ib], r = rho ? rho[i] : 1.0f;
+    const float ya = xa * c[i] - xb * s[i], yb = xa * s[i] + xb * c[i];
+    const float ga = dy[ia], gb = dy[ib];
+    dx[ia] = r * (ga * c[i] + gb * s[i]);
+    dx[ib] = r * (gb * c[i] - ga * s[i]);
+    const double dphi = static_cast<double>(r) * (static_cast<double>(gb) * ya -
+                                                  static_cast<double>(ga) * yb);
+    dth += dphi * dpdt[i];
+    if (drho) drho[i] += static_cast<double>(ga) * ya + static_cast<double>(gb) * yb;
+  }
+  for (int64_t d = R; d < D; ++d) dx[d] = dy[d];
+  return dth;
+}
+
+template <typename T>
+static inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename T>
+static inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------
+struct Attn {
+  int64_t B, Hq, Hkv, Lq, Lk, D, R, Dp, Lkp, grp;
+  bool score, causal, inter, has_zero;
+  float sm_scale, zs;
+  const bool* key_zero;
+  const int32_t* seqlens;
+  const float* radius;
+  RotTable tq, tk;
+  std::vector<float> bias;  // (B, Lkp): ln s (prob mode zero keys), -inf beyond length/pad
+  std::vector<float> gk;    // (B, Lk): score-mode key factor (s or 1)
+  std::vector<float> zf;    // (B, Lkp): 1 on zero keys (prob mode), else 0
+
+  int64_t klen(int64_t b) const {
+    return seqlens ? std::min<int64_t>(Lk, std::max<int32_t>(seqlens[b], 0)) : Lk;
+  }
+  // keys [0, kend) can be unmasked for query rows [i0, i1)
+  int64_t kend(int64_t b, int64_t i1) const {
+    int64_t e = klen(b);
+    if (causal) e = std::min<int64_t>(e, std::max<int64_t>(0, i1 - 1 + (Lk - Lq) + 1));
+    return e;
+  }
+};
+
+static constexpr int64_t BQ = 64;
+static constexpr int64_t BK = 128;
+
+static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
+                       const std::optional<at::Tensor>& key_zero, const at::Tensor& zero_scale,
+                       const std::optional<at::Tensor>& theta_q,
+                       const std::optional<at::Tensor>& theta_k,
+                       const std::optional<at::Tensor>& pos_q,
+                       const std::optional<at::Tensor>& pos_k,
+                       const std::optional<at::Tensor>& radius,
+                       const std::optional<at::Tensor>& seqlens_k, bool score, bool causal,
+                       double sm_scale, int64_t rotary_dim, bool interleaved, bool need_grad) {
+  a.B = q.size(0); a.Hq = q.size(1); a.Lq = q.size(2); a.D = q.size(3);
+  a.Hkv = k.size(1); a.Lk = k.size(2);
+  TORCH_CHECK(a.Hkv > 0 && a.Hq % a.Hkv == 0, "zeromask: Hq must be a multiple of Hkv");
+  a.grp = a.Hq / a.Hkv;
+  a.R = rotary_dim;
+  TORCH_CHECK(a.R % 2 == 0 && a.R <= a.D && a.R > 0, "zeromask: bad rotary_dim");
+  a.Dp = round_up(a.D, VL);
+  a.Lkp = round_up(std::max<int64_t>(a.Lk, 1), VL);
+  a.score = score; a.causal = causal; a.inter = interleaved;
+  a.sm_scale = static_cast<float>(sm_scale);
+  a.zs = zero_scale.item<float>();
+  a.has_zero = key_zero.has_value();
+  a.key_zero = nullptr;
+  if (a.has_zero) {
+    TORCH_CHECK(key_zero->scalar_type() == at::kBool && key_zero->is_contiguous(),
+                "zeromask: key_zero must be bool (B, Lk) contiguous");
+    a.key_zero = key_zero->data_ptr<bool>();
+  }
+  a.seqlens = nullptr;
+  if (seqlens_k.has_value()) {
+    TORCH_CHECK(seqlens_k->scalar_type() == at::kInt && seqlens_k->is_contiguous(),
+                "zeromask: seqlens_k must be int32 (B,)");
+    a.seqlens = seqlens_k->data_ptr<int32_t>();
+  }
+  a.radius = nullptr;
+  if (radius.has_value()) {
+    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() &&
+                    radius->numel() == a.R / 2,
+                "zeromask: radius must be float32 (R/2,)");
+    a.radius = radius->data_ptr<float>();
+  }
+  a.tq = make_table(theta_q, pos_q, a.B, a.Lq, a.R, need_grad);
+  // self-attention usually passes the same theta and positions for both sides: reuse
+  auto bl_f32 = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+           t->numel() == a.B * a.Lk;
+  };
+  if (a.tq.on && a.Lq == a.Lk && bl_f32(theta_k) && bl_f32(pos_k) &&
+      std::memcmp(theta_q->data_ptr<float>(), theta_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0 &&
+      std::memcmp(pos_q->data_ptr<float>(), pos_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0) {
+    a.tk = a.tq;
+  } else {
+    a.tk = make_table(theta_k, pos_k, a.B, a.Lk, a.R, need_grad);
+  }
+  const float lns = std::log(a.zs);
+  a.bias.assign(a.B * a.Lkp, 0.f);
+  a.gk.assign(a.B * a.Lk, 1.f);
+  a.zf.assign(a.B * a.Lkp, 0.f);
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t n = a.klen(b);
+    for (int64_t j = 0; j < a.Lkp; ++j) {
+      float v = 0.f;
+      if (j >= n) v = NEG_INF;
+      else if (a.has_zero && a.key_zero[b * a.Lk + j]) {
+        if (score) a.gk[b * a.Lk + j] = a.zs;
+        else { v = lns; a.zf[b * a.Lkp + j] = 1.f; }
+      }
+      a.bias[b * a.Lkp + j] = v;
+    }
+  }
+}
+
+// Pack rotated (and score-scaled) keys and values for one (b, hkv): Kt (D x Lkp), Kr (Lkp x
+// Dp) optional, V (Lkp x Dp) or Vt (D x Lkp).
+template <typename T>
+static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int64_t b,
+                    int64_t h, float* Kt, float* Kr, float* Vr, float* Vt) {
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  std::vector<float> x(a.D), y(a.Dp, 0.f), vv(a.Dp, 0.f);
+  for (int64_t j = 0; j < a.Lkp; ++j) {
+    if (j < a.Lk) {
+      load_row(kp + b * ks0 + h * ks1 + j * ks2, x.data(), a.D);
+      if (a.tk.on) rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
+      else std::copy(x.begin(), x.end(), y.begin());
+      const float g = a.gk[b * a.Lk + j];
+      if (g != 1.f) for (int64_t d = 0; d < a.D; ++d) y[d] *= g;
+      load_row(vp + b * vs0 + h * vs1 + j * vs2, vv.data(), a.D);
+    } else {
+      std::fill(y.begin(), y.end(), 0.f);
+      std::fill(vv.begin(), vv.end(), 0.f);
+    }
+    for (int64_t d = 0; d < a.D; ++d) Kt[d * a.Lkp + j] = y[d];
+    if (Kr) std::copy(y.begin(), y.end(), Kr + j * a.Dp);
+    if (Vr) std::copy(vv.begin(), vv.end(), Vr + j * a.Dp);
+    if (Vt) for (int64_t d = 0; d < a.D; ++d) Vt[d * a.Lkp + j] = vv[d];
+  }
+}
+
+// Qs rows [0, Mp): sm_scale * rot(q) for rows < rows, zeros after.  Stride Dp.
+template <typename T>
+static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int64_t i0,
+                   int64_t rows, int64_t Mp, float* Qs) {
+  const T* qp = q.data_ptr<T>();
+  const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);
+  std::vector<float> x(a.D);
+  std::fill(Qs, Qs + Mp * a.Dp, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* y = Qs + r * a.Dp;
+    load_row(qp + b * s0 + h * s1 + i * s2, x.data(), a.D);
+    if (a.tq.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tq.c(b, i), a.tq.s(b, i), a.radius);
+    else std::copy(x.begin(), x.end(), y);
+    for (int64_t d = 0; d < a.D; ++d) y[d] *= a.sm_scale;
+  }
+}
+
+// S (Mp x wp, stride BK) += bias; causal -inf.
+static inline void mask_tile(const Attn& a, int64_t b, int64_t i0, int64_t Mp, int64_t j0,
+                             int64_t wp, float* S) {
+  const float* bias = a.bias.data() + b * a.Lkp + j0;
+  for (int64_t r = 0; r < Mp; ++r) {
+    float* row = S + r * BK;
+    for (int64_t j = 0; j < wp; j += VL) vstore(row + j, vload(row + j) + vload(bias + j));
+  }
+  if (a.causal) {
+    const int64_t off = a.Lk - a.Lq;
+    for (int64_t r = 0; r < Mp; ++r) {
+      const int64_t first = std::max<int64_t>(0, i0 + r + off + 1 - j0);  // first masked col
+      float* row = S + r * BK;
+      for (int64_t j = first; j < wp; ++j) row[j] = NEG_INF;
+    }
+  }
+}
+
+template <typename T>
+static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+  const int64_t nqb = (a.Lq + BQ - 1) / BQ;
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  // One parallel region over tasks = (b, q head, q block), handed out dynamically in
+  // chunks of consecutive q blocks (a whole head when there are enough heads), so a thread
+  // that gets less CPU (a shared machine) simply takes fewer chunks.  Each thread
+  // rotates/packs the keys and values of each (b, kv head) it meets once into its own
+  // scratch (a head split between threads is packed by each), which then stays hot in its
+  // cache for every q block of the chunk.
+  const int64_t ntask = a.B * a.Hq * nqb;
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nqb, ntask / (4 * nth)));
+  const int64_t nchunk = (ntask + chunk - 1) / chunk;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
+    std::vector<float> Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ);
+    std::unique_ptr<float[]> Kt(new float[a.D * a.Lkp]), Vr(new float[a.Lkp * a.Dp]);
+    int64_t packed = -1;
+    for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
+    for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
+      const int64_t qb = task % nqb, bh = task / nqb, b = bh / a.Hq, h = bh % a.Hq;
+      const int64_t hk = h / a.grp, i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
+      const int64_t Mp = round_up(rows, 4);
+      if (packed != b * a.Hkv + hk) {  // every element is written: no zero-fill needed
+        pack_kv<T>(a, k, v, b, hk, Kt.get(), nullptr, Vr.get(), nullptr);
+        packed = b * a.Hkv + hk;
+      }
+      const float* kt = Kt.get();
+      const float* vr = Vr.get();
+      load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
+      std::fill(O.begin(), O.end(), 0.f);
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t ke = a.kend(b, i0 + rows);
+      for (int64_t j0 = 0; j0 < ke; j0 += BK) {
+        const int64_t wp = round_up(std::min(BK, ke - j0), VL);
+        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.Lkp, S.data(), BK);
+        mask_tile(a, b, i0, Mp, j0, wp, S.data());
+        for (int64_t r = 0; r < Mp; ++r) {
+          float* row = S.data() + r * BK;
+          vf mx = vload(row);
+          for (int64_t j = VL; j < wp; j += VL) {
+            vf x = vload(row + j);
+            mx = x > mx ? x : mx;
+          }
+          const float mnew = std::max(m[r], hmax(mx));
+          const float ms = (mnew == NEG_INF) ? 0.f : mnew;
+          const float alpha = std::exp(m[r] - ms);
+          vf sum = vset(0.f);
+          const vf msv = vset(ms);
+          for (int64_t j = 0; j < wp; j += VL) {
+            vf p = vexp(vload(row + j) - msv);
+            vstore(row + j, p);
+            sum += p;
+          }
+          l[r] = l[r] * alpha + hsum(sum);
+          m[r] = mnew;
+          if (alpha != 1.f) {
+            float* o = O.data() + r * a.Dp;
+            for (int64_t d = 0; d < a.Dp; d += VL) vstore(o + d, vload(o + d) * alpha);
+          }
+        }
+        gemm<true>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        T* dst = op + ((b * a.Hq + h) * a.Lq + i) * a.D;
+        float* o = O.data() + r * a.Dp;
+        if (l[r] > 0.f) {
+          const float inv = 1.0f / l[r];
+          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+          lp[(b * a.Hq + h) * a.Lq + i] = m[r] + std::log(l[r]);
+        } else {
+          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(0.f);
+          lp[(b * a.Hq + h) * a.Lq + i] = NEG_INF;
+        }
+      }
+    }
+  });
+}
+
+// Backward partial sums (reduced in Python): theta_q per (b, q head, row); theta_k per
+// (b, kv head, key); radius and zero_scale per phase-1 task and per (b, kv head).
+struct BwdParts {
+  float* dtq;       // (B, Hq, Lq) or null
+  float* dtk;       // (B, Hkv, Lk) or null
+  double* drad;     // (ntask + B * Hkv, R/2) or null
+  double* dzs;      // (ntask + B * Hkv) or null
+};
+
+// Work split for the backward: phase 1 runs one task per (batch, kv head, slice of the
+// GQA group's q heads), accumulating that slice's dK'/dV in fp32 buffers; phase 2 sums the
+// slices per (batch, kv head) and finishes dk/dv.  The group is sliced only as far as
+// needed to give every thread work, so the buffers stay at most ~ threads x one head.
+static int64_t bwd_splits(int64_t B, int64_t Hkv, int64_t grp) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nkv = std::max<int64_t>(1, B * Hkv);
+  if (nkv >= threads) return 1;
+  return std::min<int64_t>(grp, (threads + nkv - 1) / nkv);
+}
+
+template <typename T>
+static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                          at::Tensor& dk, at::Tensor& dv, const BwdParts& parts) {
+  const int64_t nkv = a.B * a.Hkv;
+  const int64_t ntask = nkv * nsplit;
+  const int64_t half = a.R / 2;
+  const int64_t nqb = (a.Lq + BQ - 1) / BQ;
+  const int64_t slab = a.Lkp * a.Dp;
+  const T* dop = dout.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const float* lp = lse.data_ptr<float>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  // dk = rot^T(g_j dK'_j) (dK' summed over the nsplit slices at dKb, dVb, stride slab),
+  // score-mode dzs, dv; partial sums at row ntask + kv.
+  auto finish_kv = [&](int64_t kv, const float* dKb, const float* dVb) {
+    std::vector<float> x(a.Dp), y(a.Dp), gk(a.Dp), gv(a.Dp), gx(a.Dp);
+    std::vector<double> drho(std::max<int64_t>(half, 1), 0.0);
+    const int64_t b = kv / a.Hkv, hk = kv % a.Hkv;
+    const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
+    double dzs = 0.0;
+    for (int64_t j = 0; j < a.Lk; ++j) {
+      std::copy(dKb + j * a.Dp, dKb + j * a.Dp + a.D, gk.begin());
+      std::copy(dVb + j * a.Dp, dVb + j * a.Dp + a.D, gv.begin());
+      for (int64_t sp = 1; sp < nsplit; ++sp) {
+        const float* dk_s = dKb + sp * slab + j * a.Dp;
+        const float* dv_s = dVb + sp * slab + j * a.Dp;
+        for (int64_t d = 0; d < a.D; ++d) { gk[d] += dk_s[d]; gv[d] += dv_s[d]; }
+      }
+      const bool z = a.has_zero && a.key_zero[b * a.Lk + j];
+      T* dst = dkp + ((b * a.Hkv + hk) * a.Lk + j) * a.D;
+      load_row(kp + b * s0 + hk * s1 + j * s2, x.data(), a.D);
+      if (z && a.score) {
+        // dL/ds = kr_j . dK'_j, kr = rot(k) (unscaled)
+        if (a.tk.on) rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
+        else std::copy(x.begin(), x.begin() + a.D, y.begin());
+        double dot = 0.0;
+        for (int64_t d = 0; d < a.D; ++d) dot += static_cast<double>(y[d]) * gk[d];
+        dzs += dot;
+        for (int64_t d = 0; d < a.D; ++d) gk[d] *= a.zs;
+      }
+      if (a.tk.on) {
+        const double dth = rot_row_bwd(x.data(), gk.data(), gx.data(), a.D, a.R, a.inter,
+                                       a.tk.c(b, j), a.tk.s(b, j), a.tk.d(b, j), a.radius,
+                                       a.radius ? drho.data() : nullptr);
+        parts.dtk[kv * a.Lk + j] = static_cast<float>(dth);
+        store_row(gx.data(), dst, a.D);
+      } else {
+        store_row(gk.data(), dst, a.D);
+      }
+      store_row(gv.data(), dvp + ((b * a.Hkv + hk) * a.Lk + j) * a.D, a.D);
+    }
+    if (parts.drad)
+      for (int64_t i = 0; i < half; ++i) parts.drad[(ntask + kv) * half + i] = drho[i];
+    if (parts.dzs) parts.dzs[ntask + kv] = dzs;
+  };
+  // One slice per (b, kv head): each task finishes its own keys (one parallel region, and
+  // the dK'/dV buffers are per thread); sliced groups keep every slice until phase 2.
+  const bool fused = nsplit == 1;
+  std::unique_ptr<float[]> dKs(fused ? nullptr : new float[ntask * slab]);
+  std::unique_ptr<float[]> dVs(fused ? nullptr : new float[ntask * slab]);
+  // ---- phase 1: (b, hk, slice of q heads) ----
+  at::parallel_for(0, ntask, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> Kt(a.D * a.Lkp), Kr(slab), Vt(a.D * a.Lkp);
+    std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ);
+    std::vector<float> Qs(BQ * a.Dp), dO(BQ * a.Dp), dQ(BQ * a.Dp), P(BQ * BK), dS(BQ * BK);
+    std::vector<float> delta(BQ), lrow(BQ), x(a.Dp), gx(a.Dp);
+    std::vector<double> drho(std::max<int64_t>(half, 1));
+    std::vector<float> own_dK(fused ? slab : 0), own_dV(fused ? slab : 0);
+    int64_t packed = -1;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t kv = task / nsplit, sp = task % nsplit;
+      const int64_t b = kv / a.Hkv, hk = kv % a.Hkv;
+      if (packed != kv) {  // consecutive slices of one kv head share the packed keys
+        pack_kv<T>(a, k, v, b, hk, Kt.data(), Kr.data(), nullptr, Vt.data());
+        packed = kv;
+      }
+      float* dK = fused ? own_dK.data() : dKs.get() + task * slab;
+      float* dV = fused ? own_dV.data() : dVs.get() + task * slab;
+      std::fill(dK, dK + slab, 0.f);
+      std::fill(dV, dV + slab, 0.f);
+      std::fill(drho.begin(), drho.end(), 0.0);
+      double dlns = 0.0;
+      const int64_t h_begin = hk * a.grp + (sp * a.grp) / nsplit;
+      const int64_t h_end = hk * a.grp + ((sp + 1) * a.grp) / nsplit;
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
+          const int64_t Mp = round_up(rows, 4);
+          load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
+          std::fill(dO.begin(), dO.end(), 0.f);
+          std::fill(dQ.begin(), dQ.end(), 0.f);
+          for (int64_t r = 0; r < Mp; ++r) {
+            if (r < rows) {
+              const int64_t row = (b * a.Hq + h) * a.Lq + i0 + r;
+              double dlt = 0.0;
+              for (int64_t d = 0; d < a.D; ++d) {
+                const float go = static_cast<float>(dop[row * a.D + d]);
+                dO[r * a.Dp + d] = go;
+                dlt += static_cast<double>(go) * static_cast<float>(op[row * a.D + d]);
+              }
+              delta[r] = static_cast<float>(dlt);
+              const float L = lp[row];
+              lrow[r] = (L == NEG_INF) ? POS_INF : L;  // empty row: P = exp(-inf) = 0
+            } else {
+              delta[r] = 0.f;
+              lrow[r] = POS_INF;
+            }
+          }
+          std::fill(rzs.begin(), rzs.end(), 0.0); std::fill(rns.begin(), rns.end(), 0.0);
+          std::fill(rzp.begin(), rzp.end(), 0.0); std::fill(rnp.begin(), rnp.end(), 0.0);
+          const bool zsum = a.has_zero && !a.score;
+          const int64_t ke = a.kend(b, i0 + rows);
+          for (int64_t j0 = 0; j0 < ke; j0 += BK) {
+            const int64_t wp = round_up(std::min(BK, ke - j0), VL);
+            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.Lkp, P.data(), BK);
+            mask_tile(a, b, i0, Mp, j0, wp, P.data());
+            gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.Lkp, dS.data(), BK);
+            const float* zf = a.zf.data() + b * a.Lkp + j0;
+            for (int64_t r = 0; r < Mp; ++r) {
+              float* pr = P.data() + r * BK;
+              float* sr = dS.data() + r * BK;
+              const vf lv = vset(lrow[r]), dl = vset(delta[r]);
+              vf azs = vset(0.f), ans = vset(0.f), azp = vset(0.f), anp = vset(0.f);
+              for (int64_t j = 0; j < wp; j += VL) {
+                vf p = vexp(vload(pr + j) - lv);
+                vstore(pr + j, p);
+                vf ds = p * (vload(sr + j) - dl);
+                vstore(sr + j, ds);
+                if (zsum) {
+                  const vf z = vload(zf + j), nz = 1.0f - z;
+                  azs += ds * z; ans += ds * nz; azp += p * z; anp += p * nz;
+                }
+              }
+              if (zsum) {
+                rzs[r] += hsum(azs); rns[r] += hsum(ans); rzp[r] += hsum(azp); rnp[r] += hsum(anp);
+              }
+            }
+            // dV += P^T dO ; dK' += dS^T Qs ; dQs += dS K'
+            gemm<true>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
+            gemm<true>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
+            gemm<true>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(), a.Dp);
+          }
+          // prob mode: dL/d ln s = sum over zero keys of dS'.  Each row's dS' sums to 0, so
+          // the zero-key sum equals minus the other keys' sum; take the side with the
+          // smaller probability mass (less cancellation error from the rounding of Delta).
+          if (zsum)
+            for (int64_t r = 0; r < rows; ++r) dlns += (rzp[r] <= rnp[r]) ? rzs[r] : -rns[r];
+          // dq = rot^T(sm_scale * dQs)
+          const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* gq = dQ.data() + r * a.Dp;
+            for (int64_t d = 0; d < a.D; ++d) gq[d] *= a.sm_scale;
+            T* dst = dqp + ((b * a.Hq + h) * a.Lq + i) * a.D;
+            if (a.tq.on) {
+              load_row(qp + b * s0 + h * s1 + i * s2, x.data(), a.D);
+              const double dth = rot_row_bwd(x.data(), gq, gx.data(), a.D, a.R, a.inter,
+                                             a.tq.c(b, i), a.tq.s(b, i), a.tq.d(b, i),
+                                             a.radius, a.radius ? drho.data() : nullptr);
+              parts.dtq[(b * a.Hq + h) * a.Lq + i] = static_cast<float>(dth);
+              store_row(gx.data(), dst, a.D);
+            } else {
+              store_row(gq, dst, a.D);
+            }
+          }
+        }
+      }
+      if (parts.drad) for (int64_t i = 0; i < half; ++i) parts.drad[task * half + i] = drho[i];
+      if (parts.dzs) parts.dzs[task] = a.score ? 0.0 : dlns / a.zs;
+      if (fused) finish_kv(kv, dK, dV);
+    }
+  });
+  // ---- phase 2 (only when the group was sliced): (b, hk) sums its slices ----
+  if (!fused) {
+    at::parallel_for(0, nkv, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t kv = lo; kv < hi; ++kv)
+        finish_kv(kv, dKs.get() + kv * nsplit * slab, dVs.get() + kv * nsplit * slab);
+    });
+  }
+}
+
+template <typename F>
+static void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: TORCH_CHECK(false, "zeromask cpp backend: dtype ", st, " is not supported "
+                                "(float32, bfloat16, float16)");
+  }
+}
+
+static void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "zeromask cpp backend: tensors must be on the CPU");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "zeromask: q/k/v must be 4-D with a contiguous last dim");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "zeromask: q/k/v dtypes differ");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes(), "zeromask: k and v shapes differ");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "zeromask: k does not match q");
+}
+
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& key_zero, const at::Tensor& zero_scale,
+                   const std::optional<at::Tensor>& theta_q,
+                   const std::optional<at::Tensor>& theta_k,
+                   const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k,
+                   const std::optional<at::Tensor>& radius,
+                   const std::optional<at::Tensor>& seqlens_k, bool score, bool causal,
+                   double sm_scale, int64_t rotary_dim, bool interleaved, at::Tensor out,
+                   at::Tensor lse) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "zeromask: out must be contiguous like q");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat &&
+                  lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              "zeromask: lse must be float32 (B, Hq, Lq) contiguous");
+  Attn a;
+  setup_attn(a, q, k, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
+             score, causal, sm_scale, rotary_dim, interleaved, false);
+  if (a.B * a.Hq * a.Lq == 0) return;
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    attn_fwd_impl<T>(a, q, k, v, out, lse);
+  });
+}
+
+// Returns the partial sums (dtheta_q (B, Hq, Lq), dtheta_k (B, Hkv, Lk), dradius (n, R/2),
+// dzero_scale (n,)), each an empty tensor when not needed; zeromask/backends/cpp.py reduces
+// them into the outputs.  dq, dk, dv are written in full.
+std::vector<at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_zero,
+    const at::Tensor& zero_scale, const std::optional<at::Tensor>& theta_q,
+    const std::optional<at::Tensor>& theta_k, const std::optional<at::Tensor>& pos_q,
+    const std::optional<at::Tensor>& pos_k, const std::optional<at::Tensor>& radius,
+    const std::optional<at::Tensor>& seqlens_k, bool score, bool causal, double sm_scale,
+    int64_t rotary_dim, bool interleaved, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.sizes() == q.sizes() &&
+                  out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "zeromask: dout/out must be contiguous like q");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat &&
+                  lse.numel() == q.size(0) * q.size(1) * q.size(2), "zeromask: bad lse");
+  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous() &&
+                  dq.sizes() == q.sizes() && dk.sizes() == k.sizes() && dv.sizes() == v.sizes() &&
+                  dq.scalar_type() == q.scalar_type() && dk.scalar_type() == q.scalar_type() &&
+                  dv.scalar_type() == q.scalar_type(),
+              "zeromask: dq/dk/dv must be contiguous with q/k/v's shapes and dtype");
+  Attn a;
+  setup_attn(a, q, k, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
+             score, causal, sm_scale, rotary_dim, interleaved, true);
+  const int64_t nsplit = bwd_splits(a.B, a.Hkv, a.grp);
+  const int64_t nrows = a.B * a.Hkv * nsplit + a.B * a.Hkv;
+  auto f32 = q.options().dtype(at::kFloat);
+  auto f64 = q.options().dtype(at::kDouble);
+  at::Tensor dtq = a.tq.on ? at::empty({a.B, a.Hq, a.Lq}, f32) : at::empty({0}, f32);
+  at::Tensor dtk = a.tk.on ? at::empty({a.B, a.Hkv, a.Lk}, f32) : at::empty({0}, f32);
+  at::Tensor drad = a.radius ? at::empty({nrows, a.R / 2}, f64) : at::empty({0}, f64);
+  at::Tensor dzs = a.has_zero ? at::empty({nrows}, f64) : at::empty({0}, f64);
+  BwdParts parts{a.tq.on ? dtq.data_ptr<float>() : nullptr,
+                 a.tk.on ? dtk.data_ptr<float>() : nullptr,
+                 a.radius ? drad.data_ptr<double>() : nullptr,
+                 a.has_zero ? dzs.data_ptr<double>() : nullptr};
+  if (a.B * a.Hkv > 0) {
+    dispatch_dtype(q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      attn_bwd_impl<T>(a, nsplit, dout, q, k, v, out, lse, dq, dk, dv, parts);
+    });
+  }
+  return {dtq, dtk, drad, dzs};
+}
+
+// ---------------------------------------------------------------------------------------
+// standalone rotary op
+// ---------------------------------------------------------------------------------------
+void rotary_fwd(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& pos,
+                const std::optional<at::Tensor>& radius, int64_t rotary_dim, bool interleaved,
+                at::Tensor y) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
+              "zeromask: x must be a CPU (B, H, L, D) tensor with a contiguous last dim");
+  TORCH_CHECK(y.is_contiguous() && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(),
+              "zeromask: y must be contiguous like x");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), R = rotary_dim;
+  TORCH_CHECK(R % 2 == 0 && R > 0 && R <= D, "zeromask: bad rotary_dim");
+  const float* rho = nullptr;
+  if (radius.has_value()) {
+    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() && radius->numel() == R / 2,
+                "zeromask: radius must be float32 (R/2,)");
+    rho = radius->data_ptr<float>();
+  }
+  RotTable t = make_table(theta, pos, B, L, R, false);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+    at::parallel_for(0, B * H * L, 64, [&](int64_t lo, int64_t hi) {
+      std::vector<float> a(D), o(D);
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t l = row % L, h = (row / L) % H, b = row / (L * H);
+        load_row(xp + b * s0 + h * s1 + l * s2, a.data(), D);
+        rot_row(a.data(), o.data(), D, R, interleaved, t.c(b, l), t.s(b, l), rho);
+        store_row(o.data(), yp + row * D, D);
+      }
+    });
+  });
+}
+
+// dx (like x, contiguous), dtheta (B, L) float32, drad_part (B*L, R/2) float64 or None.
+void rotary_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& theta,
+                const at::Tensor& pos, const std::optional<at::Tensor>& radius,
+                int64_t rotary_dim, bool interleaved, at::Tensor dx, at::Tensor dtheta,
+                std::optional<at::Tensor> drad_part) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1, "zeromask: bad x");
+  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "zeromask: dy must be contiguous like x");
+  TORCH_CHECK(dx.is_contiguous() && dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(),
+              "zeromask: dx must be contiguous like x");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), R = rotary_dim;
+  TORCH_CHECK(R % 2 == 0 && R > 0 && R <= D, "zeromask: bad rotary_dim");
+  TORCH_CHECK(dtheta.is_contiguous() && dtheta.scalar_type() == at::kFloat && dtheta.numel() == B * L,
+              "zeromask: dtheta must be float32 (B, L)");
+  const float* rho = nullptr;
+  double* drp = nullptr;
+  const int64_t half = R / 2;
+  if (radius.has_value()) {
+    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() && radius->numel() == half,
+                "zeromask: radius must be float32 (R/2,)");
+    rho = radius->data_ptr<float>();
+    TORCH_CHECK(drad_part.has_value() && drad_part->scalar_type() == at::kDouble &&
+                    drad_part->is_contiguous() && drad_part->numel() == B * L * half,
+                "zeromask: drad_part must be float64 (B*L, R/2)");
+    drp = drad_part->data_ptr<double>();
+  }
+  RotTable t = make_table(theta, pos, B, L, R, true);
+  float* dtp = dtheta.data_ptr<float>();
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* dyp = dy.data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+    at::parallel_for(0, B * L, 16, [&](int64_t lo, int64_t hi) {
+      std::vector<float> a(D), g(D), o(D);
+      std::vector<double> dr(std::max<int64_t>(half, 1));
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t b = row / L, l = row % L;
+        std::fill(dr.begin(), dr.end(), 0.0);
+        double dth = 0.0;
+        for (int64_t h = 0; h < H; ++h) {
+          load_row(xp + b * s0 + h * s1 + l * s2, a.data(), D);
+          load_row(dyp + ((b * H + h) * L + l) * D, g.data(), D);
+          dth += rot_row_bwd(a.data(), g.data(), o.data(), D, R, interleaved, t.c(b, l),
+                             t.s(b, l), t.d(b, l), rho, rho ? dr.data() : nullptr);
+          store_row(o.data(), dxp + ((b * H + h) * L + l) * D, D);
+        }
+        dtp[row] = static_cast<float>(dth);
+        if (drp) for (int64_t i = 0; i < half; ++i) drp[row * half + i] = dr[i];
+      }
+    });
+  });
+}
+
+}  // namespace zm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "zeromask CPU kernels: fused f0 rotary + zero-soft attention, f0 rotary";
+  m.def("attention_fwd", &zm::attention_fwd, "fused attention forward (writes out, lse)");
+  m.def("attention_bwd", &zm::attention_bwd, "fused attention backward");
+  m.def("rotary_fwd", &zm::rotary_fwd, "f0 rotary forward (writes y)");
+  m.def("rotary_bwd", &zm::rotary_bwd, "f0 rotary backward");
+}
