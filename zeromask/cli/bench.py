@@ -239,7 +239,7 @@ def _zeromask_attention(backend: str) -> Provider:
 
     materialises = (4.0, 6.0) if backend == "reference" else None
     how = ("dispatched to zeromask.reference, which materialises L x L" if backend == "reference"
-           else "fused kernel: rotary applied to q/k tiles as they load, O(L) memory")
+           else "fused kernel: rotary applied inside the attention kernel, no L x L buffer")
     return Provider(f"zeromask[{backend}]", "attention",
                     f"zeromask.zero_soft_attention(backend={backend!r}): zero-soft attention "
                     f"(--zero-mode, default prob) + f0 rotary on q and k in one call; {how}",
@@ -340,7 +340,7 @@ def _zeromask_rotary(backend: str) -> Provider:
             raise Unavailable(reason)
         return lambda: zeromask.f0_rotary(x.q, x.theta, backend=backend)
     how = ("dispatched to zeromask.reference (PyTorch)" if backend == "reference"
-           else "angles computed in the kernel, no cos/sin table")
+           else "the backend's rotary kernel")
     return Provider(f"zeromask[{backend}]", "rotary",
                     f"zeromask.f0_rotary(backend={backend!r}); {how}", build, lambda w, x: {})
 
