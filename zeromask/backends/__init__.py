@@ -65,6 +65,25 @@ def new_output(shape, *, dtype, device) -> torch.Tensor:
     return out
 
 
+#: the input dtypes every compiled backend takes (float64 runs on the reference).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def common_support(name: str, op: str, call: dict,
+                   max_head_dim: Optional[int] = None) -> Optional[str]:
+    """The ``supports`` checks compiled backends share: an input to judge by, a dtype the
+    kernels take, and an optional head-dim limit. None when they pass, else the reason."""
+    x = call.get("q") if op == "attention" else call.get("x")
+    if x is None:
+        return f"{name} backend: no input tensor for {op!r}"
+    if x.dtype not in KERNEL_DTYPES:
+        return (f"{name} kernels take float16, bfloat16 or float32, got {x.dtype} "
+                "(float64 runs on the reference backend)")
+    if max_head_dim is not None and x.shape[-1] > max_head_dim:
+        return f"{name} kernels support head dims up to {max_head_dim}, got {x.shape[-1]}"
+    return None
+
+
 @dataclass
 class Backend:
     """A named set of kernels plus the checks that say when they can run."""

@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, new_output
+from . import Backend, common_support, new_output
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 try:  # the compiled extension is optional: the package works without it (reference)
     from .. import _C_cpu as _C  # type: ignore[attr-defined]
@@ -33,15 +32,7 @@ def available() -> Optional[str]:
 
 
 def supports(op: str, **call) -> Optional[str]:
-    x = call.get("q") if op == "attention" else call.get("x")
-    if x is None:
-        return f"cpp backend: no input tensor for {op}"
-    if x.device.type != "cpu":
-        return f"cpp backend runs on CPU tensors, got {x.device}"
-    if x.dtype not in _SUPPORTED:
-        return (f"cpp backend supports float32, bfloat16 and float16, got {x.dtype} "
-                "(float64 runs on the reference backend)")
-    return None
+    return common_support("cpp", op, call)
 
 
 def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,

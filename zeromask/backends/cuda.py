@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, new_output
+from . import Backend, common_support, new_output
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128  # csrc/cuda/zeromask_cuda.h kMaxHeadDim
 
 try:  # built only where torch has CUDA and a toolkit was found at install time
@@ -39,17 +38,8 @@ def available() -> Optional[str]:
 
 
 def supports(op: str, **call) -> Optional[str]:
-    x = call.get("q") if op == "attention" else call.get("x")
-    if x is None:
-        return f"cuda backend: no input tensor for {op}"
-    if x.device.type != "cuda":
-        return f"cuda backend runs on CUDA tensors, got {x.device}"
-    if x.dtype not in _SUPPORTED:
-        return (f"cuda backend supports float32, bfloat16 and float16, got {x.dtype} "
-                "(float64 runs on the reference backend)")
-    if op == "attention" and x.shape[-1] > MAX_HEAD_DIM:
-        return f"cuda backend supports head dims up to {MAX_HEAD_DIM}, got {x.shape[-1]}"
-    return None
+    return common_support("cuda", op, call,
+                          max_head_dim=MAX_HEAD_DIM if op == "attention" else None)
 
 
 def _stream(t: torch.Tensor) -> int:

@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend
+from . import Backend, common_support
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -55,12 +54,9 @@ def _supports(op: str, **call) -> Optional[str]:
     why = _device_reason(x)
     if why is not None:
         return why
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return (f"triton kernels take float16, bfloat16 or float32, got {x.dtype} "
-                "(float64 runs on the reference backend)")
-    D = x.shape[-1]
-    if D > MAX_HEAD_DIM:
-        return f"triton kernels support head dims up to {MAX_HEAD_DIM}, got {D}"
+    why = common_support("triton", op, call, max_head_dim=MAX_HEAD_DIM)
+    if why is not None:
+        return why
     for name in names:
         t = call.get(name)
         if t is not None and t.stride(-1) != 1:
