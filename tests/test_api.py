@@ -206,3 +206,14 @@ def test_weights_sum_to_one_and_match_output():
     out = zeromask.zero_soft_attention(q, k, v, key_zero=kz, zero_scale=0.1, theta_q=200.0,
                                        theta_k=200.0, causal=True)
     torch.testing.assert_close(p @ v.repeat_interleave(2, 1), out)
+
+
+def test_mixed_devices_are_refused_naming_the_tensor():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        zeromask.zero_soft_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="key_zero is on meta"):
+        zeromask.zero_soft_attention(q, k, v, key_zero=torch.zeros(2, 7, dtype=torch.bool,
+                                                                   device="meta"))
+    with pytest.raises(ValueError, match="theta_q is on meta"):
+        zeromask.zero_soft_attention(q, k, v, theta_q=torch.full((2, 6), 100.0, device="meta"))
