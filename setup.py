@@ -75,6 +75,8 @@ setup(
         "zeromask-make-data = zeromask.cli.make_data:main",
         "zeromask-train = zeromask.cli.train:main",
         "zeromask-eval = zeromask.cli.eval:main",
+        "zeromask-experiments = zeromask.cli.experiments:main",
+        "zeromask-plots = zeromask.cli.plots:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -191,3 +191,52 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(SystemExit, match="unknown train options"):
         train_cli.resolve(train_cli.build_parser().parse_args(
             ["--out", str(tmp_path), "--config", str(cfg), "--max-steps", "1"]))
+
+
+def test_resume_mid_epoch_continues_the_same_batches(tone_data, tmp_path, capsys):
+    """An interrupted run resumed mid-epoch ends with the weights of an uninterrupted one.
+
+    8 utterances / batch 2 = 4 batches per epoch; stopping after step 3 and resuming to step 6
+    must skip the 3 batches of epoch 0 already trained on (restarting the epoch would train
+    on them twice and give other weights). ``--warmup`` above the step count keeps the
+    learning rate independent of ``--max-steps``; dropout 0 and 1 thread keep it exact.
+    """
+    common = ["--data", str(tone_data), "--batch-size", "2", "--no-eval", "--warmup", "100",
+              "--dropout", "0", "--log-every", "1", "--ckpt-every", "0"] + TINY
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_cli.main(common + ["--out", str(straight), "--max-steps", "6"]) == 0
+    assert train_cli.main(common + ["--out", str(split), "--max-steps", "3"]) == 0
+    ck = load_checkpoint(split / "last.pt")
+    assert ck["epoch"] == 0 and ck["extra"]["batch_in_epoch"] == 3
+    capsys.readouterr()
+    assert train_cli.main(common + ["--out", str(split), "--max-steps", "6"]) == 0
+    assert "skips the 3 batch(es) of epoch 0" in capsys.readouterr().out
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 1
+    assert b["extra"]["batch_in_epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7, msg=k)
+    la = [r["loss"] for r in read_log(straight / "log.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_log(split / "log.jsonl") if "loss" in r]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_time_budget_counts_the_checkpoints_elapsed_time(tone_data, tmp_path, capsys):
+    out = tmp_path / "budget_resume"
+    common = ["--data", str(tone_data), "--out", str(out), "--batch-size", "2", "--no-eval"]
+    assert train_cli.main(common + ["--max-steps", "2"] + TINY) == 0
+    spent = load_checkpoint(out / "last.pt")["extra"]["elapsed"]
+    assert spent > 0
+    capsys.readouterr()
+    # a budget smaller than what the first invocation already used: no further step
+    assert train_cli.main(common + ["--time-budget", str(spent / 2)] + TINY) == 0
+    assert "already spent" in capsys.readouterr().out
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 2 and ck["extra"]["elapsed"] >= spent
+    res = json.loads((out / "results.json").read_text())
+    assert res["elapsed_s"] >= spent and res["step"] == 2
+    # a larger budget: it goes on, and the elapsed time keeps accumulating
+    assert train_cli.main(common + ["--time-budget", str(spent + 600), "--max-steps", "4"]
+                          + TINY) == 0
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 4 and ck["extra"]["elapsed"] > spent

@@ -6,10 +6,16 @@ wav+txt or LibriSpeech layouts), or ``--train DIR --test DIR``. Configuration co
 and flags, flags winning. Writes under ``--out``: ``config.json``, ``log.jsonl`` (one line
 per logged step and per evaluation), ``last.pt`` (every ``--ckpt-every`` steps and at the
 end), ``best.pt`` (best held-out CER) and ``results.json``. A run whose ``--out`` already
-has ``last.pt`` resumes from it (``--no-resume`` starts over).
+has ``last.pt`` resumes from it (``--no-resume`` starts over): weights, optimizer, scheduler,
+RNG states, and the position inside the epoch (the batches of the interrupted epoch already
+trained on are skipped, so a resumed run sees the same batch sequence as an uninterrupted
+one).
 
-Stops at ``--max-steps`` or after ``--time-budget`` seconds of this invocation, whichever
-comes first. Multi-process: ``torchrun --nproc_per_node N -m zeromask.cli.train ...``
+Stops at ``--max-steps`` or after ``--time-budget`` seconds, whichever comes first. The
+budget counts the wall time of every invocation of the run together (the checkpoint carries
+the elapsed seconds so far), so a resumed run only gets what is left of it; a resume whose
+budget is already spent trains no step. Multi-process:
+``torchrun --nproc_per_node N -m zeromask.cli.train ...``
 (gloo on CPU, nccl on GPU); rank 0 logs, evaluates and writes checkpoints.
 
 Example (CPU, synthesized data)::
@@ -183,6 +189,28 @@ class Dist:
             dist.destroy_process_group()
 
 
+class ResumableBatches:
+    """A :class:`BucketBatchSampler` whose next epoch can start ``skip`` batches in.
+
+    ``skip`` applies once (the epoch a resume lands in), then resets to 0; the batches are
+    the sampler's own for that epoch, so a resumed run continues the interrupted sequence.
+    """
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        batches = list(self.sampler)[self.skip:]
+        self.skip = 0
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
 def _folders(args):
     train = args.train or (os.path.join(args.data, "train") if args.data else None)
     test = args.test or (os.path.join(args.data, "test") if args.data else None)
@@ -261,22 +289,35 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     if len(sampler) == 0:
         raise SystemExit(f"zeromask-train: {len(train_utts)} training utterances make no batch "
                          f"for {de.world} rank(s)")
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+    batches = ResumableBatches(sampler)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate,
                                          num_workers=int(opt["num_workers"]))
     model = SpeechModel(cfg).to(de.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt["lr"]),
                                   weight_decay=float(opt["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(int(opt["warmup"]), opt["max_steps"]))
-    step, epoch = 0, 0
+    step, epoch, in_epoch, elapsed0 = 0, 0, 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch = ckpt["step"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        extra = ckpt.get("extra", {})
+        elapsed0 = float(extra.get("elapsed", 0.0))
+        in_epoch = extra.get("batch_in_epoch")
+        if in_epoch is None:  # a checkpoint from before batch_in_epoch was saved
+            in_epoch = 0
+            note = "restarts epoch {} from its first batch".format(epoch)
+        else:
+            note = f"skips the {in_epoch} batch(es) of epoch {epoch} already trained on"
+            if not de.enabled and "python" in ckpt.get("rng", {}):
+                random.setstate(ckpt["rng"]["python"])
+        batches.skip = int(in_epoch)
         if de.main:
-            print(f"resumed from {last} at step {step}")
+            print(f"resumed from {last} at step {step} ({elapsed0:.1f} s elapsed so far); "
+                  f"{note}")
     net = model
     if de.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -326,9 +367,11 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
 
     def checkpoint():
         save_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                        epoch=epoch, tokenizer=tokenizer, extra={"best_cer": best})
+                        epoch=epoch, tokenizer=tokenizer,
+                        extra={"best_cer": best, "elapsed": time.time() - t0,
+                               "batch_in_epoch": in_epoch})
 
-    t0 = time.time()
+    t0 = time.time() - elapsed0  # elapsed time counts every invocation of this run
     budget = opt["time_budget"]
     max_steps = opt["max_steps"]
     bar = None
@@ -337,11 +380,17 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     stop = max_steps is not None and step >= max_steps
+    if ckpt is not None and budget is not None and elapsed0 >= float(budget):
+        stop = True
+        if de.main:
+            print(f"time budget {float(budget):.1f} s already spent ({elapsed0:.1f} s): "
+                  "no further training")
     window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
     last_loss = float("nan")
     while not stop:
-        sampler.set_epoch(epoch)
+        batches.set_epoch(epoch)
         for batch in loader:
+            in_epoch += 1
             model.set_step(step)
             tb = to_device(batch, de.device)
             loss = net(**tb)["loss"]
@@ -385,6 +434,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                 break
         else:
             epoch += 1
+            in_epoch = 0
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
@@ -394,7 +444,8 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     if de.main:
         checkpoint()
         res = run_eval("final")
-        results = {"step": step, "epoch": epoch, "elapsed_s": elapsed, "last_loss": last_loss,
+        results = {"step": step, "epoch": epoch, "elapsed_s": elapsed,
+                   "this_invocation_s": elapsed - elapsed0, "last_loss": last_loss,
                    "parameters": n_params, "config": cfg.to_dict()}
         if res is not None:
             results.update(cer=res["cer"], wer=res["wer"], n_eval=res["n"], best_cer=best)

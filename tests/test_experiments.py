@@ -1,0 +1,130 @@
+"""Experiment runner (zeromask.cli.experiments) and plots (zeromask.cli.plots), kept fast.
+
+The data is a tiny tone-burst wav+txt set written here (no espeak-ng needed).
+"""
+import json
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("librosa")
+pytest.importorskip("jiwer")
+pytest.importorskip("matplotlib")
+
+from zeromask.cli import experiments as exp_cli  # noqa: E402
+from zeromask.cli import plots  # noqa: E402
+
+SR = 16000
+TINY = ("--d-model 16 --num-heads 2 --enc-layers 1 --dec-self-layers 1 --ffn-mult 2 "
+        "--max-decode-len 8")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_tones(root, n, seed):
+    rng = np.random.default_rng(seed)
+    freqs = {"ab": 140.0, "ba": 190.0, "cab": 240.0}
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        text = " ".join(rng.choice(list(freqs), size=rng.integers(1, 3)))
+        parts = [np.zeros(int(0.1 * SR))]
+        for w in text.split():
+            t = np.arange(int(0.12 * SR)) / SR
+            parts += [0.4 * np.sin(2 * np.pi * freqs[w] * t), np.zeros(int(0.05 * SR))]
+        sf.write(str(root / f"u{i:03d}.wav"), np.concatenate(parts).astype(np.float32), SR)
+        (root / f"u{i:03d}.txt").write_text(text + "\n")
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tones")
+    write_tones(root / "train", 6, seed=0)
+    write_tones(root / "test", 3, seed=1)
+    return root
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_runner_trains_evaluates_and_writes_table_json_plots(tones, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["--data", str(tones), "--out", str(out), "--experiments", "prob,inf",
+            "--seeds", "0", "--max-steps", "2", "--batch-size", "3", "--parallel", "2",
+            "--backend", "reference", "--train-args", TINY, "--bootstrap", "200"]
+    assert exp_cli.main(argv) == 0
+    table = (out / "results.md").read_text()
+    rows = [l for l in table.splitlines() if l.startswith("| `")]
+    assert len(rows) == 2 and rows[0].startswith("| `prob`") and rows[1].startswith("| `inf`")
+    assert "baseline" in rows[0] and "python -m zeromask.cli.experiments" in rows[1]
+    assert "not measured (one seed per experiment)" in table
+    summary = json.loads((out / "results.json").read_text())
+    assert [(r["experiment"], r["seed"], r["steps"]) for r in summary["runs"]] == \
+        [("prob", 0, 2), ("inf", 0, 2)]
+    for r in summary["runs"]:
+        assert r["backend"] == "reference" and r["n_eval"] == 3 and 0 <= r["cer"]
+        assert "--no-zero-scaling" in r["train_command"] or r["experiment"] == "prob"
+    inf = summary["experiments"]["inf"]
+    assert inf["delta_lo"] <= inf["delta_cer"] <= inf["delta_hi"]
+    assert inf["verdict"] != "baseline"
+    for name in ("curves_prob.png", "curves_inf.png", "curves_all.png",
+                 "utterance_spectrogram.png", "utterance_pitch.png", "utterance_waveform.png"):
+        assert is_png(out / name), name
+    # a second invocation reuses the finished runs instead of training again
+    capsys.readouterr()
+    assert exp_cli.main(argv) == 0
+    assert capsys.readouterr().out.count("already done, reused") == 2
+
+
+def test_row_command_reproduces_the_train_command(tmp_path):
+    argv = ["--data", "D", "--out", str(tmp_path), "--experiments", "prob,curriculum",
+            "--seeds", "0,1", "--max-steps", "40", "--backend", "reference",
+            "--train-args", TINY]
+    args = exp_cli.build_parser().parse_args(argv)
+    cmd = exp_cli.runner_command(args, ["curriculum"], [0, 1])
+    again = exp_cli.build_parser().parse_args(shlex.split(cmd)[3:])
+    run = tmp_path / "r"
+    assert exp_cli.train_command(again, "curriculum", 1, run) == \
+        exp_cli.train_command(args, "curriculum", 1, run)
+    tc = exp_cli.train_command(args, "curriculum", 1, run)
+    assert tc[tc.index("--curriculum-steps") + 1] == "10"  # max_steps // 4
+    assert tc[tc.index("--seed") + 1] == "1" and tc[tc.index("--eval-every") + 1] == "13"
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_none():
+    a = {f"u{i}": (i % 3, 20) for i in range(60)}
+    d, lo, hi = exp_cli.paired_bootstrap(a, dict(a), n=300)
+    assert d == 0 and lo == 0 and hi == 0
+    worse = {k: (e + 4, n) for k, (e, n) in a.items()}
+    d, lo, hi = exp_cli.paired_bootstrap(a, worse, n=300)
+    assert d == pytest.approx(0.2) and lo > 0.1
+    noisy = {k: (e + (3 if i % 2 else -e), n) for i, (k, (e, n)) in enumerate(a.items())}
+    d, lo, hi = exp_cli.paired_bootstrap(a, noisy, n=300)
+    assert lo < d < hi
+
+
+def test_plot_utterance_and_curves(tones, tmp_path):
+    from zeromask.data import CharTokenizer, SpeechDataset, find_utterances
+    from zeromask.models import ModelConfig, SpeechModel
+    torch.manual_seed(0)
+    model = SpeechModel(ModelConfig(d_model=16, num_heads=2, enc_layers=1, dec_self_layers=1,
+                                    max_decode_len=6, backend="reference"))
+    tok = CharTokenizer()
+    ds = SpeechDataset(find_utterances(tones / "test"), tok)
+    path = plots.plot_utterance(model, ds[0], tok, tmp_path / "utt.png", stage="pitch")
+    assert is_png(path)
+    with pytest.raises(ValueError, match="feature_order"):
+        plots.plot_utterance(SpeechModel(ModelConfig(
+            d_model=16, num_heads=2, enc_layers=1, feature_order=("spectrogram",))),
+            ds[0], tok, tmp_path / "bad.png", stage="pitch")
+    assert not (tmp_path / "bad.png").exists()
+    curves = {"a": ([1, 2, 3], [3.0, 2.0, 1.5]), "b": ([1, 2, 3], [3.1, 2.5, 2.0])}
+    assert is_png(plots.plot_curves(curves, tmp_path / "c.png"))
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 3.0}, {"step": 1, "eval": True, "cer": 0.9}, {"step": 2,
+                                                                          "loss": 2.5}]))
+    assert plots.read_losses(log) == ([1, 2], [3.0, 2.5])
