@@ -5,7 +5,6 @@ The data is a tiny tone-burst wav+txt set written here (no espeak-ng needed).
 import json
 import shlex
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,31 +16,19 @@ pytest.importorskip("matplotlib")
 from zeromask.cli import experiments as exp_cli  # noqa: E402
 from zeromask.cli import plots  # noqa: E402
 
-SR = 16000
+from tones import write_tone_set  # noqa: E402
+
+WORDS = ("ab", "ba", "cab")
 TINY = ("--d-model 16 --num-heads 2 --enc-layers 1 --dec-self-layers 1 --ffn-mult 2 "
         "--max-decode-len 8")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_tones(root, n, seed):
-    rng = np.random.default_rng(seed)
-    freqs = {"ab": 140.0, "ba": 190.0, "cab": 240.0}
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        text = " ".join(rng.choice(list(freqs), size=rng.integers(1, 3)))
-        parts = [np.zeros(int(0.1 * SR))]
-        for w in text.split():
-            t = np.arange(int(0.12 * SR)) / SR
-            parts += [0.4 * np.sin(2 * np.pi * freqs[w] * t), np.zeros(int(0.05 * SR))]
-        sf.write(str(root / f"u{i:03d}.wav"), np.concatenate(parts).astype(np.float32), SR)
-        (root / f"u{i:03d}.txt").write_text(text + "\n")
-
-
 @pytest.fixture(scope="module")
 def tones(tmp_path_factory):
     root = tmp_path_factory.mktemp("tones")
-    write_tones(root / "train", 6, seed=0)
-    write_tones(root / "test", 3, seed=1)
+    write_tone_set(root / "train", 6, seed=0, words=WORDS)
+    write_tone_set(root / "test", 3, seed=1, words=WORDS)
     return root
 
 

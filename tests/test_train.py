@@ -18,27 +18,12 @@ from zeromask.cli import make_data as make_data_cli  # noqa: E402
 from zeromask.cli import train as train_cli  # noqa: E402
 from zeromask.models.training import BucketBatchSampler, load_checkpoint, lr_lambda  # noqa: E402
 
-SR = 16000
+from tones import write_tone_set  # noqa: E402
+
 TINY = ["--d-model", "16", "--num-heads", "2", "--enc-layers", "1", "--dec-self-layers", "1",
         "--ffn-mult", "2", "--downsample", "4", "--no-progress", "--threads", "1",
         "--samples", "1", "--max-decode-len", "12"]
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
-
-
-def write_tone_set(root, n, seed=0):
-    """A wav+txt set with no espeak-ng: each 'word' is a tone burst, silences between."""
-    rng = np.random.default_rng(seed)
-    words = ["ab", "ba", "cab", "bad"]
-    freqs = {"ab": 140.0, "ba": 190.0, "cab": 240.0, "bad": 300.0}
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        text = " ".join(rng.choice(words, size=rng.integers(1, 3)))
-        parts = [np.zeros(int(0.1 * SR))]
-        for w in text.split():
-            t = np.arange(int(0.12 * SR)) / SR
-            parts += [0.4 * np.sin(2 * np.pi * freqs[w] * t), np.zeros(int(0.05 * SR))]
-        sf.write(str(root / f"u{i:03d}.wav"), np.concatenate(parts).astype(np.float32), SR)
-        (root / f"u{i:03d}.txt").write_text(text + "\n")
 
 
 @pytest.fixture(scope="module")
