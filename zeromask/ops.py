@@ -212,8 +212,7 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
             raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
         seqlens_k = seqlens_k.to(torch.int32).contiguous()
     rotary = theta_q is not None or theta_k is not None
-    R = _rotary_dim(rotary_dim, D) if rotary else (D if rotary_dim is None else
-                                                     _rotary_dim(rotary_dim, D))
+    R = _rotary_dim(rotary_dim, D)
     tq = _theta("theta_q", theta_q, B, Lq, dev, cdt)
     tk = _theta("theta_k", theta_k, B, Lk, dev, cdt)
     pq = _positions("pos_q", pos_q, B, Lq, dev, cdt, offset=(Lk - Lq) if causal else 0) \
