@@ -38,18 +38,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .common import angles, exp_e, interpreting, load_split, mm, pow2, store_split
-
-_new_output = None
-
-
-def _alloc(shape, dtype, device):
-    global _new_output
-    if _new_output is None:
-        from zeromask.backends import new_output
-        _new_output = new_output
-    return _new_output(shape, dtype=dtype, device=device)
-
+from .common import alloc, angles, exp_e, interpreting, load_split, mm, pow2, store_split
 
 # --------------------------------------------------------------------------------------
 # shared jit helpers
@@ -511,8 +500,8 @@ def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, po
                       seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
-    lse = _alloc((B, Hq, Lq), torch.float32, q.device)
+    out = alloc((B, Hq, Lq, D), q.dtype, q.device)
+    lse = alloc((B, Hq, Lq), torch.float32, q.device)
     if B * Hq * Lq == 0:
         return out, lse
     flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
@@ -536,12 +525,12 @@ def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, the
     group = Hq // Hkv
     dev = q.device
     half = int(rotary_dim) // 2
-    dq = _alloc(q.shape, q.dtype, dev)
-    dk = _alloc(k.shape, k.dtype, dev)
-    dv = _alloc(v.shape, v.dtype, dev)
+    dq = alloc(q.shape, q.dtype, dev)
+    dk = alloc(k.shape, k.dtype, dev)
+    dv = alloc(v.shape, v.dtype, dev)
     rot_q, rot_k = theta_q is not None, theta_k is not None
-    dtq_part = _alloc((B, Hq, Lq), torch.float32, dev) if rot_q else None
-    dtk_part = _alloc((B, Hkv, Lk), torch.float32, dev) if rot_k else None
+    dtq_part = alloc((B, Hq, Lq), torch.float32, dev) if rot_q else None
+    dtk_part = alloc((B, Hkv, Lk), torch.float32, dev) if rot_k else None
     flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
                    rotary_dim, interleaved)
     ptrs = _ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k)
@@ -590,19 +579,19 @@ def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, the
 
     dtheta_q = dtheta_k = dradius = dzero = None
     if rot_q:
-        dtheta_q = _alloc((B, Lq), torch.float32, dev)
+        dtheta_q = alloc((B, Lq), torch.float32, dev)
         torch.sum(dtq_part, dim=1, out=dtheta_q)
     if rot_k:
-        dtheta_k = _alloc((B, Lk), torch.float32, dev)
+        dtheta_k = alloc((B, Lk), torch.float32, dev)
         torch.sum(dtk_part, dim=1, out=dtheta_k)
     if radius is not None:
-        dradius = _alloc((half,), torch.float32, dev)
+        dradius = alloc((half,), torch.float32, dev)
         dradius.zero_()
         if dradk_part is not None:
             dradius += dradk_part.sum(0)
         if dradq_part is not None:
             dradius += dradq_part.sum(0)
     if key_zero is not None:
-        dzero = _alloc((), torch.float32, dev)
+        dzero = alloc((), torch.float32, dev)
         torch.sum(dzs_part, dim=0, out=dzero)
     return dq, dk, dv, dtheta_q, dtheta_k, dradius, dzero

@@ -28,6 +28,13 @@ def interpreting() -> bool:
 USE_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
+def alloc(shape, dtype, device):
+    """A kernel output, through :func:`zeromask.backends.new_output` (NaN-poisoned in
+    tests). Imported at call time: the backends package imports these kernels lazily."""
+    from zeromask.backends import new_output
+    return new_output(shape, dtype=dtype, device=device)
+
+
 def pow2(n: int, minimum: int = 16) -> int:
     """The tile width for ``n`` columns: the next power of two, at least ``minimum``."""
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))

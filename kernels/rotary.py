@@ -11,18 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import angles, interpreting, load_split, pow2, store_split
-
-_new_output = None
-
-
-def _alloc(shape, dtype, device):
-    global _new_output
-    if _new_output is None:
-        from zeromask.backends import new_output
-        _new_output = new_output
-    return _new_output(shape, dtype=dtype, device=device)
-
+from .common import alloc, angles, interpreting, load_split, pow2, store_split
 
 @triton.jit
 def _rotary_kernel(X, DY, Y, THETA, POS, RAD, DTHETA, DRAD_PART,
@@ -99,14 +88,14 @@ def _launch(x, dy, theta, positions, radius, rotary_dim, interleaved, backward):
     B, H, L, D = x.shape
     R = int(rotary_dim)
     half = R // 2
-    out = _alloc((B, H, L, D), x.dtype, x.device)
+    out = alloc((B, H, L, D), x.dtype, x.device)
     block_l = _block_l(B, L, D)
     n_lb = triton.cdiv(L, block_l)
     dtheta = drad_part = None
     if backward:
-        dtheta = _alloc((B, L), torch.float32, x.device)
+        dtheta = alloc((B, L), torch.float32, x.device)
         if radius is not None:
-            drad_part = _alloc((B * n_lb, half), torch.float32, x.device)
+            drad_part = alloc((B * n_lb, half), torch.float32, x.device)
     src = dy if backward else x
     grid = (n_lb, B)
     if B * H * L > 0:
@@ -128,7 +117,7 @@ def _launch(x, dy, theta, positions, radius, rotary_dim, interleaved, backward):
         return out
     drad = None
     if radius is not None:
-        drad = _alloc((half,), torch.float32, x.device)
+        drad = alloc((half,), torch.float32, x.device)
         if drad_part.shape[0]:
             torch.sum(drad_part, dim=0, out=drad)
         else:

@@ -221,14 +221,19 @@ def _attn_ref_kwargs(zero_mode: Optional[str], rotary: bool):
     return make
 
 
+def _require_backend(backend: str, w: Workload) -> None:
+    """Raise Unavailable unless the zeromask backend can be timed for this workload."""
+    if backend == "triton" and w.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise Unavailable("TRITON_INTERPRET=1: Triton's CPU interpreter is a correctness "
+                          "tool, not a kernel to time")
+    reason = zeromask.available_backends().get(backend)
+    if reason is not None:
+        raise Unavailable(reason)
+
+
 def _zeromask_attention(backend: str) -> Provider:
     def build(w: Workload, x: Inputs):
-        if backend == "triton" and w.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            raise Unavailable("TRITON_INTERPRET=1: Triton's CPU interpreter is a correctness "
-                              "tool, not a kernel to time")
-        reason = zeromask.available_backends().get(backend)
-        if reason is not None:
-            raise Unavailable(reason)
+        _require_backend(backend, w)
 
         def fn():
             return zeromask.zero_soft_attention(
@@ -332,12 +337,7 @@ def _naive_attention(w: Workload, x: Inputs):
 
 def _zeromask_rotary(backend: str) -> Provider:
     def build(w: Workload, x: Inputs):
-        if backend == "triton" and w.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            raise Unavailable("TRITON_INTERPRET=1: Triton's CPU interpreter is a correctness "
-                              "tool, not a kernel to time")
-        reason = zeromask.available_backends().get(backend)
-        if reason is not None:
-            raise Unavailable(reason)
+        _require_backend(backend, w)
         return lambda: zeromask.f0_rotary(x.q, x.theta, backend=backend)
     how = ("dispatched to zeromask.reference (PyTorch)" if backend == "reference"
            else "the backend's rotary kernel")
