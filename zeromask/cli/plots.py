@@ -25,6 +25,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 
+def _save(fig, path) -> Path:
+    """Lay out, write and close a figure; the parent folder is created."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -62,12 +72,7 @@ def plot_curves(curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_utterance(model, item: dict, tokenizer, path: Union[str, os.PathLike],
@@ -167,12 +172,7 @@ def plot_utterance(model, item: dict, tokenizer, path: Union[str, os.PathLike],
                  f"teacher-forced)\ngreedy hypothesis: \"{short}\"", fontsize=8)
     for a in axes:
         a.set_xlim(0, t_end)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_checkpoint_utterance(checkpoint: Union[str, os.PathLike], data: str,
