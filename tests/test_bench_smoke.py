@@ -109,6 +109,54 @@ def test_providers_agree_with_reference(report):
             assert r["flops"] == pytest.approx(flops)
 
 
+def test_matmul_ceiling_measured(report):
+    out, _ = report
+    meta = json.loads((out / "cpu-quick.json").read_text())["meta"]
+    ceiling = meta["matmul_ceiling"]
+    assert ceiling["n"] == zb.CEILING_MATMUL["cpu"][0] and ceiling["dtype"] == "fp32"
+    assert 1e8 < ceiling["flop_per_s"] < 1e14  # a real measurement, not a placeholder
+    assert "| matmul ceiling | `torch.mm` on 2048x2048 fp32 matrices: " in (
+        out / "cpu-quick.md").read_text()
+
+
+def _row(provider, mode, median_s, flops):
+    return zb.Row(provider=provider, op="attention", mode=mode, device="cpu", dtype="fp32",
+                  batch=1, heads=8, length=2048, head_dim=64, causal=False,
+                  median_s=median_s, min_s=median_s, flops=flops,
+                  flop_per_s=flops / median_s)
+
+
+def test_section6_verdicts_against_the_ceiling():
+    """The CPU check's arithmetic on made-up times: which targets are met, what rate a
+    missed speed-up needs, and whether that is beyond the measured matmul ceiling."""
+    flops = 4 * 8 * 2048 ** 2 * 64
+    rows = [_row("zeromask[cpp]", "fwd", 0.040, flops), _row("sdpa", "fwd", 0.045, flops),
+            _row("naive", "fwd", 0.300, flops), _row("flex+rope", "fwd", 0.080, flops)]
+    ceiling = {"n": 2048, "dtype": "fp32", "reps": 5, "threads": 2, "flop_per_s": 250e9}
+    text = "\n".join(zb.section6(rows, "cpu", ceiling))
+    line = next(ln for ln in text.splitlines() if ln.startswith("| fwd | 2048 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[7] == "0.89x" and cells[8] == "7.50x" and cells[9] == "2.00x"
+    # flex+rope / fused = 2 < 3: the fused time would have to be 80/3 ms, i.e.
+    # flops / 0.02667 s = 322 GFLOP/s, 1.29x the 250 GFLOP/s ceiling
+    assert cells[10] == ("misses: flex+rope ÷ fused 2.00 not ≥ 3.00 (needs 322 GFLOP/s, "
+                         "1.29x the matmul ceiling: out of reach on this machine)")
+    assert cells[12] == f"{flops / 0.040 / 250e9:.0%}"
+    assert "peaks at 250 GFLOP/s" in text
+    # a slower flex leaves the target reachable, and met
+    rows[-1] = _row("flex+rope", "fwd", 0.130, flops)
+    line = next(ln for ln in zb.section6(rows, "cpu", ceiling) if ln.startswith("| fwd |"))
+    assert "| meets |" in line
+    # a miss that the ceiling allows says how close it is
+    ceiling["flop_per_s"] = 400e9
+    rows[-1] = _row("flex+rope", "fwd", 0.080, flops)
+    line = next(ln for ln in zb.section6(rows, "cpu", ceiling) if ln.startswith("| fwd |"))
+    assert "(needs 322 GFLOP/s, 81% of the matmul ceiling)" in line
+    # without a ceiling the table still renders, with no rate claims
+    line = next(ln for ln in zb.section6(rows, "cpu", None) if ln.startswith("| fwd |"))
+    assert "needs" not in line and line.rstrip().endswith("| — |")
+
+
 def test_speech_like_inputs():
     zero = zb.speech_like_zero(3, 1000, 0.2)
     assert zero.shape == (3, 1000)

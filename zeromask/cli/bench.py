@@ -472,6 +472,31 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], device: str, min_reps
     return times
 
 
+#: The matmul whose best rate is a device's measured ceiling (see :func:`matmul_ceiling`).
+CEILING_MATMUL = {"cpu": (2048, torch.float32), "cuda": (8192, torch.bfloat16)}
+
+
+def matmul_ceiling(device: str, reps: int = 5) -> dict:
+    """The fastest rate this device's BLAS reaches in this process: the quickest of ``reps``
+    ``torch.mm`` calls on square ``n x n`` matrices (:data:`CEILING_MATMUL`), in FLOP/s.
+
+    Exact attention is matrix products (4·B·H·L²·D FLOPs forward, 3.5x that forward and
+    backward) plus a softmax, so no exact kernel runs its products faster than this: a
+    target that needs a higher rate cannot be met on this machine by any implementation.
+    """
+    n, dtype = CEILING_MATMUL[device]
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    _sync(device)
+    best = min(time_once(lambda: torch.mm(a, b, out=out), device) for _ in range(reps))
+    return {"n": n, "dtype": _SHORT_DTYPE[dtype], "reps": reps,
+            "threads": torch.get_num_threads() if device == "cpu" else None,
+            "flop_per_s": 2.0 * n ** 3 / best}
+
+
 @contextlib.contextmanager
 def _quiet_fd2():
     """Silence C-level stderr (the profiler's kineto banner) without touching Python's."""
@@ -889,8 +914,29 @@ def fused_backends(device: str) -> List[str]:
     return ["triton", "cuda"] if device == "cuda" else ["cpp"]
 
 
-def section6(rows: List[Row], device: str) -> List[str]:
-    """The DESIGN.md section-6 lines for this run."""
+def _needed_rate(fused: Optional[Row], ratio: float, target: float, peak: Optional[float],
+                 unit: float, unit_name: str) -> str:
+    """For a missed speed-up target ("other ÷ fused ≥ target"): the FLOP rate the fused
+    kernel would need to meet it, against the measured matmul ceiling."""
+    if not (peak and fused and fused.flop_per_s) or ratio >= target:
+        return ""
+    need = fused.flop_per_s * target / ratio  # fused time other/target, same FLOPs
+    if need > peak:
+        return (f" (needs {need / unit:.3g} {unit_name}, {need / peak:.2f}x the matmul "
+                "ceiling: out of reach on this machine)")
+    return f" (needs {need / unit:.3g} {unit_name}, {need / peak:.0%} of the matmul ceiling)"
+
+
+def _fmt_share(fused: Optional[Row], peak: Optional[float], label: Optional[str]) -> str:
+    if not (peak and fused and fused.flop_per_s) or "no fused" in (label or ""):
+        return "—"
+    return f"{fused.flop_per_s / peak:.0%}"
+
+
+def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> List[str]:
+    """The DESIGN.md section-6 lines for this run; ``ceiling`` (:func:`matmul_ceiling`) adds
+    how each fused time compares with the device's matmul peak, and what rate a missed
+    speed-up target would need."""
     lines: List[str] = []
     att = [r for r in rows if r.op == "attention"]
 
@@ -928,9 +974,22 @@ def section6(rows: List[Row], device: str) -> List[str]:
                  "in this run; the last column compares the fastest calls instead, which "
                  "outside load disturbs least.")
     lines.append("")
+    peak = ceiling["flop_per_s"] if ceiling else None
+    unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e9, "GFLOP/s")
+    if ceiling:
+        lines.append(f"Matmul ceiling: `torch.mm` on {ceiling['n']}x{ceiling['n']} "
+                     f"{ceiling['dtype']} matrices"
+                     + (f", {ceiling['threads']} threads" if ceiling.get("threads") else "")
+                     + f", peaks at {peak / unit:.3g} {unit_name} in this run (the fastest of "
+                     f"{ceiling['reps']} calls, measured at the start and the end). Exact "
+                     "attention is two matrix products forward (five more backward) plus a "
+                     "softmax, so no exact kernel runs faster than its products at this rate; "
+                     "a speed-up target that needs more is out of reach on this machine.")
+        lines.append("")
     lines.append("| mode | L | D | dtype | fused provider | fused ms | sdpa ms | fused ÷ sdpa "
-                 "| naive ÷ fused | flex+rope ÷ fused | verdict | fused ÷ sdpa, fastest calls |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| naive ÷ fused | flex+rope ÷ fused | verdict | fused ÷ sdpa, fastest calls "
+                 "| fused rate ÷ matmul ceiling |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     modes = [m for m in MODES if any(r.mode == m for r in att)]
     for mode in modes:
         for (length, d, dtype) in cells:
@@ -960,7 +1019,10 @@ def section6(rows: List[Row], device: str) -> List[str]:
                     need = SECTION6_GPU_FWD if mode == "fwd" else SECTION6_GPU_FWDBWD
                     checks = [("fused ÷ sdpa", r_sdpa, "≤", 1 / need),
                               ("flex+rope ÷ fused", r_flex, "≥", SECTION6_GPU_FLEX)]
-                missed = [f"{n} {v:.2f} not {op} {t:.2f}" for n, v, op, t in checks
+                missed = [f"{n} {v:.2f} not {op} {t:.2f}"
+                          + (_needed_rate(fused, v, t, peak, unit, unit_name) if op == "≥"
+                             else "")
+                          for n, v, op, t in checks
                           if v is not None and not (v <= t if op == "≤" else v >= t)]
                 absent = [n for n, v, _, _ in checks if v is None]
                 verdict = ("misses: " + "; ".join(missed)) if missed else "meets"
@@ -971,7 +1033,7 @@ def section6(rows: List[Row], device: str) -> List[str]:
             lines.append(f"| {mode} | {length} | {d} | {dtype} | {label} | {_fmt_ms(ft)} | "
                          f"{_fmt_ms(sd.median_s if sd else None)} | {_fmt_ratio(r_sdpa)} | "
                          f"{_fmt_ratio(r_naive)} | {_fmt_ratio(r_flex)} | {verdict} | "
-                         f"{_fmt_ratio(r_min)} |")
+                         f"{_fmt_ratio(r_min)} | {_fmt_share(fused, peak, label)} |")
     lines.append("")
     return lines
 
@@ -1033,11 +1095,17 @@ def markdown(meta: dict, rows: List[Row], provider_info: Dict[str, Dict[str, str
                       if busy and meta.get("threads", 1) > 1 else
                       "; other processes were running, so expect noisy times" if busy else "")
                    + " |")
+    ceiling = meta.get("matmul_ceiling")
+    if ceiling:
+        out.append(f"| matmul ceiling | `torch.mm` on {ceiling['n']}x{ceiling['n']} "
+                   f"{ceiling['dtype']} matrices: {ceiling['flop_per_s'] / rate_unit:.3g} "
+                   f"{rate_name}, the fastest of {ceiling['reps']} calls at the start and the "
+                   "end of the run; no exact attention runs its products faster |")
     if meta.get("note"):
         out.append(f"| note | {meta['note']} |")
     out.append("")
     if "attention" in cfg["ops"]:
-        out += section6(rows, device)
+        out += section6(rows, device, meta.get("matmul_ceiling"))
     out.append("### Providers")
     out.append("")
     for op, info in provider_info.items():
@@ -1147,7 +1215,7 @@ def readme_block(meta: dict, rows: List[Row], out_dir: Path, readme: Path, stem:
     if meta.get("note"):
         lines += [f"Note: {meta['note']}", ""]
     if "attention" in cfg["ops"]:
-        lines += section6(rows, cfg["device"])
+        lines += section6(rows, cfg["device"], meta.get("matmul_ceiling"))
         d = SECTION6_CPU["head_dim"]
         if d not in cfg["head_dims"]:
             d = cfg["head_dims"][0]
@@ -1284,6 +1352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write this run's summary (section-6 check, attention times, "
                         "plots) into README (default: benchmarks/README.md) between "
                         "'zeromask-bench:<device>/<suite>' comment markers")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the matmul-ceiling measurement (torch.mm at the start and the "
+                        "end of the run) that section 6 compares each target with")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--list", action="store_true",
@@ -1339,6 +1410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ref_cache: dict = {}
     started = time.perf_counter()
     load_start = _loadavg()
+    ceilings = [] if args.no_ceiling else [matmul_ceiling(cfg.device)]
     for w in workloads:
         got = run_workload(provs[w.op], w, make_inputs(w), mem_budget=mem_budget,
                            min_reps=args.min_reps, max_reps=args.max_reps, budget_s=budget_s,
@@ -1350,6 +1422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bar.update(len(got))
     if bar is not None:
         bar.close()
+    if ceilings:  # once more at the end: the better of the two, as load comes and goes
+        ceilings.append(matmul_ceiling(cfg.device))
     add_ratios(rows)
 
     meta = {
@@ -1362,6 +1436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "memory_method": MEMORY_METHOD[cfg.device], "mem_cap_bytes": mem_budget,
         "backends": zeromask.available_backends(),
         "flops": "4*B*H*L*L*D forward (/2 causal); fwd+bwd = 3.5x forward (bwd = 2.5x)",
+        "matmul_ceiling": max(ceilings, key=lambda c: c["flop_per_s"]) if ceilings else None,
         "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min": [load_start, _loadavg()],
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
