@@ -85,6 +85,10 @@ static inline float hsum(vf v) {
 }
 
 // C[MR x NV*16] (+)= sum_t A(r, t) * B[t, :], A(r, t) = A[r * asr + t * ast].
+// Per step t: NV vector loads of B, MR broadcasts of A, MR * NV FMAs into MR * NV register
+// accumulators (6 x 4 = 24 of the 32 AVX-512 registers).  The empty asm pins each loaded B
+// vector in a register: otherwise GCC folds the load into every FMA that uses it (MR loads
+// of the same vector per step), and the kernel becomes bound by loads, not FMAs.
 template <int MR, int NV, bool ACC>
 static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int64_t ast,
                          const float* __restrict B, int64_t ldb, float* __restrict C,
@@ -97,10 +101,13 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
   for (int64_t t = 0; t < K; ++t) {
     vf b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + t * ldb + v * VL);
+    for (int v = 0; v < NV; ++v) {
+      b[v] = vload(B + t * ldb + v * VL);
+      asm("" : "+v"(b[v]));
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const float a = A[r * asr + t * ast];
+      const vf a = vset(A[r * asr + t * ast]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
@@ -111,23 +118,29 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VL, acc[r][v]);
 }
 
-// C (M x N) (+)= A (M x K) B (K x N); M % 4 == 0, N % 16 == 0.
+// One MR-row strip of C: every 64-column panel, then the 16-column tail.
+template <int MR, bool ACC>
+static inline void strip(int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
+                         const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 4 * VL <= N; n += 4 * VL) micro<MR, 4, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc);
+  switch ((N - n) / VL) {
+    case 3: micro<MR, 3, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
+    case 2: micro<MR, 2, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
+    case 1: micro<MR, 1, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
+    default: break;
+  }
+}
+
+// C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % 16 == 0.  Strips of 6 rows, then
+// one of 4 or 2 for the rest.
 template <bool ACC>
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
                  const float* B, int64_t ldb, float* C, int64_t ldc) {
-  constexpr int MR = 4;
-  for (int64_t m = 0; m < M; m += MR) {
-    const float* Am = A + m * asr;
-    float* Cm = C + m * ldc;
-    int64_t n = 0;
-    for (; n + 4 * VL <= N; n += 4 * VL) micro<MR, 4, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc);
-    switch ((N - n) / VL) {
-      case 3: micro<MR, 3, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
-      case 2: micro<MR, 2, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
-      case 1: micro<MR, 1, ACC>(K, Am, asr, ast, B + n, ldb, Cm + n, ldc); break;
-      default: break;
-    }
-  }
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) strip<6, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
+  if (M - m == 4) strip<4, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
+  else if (M - m == 2) strip<2, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
 }
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -247,7 +260,7 @@ static inline void store_row(const float* src, T* dst, int64_t n) {
 // attention
 // ---------------------------------------------------------------------------------------
 struct Attn {
-  int64_t B, Hq, Hkv, Lq, Lk, D, R, Dp, Lkp, grp;
+  int64_t B, Hq, Hkv, Lq, Lk, D, R, Dp, Lkp, ldt, grp;
   bool score, causal, inter, has_zero;
   float sm_scale, zs;
   const bool* key_zero;
@@ -269,6 +282,15 @@ struct Attn {
   }
 };
 
+// Row pitch (floats) of the transposed key/value packs (D rows of Lkp keys).  A pitch that
+// is a multiple of 4 KiB puts every row of a key tile in the same L1 set (4 KiB aliasing),
+// so a Q K^T tile, which reads D rows, would thrash L1: pad to an odd multiple of 64 bytes.
+static int64_t transposed_pitch(int64_t lkp) {
+  int64_t p = round_up(lkp, VL);
+  if ((p / VL) % 2 == 0) p += VL;
+  return p;
+}
+
 static constexpr int64_t BQ = 64;
 static constexpr int64_t BK = 128;
 
@@ -289,6 +311,7 @@ static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(a.R % 2 == 0 && a.R <= a.D && a.R > 0, "zeromask: bad rotary_dim");
   a.Dp = round_up(a.D, VL);
   a.Lkp = round_up(std::max<int64_t>(a.Lk, 1), VL);
+  a.ldt = transposed_pitch(a.Lkp);
   a.score = score; a.causal = causal; a.inter = interleaved;
   a.sm_scale = static_cast<float>(sm_scale);
   a.zs = zero_scale.item<float>();
@@ -365,10 +388,10 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
       std::fill(y.begin(), y.end(), 0.f);
       std::fill(vv.begin(), vv.end(), 0.f);
     }
-    for (int64_t d = 0; d < a.D; ++d) Kt[d * a.Lkp + j] = y[d];
+    for (int64_t d = 0; d < a.D; ++d) Kt[d * a.ldt + j] = y[d];
     if (Kr) std::copy(y.begin(), y.end(), Kr + j * a.Dp);
     if (Vr) std::copy(vv.begin(), vv.end(), Vr + j * a.Dp);
-    if (Vt) for (int64_t d = 0; d < a.D; ++d) Vt[d * a.Lkp + j] = vv[d];
+    if (Vt) for (int64_t d = 0; d < a.D; ++d) Vt[d * a.ldt + j] = vv[d];
   }
 }
 
@@ -427,7 +450,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
     std::vector<float> Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ);
-    std::unique_ptr<float[]> Kt(new float[a.D * a.Lkp]), Vr(new float[a.Lkp * a.Dp]);
+    std::unique_ptr<float[]> Kt(new float[a.D * a.ldt]), Vr(new float[a.Lkp * a.Dp]);
     int64_t packed = -1;
     for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
     for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
@@ -447,7 +470,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       const int64_t ke = a.kend(b, i0 + rows);
       for (int64_t j0 = 0; j0 < ke; j0 += BK) {
         const int64_t wp = round_up(std::min(BK, ke - j0), VL);
-        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.Lkp, S.data(), BK);
+        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK);
         mask_tile(a, b, i0, Mp, j0, wp, S.data());
         for (int64_t r = 0; r < Mp; ++r) {
           float* row = S.data() + r * BK;
@@ -580,7 +603,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   std::unique_ptr<float[]> dVs(fused ? nullptr : new float[ntask * slab]);
   // ---- phase 1: (b, hk, slice of q heads) ----
   at::parallel_for(0, ntask, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> Kt(a.D * a.Lkp), Kr(slab), Vt(a.D * a.Lkp);
+    std::vector<float> Kt(a.D * a.ldt), Kr(slab), Vt(a.D * a.ldt);
     std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ);
     std::vector<float> Qs(BQ * a.Dp), dO(BQ * a.Dp), dQ(BQ * a.Dp), P(BQ * BK), dS(BQ * BK);
     std::vector<float> delta(BQ), lrow(BQ), x(a.Dp), gx(a.Dp);
@@ -632,9 +655,9 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
             const int64_t wp = round_up(std::min(BK, ke - j0), VL);
-            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.Lkp, P.data(), BK);
+            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt, P.data(), BK);
             mask_tile(a, b, i0, Mp, j0, wp, P.data());
-            gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.Lkp, dS.data(), BK);
+            gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.ldt, dS.data(), BK);
             const float* zf = a.zf.data() + b * a.Lkp + j0;
             for (int64_t r = 0; r < Mp; ++r) {
               float* pr = P.data() + r * BK;
