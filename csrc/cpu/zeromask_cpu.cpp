@@ -27,6 +27,9 @@
 // whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -44,33 +47,44 @@ typedef int vi __attribute__((vector_size(64)));
 constexpr int VL = 16;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr float LOG2E = 1.44269504088896341f;
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf vset(float x) { vf v = {}; return v + x; }
 
-// exp for a vector of floats, ~2 ulp (Cephes expf); exactly 0 below -87 (incl. -inf).
+// e^x for a vector of floats as 2^(x log2 e): the Cephes exp2f polynomial on [-1/2, 1/2]
+// (~2 ulp), the exponent put in by vscalefps under AVX-512 (else by integer bits).  Exactly
+// 0 below -87 (incl. -inf), so no denormal reaches the P V product.  Forward and backward
+// use this one function, so the backward's recomputed P is the forward's.
 static inline vf vexp(vf x) {
-  const vf lo = vset(-87.0f), hi = vset(88.0f), zero = vset(0.0f);
-  vi dead = x < lo;
-  x = dead ? lo : x;
-  x = (x > hi) ? hi : x;
+  vi dead = x < -87.0f;
+  x = dead ? vset(-87.0f) : x;
+  x = (x > 88.0f) ? vset(88.0f) : x;
+  x = x * LOG2E;
+#ifdef __AVX512F__
+  const __m512 xm = (__m512)x;
+  const __m512 n = _mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = (vf)_mm512_sub_ps(xm, n);
+#else
   const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
-  vf t = x * 1.44269504088896341f + magic;
-  vf n = t - magic;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf p = vset(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  vf y = p * r * r + r + 1.0f;
-  vi ni = __builtin_convertvector(n, vi);
-  vi bits = (ni + 127) << 23;
+  const vf n = (x + magic) - magic;
+  const vf f = x - n;
+#endif
+  vf p = vset(1.535336188319500E-4f);
+  p = p * f + 1.339887440266574E-3f;
+  p = p * f + 9.618437357674640E-3f;
+  p = p * f + 5.550332471162809E-2f;
+  p = p * f + 2.402264791363012E-1f;
+  p = p * f + 6.931472028550421E-1f;
+  vf y = p * f + 1.0f;
+#ifdef __AVX512F__
+  y = (vf)_mm512_scalef_ps((__m512)y, n);
+#else
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   y = y * (vf)bits;  // GCC vector cast = bit cast
-  return dead ? zero : y;
+#endif
+  return dead ? vset(0.0f) : y;
 }
 
 static inline float hmax(vf v) {
@@ -89,10 +103,14 @@ static inline float hsum(vf v) {
 // accumulators (6 x 4 = 24 of the 32 AVX-512 registers).  The empty asm pins each loaded B
 // vector in a register: otherwise GCC folds the load into every FMA that uses it (MR loads
 // of the same vector per step), and the kernel becomes bound by loads, not FMAs.
+//
+// With `bias` (the scores epilogue of the forward's Q K^T): C = A B + bias[col], and
+// rowmax[r] = max(rowmax[r], max of row r of C), while C is still in registers.
 template <int MR, int NV, bool ACC>
 static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int64_t ast,
                          const float* __restrict B, int64_t ldb, float* __restrict C,
-                         int64_t ldc) {
+                         int64_t ldc, const float* __restrict bias = nullptr,
+                         float* __restrict rowmax = nullptr) {
   vf acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -103,13 +121,30 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       b[v] = vload(B + t * ldb + v * VL);
+#ifdef __AVX512F__  // one vf is one zmm register only with AVX-512
       asm("" : "+v"(b[v]));
+#endif
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const vf a = vset(A[r * asr + t * ast]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  if (bias) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const vf bv = vload(bias + v * VL);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) acc[r][v] += bv;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      vf mx = acc[r][0];
+#pragma GCC unroll 8
+      for (int v = 1; v < NV; ++v) mx = acc[r][v] > mx ? acc[r][v] : mx;
+      rowmax[r] = std::max(rowmax[r], hmax(mx));
     }
   }
 #pragma GCC unroll 8
@@ -121,26 +156,34 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
 // One MR-row strip of C: every 64-column panel, then the 16-column tail.
 template <int MR, bool ACC>
 static inline void strip(int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
-                         const float* B, int64_t ldb, float* C, int64_t ldc) {
+                         const float* B, int64_t ldb, float* C, int64_t ldc,
+                         const float* bias, float* rowmax) {
   int64_t n = 0;
-  for (; n + 4 * VL <= N; n += 4 * VL) micro<MR, 4, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc);
+  auto bn = [&](int64_t n) { return bias ? bias + n : nullptr; };
+  for (; n + 4 * VL <= N; n += 4 * VL)
+    micro<MR, 4, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc, bn(n), rowmax);
   switch ((N - n) / VL) {
-    case 3: micro<MR, 3, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
-    case 2: micro<MR, 2, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
-    case 1: micro<MR, 1, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc); break;
+    case 3: micro<MR, 3, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc, bn(n), rowmax); break;
+    case 2: micro<MR, 2, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc, bn(n), rowmax); break;
+    case 1: micro<MR, 1, ACC>(K, A, asr, ast, B + n, ldb, C + n, ldc, bn(n), rowmax); break;
     default: break;
   }
 }
 
 // C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % 16 == 0.  Strips of 6 rows, then
-// one of 4 or 2 for the rest.
+// one of 4 or 2 for the rest.  With bias (length N) and rowmax (length M): see micro.
 template <bool ACC>
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
-                 const float* B, int64_t ldb, float* C, int64_t ldc) {
+                 const float* B, int64_t ldb, float* C, int64_t ldc,
+                 const float* bias = nullptr, float* rowmax = nullptr) {
+  auto rm = [&](int64_t m) { return rowmax ? rowmax + m : nullptr; };
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) strip<6, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
-  if (M - m == 4) strip<4, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
-  else if (M - m == 2) strip<2, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc);
+  for (; m + 6 <= M; m += 6)
+    strip<6, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
+  if (M - m == 4)
+    strip<4, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
+  else if (M - m == 2)
+    strip<2, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
 }
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -395,10 +438,10 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
   }
 }
 
-// Qs rows [0, Mp): sm_scale * rot(q) for rows < rows, zeros after.  Stride Dp.
+// Qs rows [0, Mp): scale * rot(q) for rows < rows, zeros after.  Stride Dp.
 template <typename T>
 static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int64_t i0,
-                   int64_t rows, int64_t Mp, float* Qs) {
+                   int64_t rows, int64_t Mp, float* Qs, float scale) {
   const T* qp = q.data_ptr<T>();
   const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);
   std::vector<float> x(a.D);
@@ -409,7 +452,7 @@ static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int
     load_row(qp + b * s0 + h * s1 + i * s2, x.data(), a.D);
     if (a.tq.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tq.c(b, i), a.tq.s(b, i), a.radius);
     else std::copy(x.begin(), x.end(), y);
-    for (int64_t d = 0; d < a.D; ++d) y[d] *= a.sm_scale;
+    for (int64_t d = 0; d < a.D; ++d) y[d] *= scale;
   }
 }
 
@@ -431,6 +474,22 @@ static inline void mask_tile(const Attn& a, int64_t b, int64_t i0, int64_t Mp, i
   }
 }
 
+// Forward, tiles that cross the causal diagonal: S entries past it to -inf, and the row
+// maxima (taken over the whole tile by the scores epilogue) recomputed without them.
+static inline void causal_tile(const Attn& a, int64_t i0, int64_t Mp, int64_t j0, int64_t wp,
+                               float* S, float* tmax) {
+  const int64_t off = a.Lk - a.Lq;
+  for (int64_t r = 0; r < Mp; ++r) {
+    const int64_t first = std::max<int64_t>(0, i0 + r + off + 1 - j0);  // first masked col
+    if (first >= wp) continue;
+    float* row = S + r * BK;
+    float mx = NEG_INF;
+    for (int64_t j = 0; j < first; ++j) mx = std::max(mx, row[j]);
+    for (int64_t j = first; j < wp; ++j) row[j] = NEG_INF;
+    tmax[r] = mx;
+  }
+}
+
 template <typename T>
 static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
@@ -449,7 +508,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
   const int64_t nchunk = (ntask + chunk - 1) / chunk;
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
-    std::vector<float> Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ);
+    std::vector<float> Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ), tmax(BQ);
     std::unique_ptr<float[]> Kt(new float[a.D * a.ldt]), Vr(new float[a.Lkp * a.Dp]);
     int64_t packed = -1;
     for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
@@ -463,23 +522,23 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       }
       const float* kt = Kt.get();
       const float* vr = Vr.get();
-      load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
+      load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data(), a.sm_scale);
       std::fill(O.begin(), O.end(), 0.f);
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t ke = a.kend(b, i0 + rows);
+      const float* bias = a.bias.data() + b * a.Lkp;
       for (int64_t j0 = 0; j0 < ke; j0 += BK) {
         const int64_t wp = round_up(std::min(BK, ke - j0), VL);
-        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK);
-        mask_tile(a, b, i0, Mp, j0, wp, S.data());
+        // S = Qs K'^T + bias, and each row's maximum, in one pass over the tile
+        std::fill(tmax.begin(), tmax.begin() + Mp, NEG_INF);
+        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
+                    bias + j0, tmax.data());
+        if (a.causal && i0 + (a.Lk - a.Lq) + 1 - j0 < wp)
+          causal_tile(a, i0, Mp, j0, wp, S.data(), tmax.data());
         for (int64_t r = 0; r < Mp; ++r) {
           float* row = S.data() + r * BK;
-          vf mx = vload(row);
-          for (int64_t j = VL; j < wp; j += VL) {
-            vf x = vload(row + j);
-            mx = x > mx ? x : mx;
-          }
-          const float mnew = std::max(m[r], hmax(mx));
+          const float mnew = std::max(m[r], tmax[r]);
           const float ms = (mnew == NEG_INF) ? 0.f : mnew;
           const float alpha = std::exp(m[r] - ms);
           vf sum = vset(0.f);
@@ -629,7 +688,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
           const int64_t Mp = round_up(rows, 4);
-          load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
+          load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data(), a.sm_scale);
           std::fill(dO.begin(), dO.end(), 0.f);
           std::fill(dQ.begin(), dQ.end(), 0.f);
           for (int64_t r = 0; r < Mp; ++r) {
