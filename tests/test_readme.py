@@ -25,3 +25,29 @@ def test_prob_vs_score_numbers_in_readme(capsys):
     assert "51.4%" in printed and "**51.4%**" in readme
     for prob, score in (("3.18e-07", "1.60e-01"), ("3.17e-03", "1.60e-01")):
         assert prob in printed and score in printed
+
+
+def test_cpu_benchmark_numbers_in_readme_match_the_results():
+    """The README's section-6 CPU table quotes the committed benchmark run, not stale
+    numbers: its commit, the fused and SDPA times and the matmul-ceiling share."""
+    import json
+    data = json.loads((ROOT / "benchmarks/results/cpu-amd-epyc-2t/cpu.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert f"commit {data['meta']['commit'][:7]}" in readme
+    peak = data["meta"]["matmul_ceiling"]["flop_per_s"]
+    assert f"{peak / 1e9:.0f} GFLOP/s here" in readme
+
+    def row(provider, mode):
+        return next(r for r in data["rows"] if r["provider"] == provider and r["mode"] == mode
+                    and r["op"] == "attention" and r["length"] == 2048 and r["head_dim"] == 64)
+
+    for mode in ("fwd", "fwd+bwd"):
+        cpp, sdpa = row("zeromask[cpp]", mode), row("sdpa", mode)
+
+        def ms(r):
+            t = r["median_s"] * 1e3
+            return f"{t:.1f}" if t < 100 else f"{t:.0f}"
+        share = f"{cpp['flop_per_s'] / peak:.0%}"
+        ratio = f"**{cpp['median_s'] / sdpa['median_s']:.2f}x**"
+        line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {mode} | {ms(cpp)} |"))
+        assert f"| {ms(sdpa)} | {ratio} |" in line and line.rstrip().endswith(f"| {share} |")

@@ -472,29 +472,28 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], device: str, min_reps
     return times
 
 
-#: The matmul whose best rate is a device's measured ceiling (see :func:`matmul_ceiling`).
-CEILING_MATMUL = {"cpu": (2048, torch.float32), "cuda": (8192, torch.bfloat16)}
+def compute_ceiling(device: str, reps: int = 3) -> Optional[dict]:
+    """The device's fp32 compute peak measured in this process, or None where there is no
+    way to measure it here.
 
-
-def matmul_ceiling(device: str, reps: int = 5) -> dict:
-    """The fastest rate this device's BLAS reaches in this process: the quickest of ``reps``
-    ``torch.mm`` calls on square ``n x n`` matrices (:data:`CEILING_MATMUL`), in FLOP/s.
-
-    Exact attention is matrix products (4·B·H·L²·D FLOPs forward, 3.5x that forward and
-    backward) plus a softmax, so no exact kernel runs its products faster than this: a
-    target that needs a higher rate cannot be met on this machine by any implementation.
+    CPU: ``zeromask._C_cpu.fma_peak``, a register-only loop of independent FMA chains in the
+    widest vectors the extension was built for, on every torch thread: the fastest of
+    ``reps`` calls. Exact attention is matrix products (4·B·H·L²·D FLOPs forward, 3.5x that
+    forward and backward) plus a softmax, so no kernel built the same way runs faster than
+    this, and a target that needs more cannot be met on this machine. (``torch.mm`` is no
+    ceiling: on this AMD CPU its fp32 GEMM runs at under half of this peak.)
     """
-    n, dtype = CEILING_MATMUL[device]
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up
-    _sync(device)
-    best = min(time_once(lambda: torch.mm(a, b, out=out), device) for _ in range(reps))
-    return {"n": n, "dtype": _SHORT_DTYPE[dtype], "reps": reps,
-            "threads": torch.get_num_threads() if device == "cpu" else None,
-            "flop_per_s": 2.0 * n ** 3 / best}
+    if device != "cpu":
+        return None
+    try:
+        from zeromask import _C_cpu  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    iters = 20_000_000
+    best = max(_C_cpu.fma_peak(iters) for _ in range(reps))
+    return {"what": f"fp32 FMA peak ({_C_cpu.vector_bits()}-bit vectors, "
+                    f"{torch.get_num_threads()} threads)",
+            "reps": reps, "threads": torch.get_num_threads(), "flop_per_s": best}
 
 
 @contextlib.contextmanager
@@ -917,14 +916,14 @@ def fused_backends(device: str) -> List[str]:
 def _needed_rate(fused: Optional[Row], ratio: float, target: float, peak: Optional[float],
                  unit: float, unit_name: str) -> str:
     """For a missed speed-up target ("other ÷ fused ≥ target"): the FLOP rate the fused
-    kernel would need to meet it, against the measured matmul ceiling."""
+    kernel would need to meet it, against the measured compute ceiling."""
     if not (peak and fused and fused.flop_per_s) or ratio >= target:
         return ""
     need = fused.flop_per_s * target / ratio  # fused time other/target, same FLOPs
     if need > peak:
-        return (f" (needs {need / unit:.3g} {unit_name}, {need / peak:.2f}x the matmul "
+        return (f" (needs {need / unit:.3g} {unit_name}, {need / peak:.2f}x the compute "
                 "ceiling: out of reach on this machine)")
-    return f" (needs {need / unit:.3g} {unit_name}, {need / peak:.0%} of the matmul ceiling)"
+    return f" (needs {need / unit:.3g} {unit_name}, {need / peak:.0%} of the compute ceiling)"
 
 
 def _fmt_share(fused: Optional[Row], peak: Optional[float], label: Optional[str]) -> str:
@@ -934,9 +933,9 @@ def _fmt_share(fused: Optional[Row], peak: Optional[float], label: Optional[str]
 
 
 def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> List[str]:
-    """The DESIGN.md section-6 lines for this run; ``ceiling`` (:func:`matmul_ceiling`) adds
-    how each fused time compares with the device's matmul peak, and what rate a missed
-    speed-up target would need."""
+    """The DESIGN.md section-6 lines for this run; ``ceiling`` (:func:`compute_ceiling`)
+    adds how each fused time compares with the device's compute peak, and what rate a
+    missed speed-up target would need."""
     lines: List[str] = []
     att = [r for r in rows if r.op == "attention"]
 
@@ -977,18 +976,14 @@ def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> Li
     peak = ceiling["flop_per_s"] if ceiling else None
     unit, unit_name = (1e12, "TFLOP/s") if device == "cuda" else (1e9, "GFLOP/s")
     if ceiling:
-        lines.append(f"Matmul ceiling: `torch.mm` on {ceiling['n']}x{ceiling['n']} "
-                     f"{ceiling['dtype']} matrices"
-                     + (f", {ceiling['threads']} threads" if ceiling.get("threads") else "")
-                     + f", peaks at {peak / unit:.3g} {unit_name} in this run (the fastest of "
-                     f"{ceiling['reps']} calls, measured at the start and the end). Exact "
-                     "attention is two matrix products forward (five more backward) plus a "
-                     "softmax, so no exact kernel runs faster than its products at this rate; "
-                     "a speed-up target that needs more is out of reach on this machine.")
+        lines.append(f"Compute ceiling: {ceiling['what']}, {peak / unit:.3g} {unit_name} in "
+                     "this run. Exact attention is two matrix products forward (five more "
+                     "backward) plus a softmax, so no kernel runs them faster than this; a "
+                     "speed-up target that needs more is out of reach on this machine.")
         lines.append("")
     lines.append("| mode | L | D | dtype | fused provider | fused ms | sdpa ms | fused ÷ sdpa "
                  "| naive ÷ fused | flex+rope ÷ fused | verdict | fused ÷ sdpa, fastest calls "
-                 "| fused rate ÷ matmul ceiling |")
+                 "| fused rate ÷ compute ceiling |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     modes = [m for m in MODES if any(r.mode == m for r in att)]
     for mode in modes:
@@ -1095,17 +1090,16 @@ def markdown(meta: dict, rows: List[Row], provider_info: Dict[str, Dict[str, str
                       if busy and meta.get("threads", 1) > 1 else
                       "; other processes were running, so expect noisy times" if busy else "")
                    + " |")
-    ceiling = meta.get("matmul_ceiling")
+    ceiling = meta.get("compute_ceiling")
     if ceiling:
-        out.append(f"| matmul ceiling | `torch.mm` on {ceiling['n']}x{ceiling['n']} "
-                   f"{ceiling['dtype']} matrices: {ceiling['flop_per_s'] / rate_unit:.3g} "
-                   f"{rate_name}, the fastest of {ceiling['reps']} calls at the start and the "
-                   "end of the run; no exact attention runs its products faster |")
+        out.append(f"| compute ceiling | {ceiling['what']}: {ceiling['flop_per_s'] / rate_unit:.3g} "
+                   f"{rate_name}, the fastest of {ceiling['reps']} register-only FMA loops "
+                   "(zeromask._C_cpu.fma_peak) at the start and the end of the run |")
     if meta.get("note"):
         out.append(f"| note | {meta['note']} |")
     out.append("")
     if "attention" in cfg["ops"]:
-        out += section6(rows, device, meta.get("matmul_ceiling"))
+        out += section6(rows, device, meta.get("compute_ceiling"))
     out.append("### Providers")
     out.append("")
     for op, info in provider_info.items():
@@ -1215,7 +1209,7 @@ def readme_block(meta: dict, rows: List[Row], out_dir: Path, readme: Path, stem:
     if meta.get("note"):
         lines += [f"Note: {meta['note']}", ""]
     if "attention" in cfg["ops"]:
-        lines += section6(rows, cfg["device"], meta.get("matmul_ceiling"))
+        lines += section6(rows, cfg["device"], meta.get("compute_ceiling"))
         d = SECTION6_CPU["head_dim"]
         if d not in cfg["head_dims"]:
             d = cfg["head_dims"][0]
@@ -1353,8 +1347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "plots) into README (default: benchmarks/README.md) between "
                         "'zeromask-bench:<device>/<suite>' comment markers")
     p.add_argument("--no-ceiling", action="store_true",
-                   help="skip the matmul-ceiling measurement (torch.mm at the start and the "
-                        "end of the run) that section 6 compares each target with")
+                   help="skip the compute-ceiling measurement (the CPU's fp32 FMA peak, at "
+                        "the start and the end of the run) that section 6 compares with")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--list", action="store_true",
@@ -1410,7 +1404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ref_cache: dict = {}
     started = time.perf_counter()
     load_start = _loadavg()
-    ceilings = [] if args.no_ceiling else [matmul_ceiling(cfg.device)]
+    ceilings = [] if args.no_ceiling else [compute_ceiling(cfg.device)]
     for w in workloads:
         got = run_workload(provs[w.op], w, make_inputs(w), mem_budget=mem_budget,
                            min_reps=args.min_reps, max_reps=args.max_reps, budget_s=budget_s,
@@ -1422,8 +1416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bar.update(len(got))
     if bar is not None:
         bar.close()
-    if ceilings:  # once more at the end: the better of the two, as load comes and goes
-        ceilings.append(matmul_ceiling(cfg.device))
+    if ceilings and ceilings[0]:  # again at the end: the better of two, as load comes and goes
+        ceilings.append(compute_ceiling(cfg.device))
     add_ratios(rows)
 
     meta = {
@@ -1436,7 +1430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "memory_method": MEMORY_METHOD[cfg.device], "mem_cap_bytes": mem_budget,
         "backends": zeromask.available_backends(),
         "flops": "4*B*H*L*L*D forward (/2 causal); fwd+bwd = 3.5x forward (bwd = 2.5x)",
-        "matmul_ceiling": max(ceilings, key=lambda c: c["flop_per_s"]) if ceilings else None,
+        "compute_ceiling": max((c for c in ceilings if c), key=lambda c: c["flop_per_s"],
+                               default=None),
         "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min": [load_start, _loadavg()],
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
