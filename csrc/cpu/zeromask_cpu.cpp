@@ -59,15 +59,18 @@ static inline vf vset(float x) { vf v = {}; return v + x; }
 // 0 below -87 (incl. -inf), so no denormal reaches the P V product.  Forward and backward
 // use this one function, so the backward's recomputed P is the forward's.
 static inline vf vexp(vf x) {
+#ifdef __AVX512F__
+  // lanes below -87 (and -inf, NaN) come out 0 through the mask of the final scalef
+  const __mmask16 live = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __m512 xm = _mm512_min_ps(_mm512_mul_ps((__m512)x, _mm512_set1_ps(LOG2E)),
+                                  _mm512_set1_ps(127.0f));
+  const __m512 n = _mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = (vf)_mm512_sub_ps(xm, n);
+#else
   vi dead = x < -87.0f;
   x = dead ? vset(-87.0f) : x;
   x = (x > 88.0f) ? vset(88.0f) : x;
   x = x * LOG2E;
-#ifdef __AVX512F__
-  const __m512 xm = (__m512)x;
-  const __m512 n = _mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vf f = (vf)_mm512_sub_ps(xm, n);
-#else
   const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
   const vf n = (x + magic) - magic;
   const vf f = x - n;
@@ -80,23 +83,33 @@ static inline vf vexp(vf x) {
   p = p * f + 6.931472028550421E-1f;
   vf y = p * f + 1.0f;
 #ifdef __AVX512F__
-  y = (vf)_mm512_scalef_ps((__m512)y, n);
+  return (vf)_mm512_maskz_scalef_ps(live, (__m512)y, n);
 #else
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   y = y * (vf)bits;  // GCC vector cast = bit cast
-#endif
   return dead ? vset(0.0f) : y;
+#endif
 }
 
+// Horizontal max / sum of one vector: a shuffle tree under AVX-512 (GCC turns the plain
+// loop into a serial chain of 15 scalar ops, a fifth of the softmax's time).
 static inline float hmax(vf v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps((__m512)v);
+#else
   float m = v[0];
   for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
   return m;
+#endif
 }
 static inline float hsum(vf v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float s = 0.f;
   for (int i = 0; i < VL; ++i) s += v[i];
   return s;
+#endif
 }
 
 // C[MR x NV*16] (+)= sum_t A(r, t) * B[t, :], A(r, t) = A[r * asr + t * ast].
@@ -664,7 +677,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   // ---- phase 1: (b, hk, slice of q heads) ----
   at::parallel_for(0, ntask, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> Kt(a.D * a.ldt), Kr(slab), Vt(a.D * a.ldt);
-    std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ);
+    std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ), delta_d(BQ);
     std::vector<float> Qs(BQ * a.Dp), dO(BQ * a.Dp), dQ(BQ * a.Dp), P(BQ * BK), dS(BQ * BK);
     std::vector<float> delta(BQ), lrow(BQ), x(a.Dp), gx(a.Dp);
     std::vector<double> drho(std::max<int64_t>(half, 1));
@@ -702,10 +715,12 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 dlt += static_cast<double>(go) * static_cast<float>(op[row * a.D + d]);
               }
               delta[r] = static_cast<float>(dlt);
+              delta_d[r] = dlt;
               const float L = lp[row];
               lrow[r] = (L == NEG_INF) ? POS_INF : L;  // empty row: P = exp(-inf) = 0
             } else {
               delta[r] = 0.f;
+              delta_d[r] = 0.0;
               lrow[r] = POS_INF;
             }
           }
@@ -727,11 +742,11 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
               for (int64_t j = 0; j < wp; j += VL) {
                 vf p = vexp(vload(pr + j) - lv);
                 vstore(pr + j, p);
-                vf ds = p * (vload(sr + j) - dl);
-                vstore(sr + j, ds);
-                if (zsum) {
-                  const vf z = vload(zf + j), nz = 1.0f - z;
-                  azs += ds * z; ans += ds * nz; azp += p * z; anp += p * nz;
+                const vf dp = vload(sr + j);
+                vstore(sr + j, p * (dp - dl));
+                if (zsum) {  // sums of P dP and of P, per side: Delta is applied in double
+                  const vf z = vload(zf + j), nz = 1.0f - z, pdp = p * dp;
+                  azs += pdp * z; ans += pdp * nz; azp += p * z; anp += p * nz;
                 }
               }
               if (zsum) {
@@ -743,11 +758,17 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
             gemm<true>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
             gemm<true>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(), a.Dp);
           }
-          // prob mode: dL/d ln s = sum over zero keys of dS'.  Each row's dS' sums to 0, so
-          // the zero-key sum equals minus the other keys' sum; take the side with the
-          // smaller probability mass (less cancellation error from the rounding of Delta).
+          // prob mode: dL/d ln s = sum over zero keys of dS' = sum_z P (dP - Delta).  With
+          // the row's own sums (z: zero keys, n: the others; A = sum P dP, M = sum P) and
+          // Delta = (A_z + A_n) / (M_z + M_n), that is (A_z M_n - A_n M_z) / (M_z + M_n), in
+          // double: the softmax backward of the recomputed P itself, so neither the rounding
+          // of the float lse (a common factor on P) nor that of Delta (from dO . O) enters the
+          // small difference this sum cancels to.
           if (zsum)
-            for (int64_t r = 0; r < rows; ++r) dlns += (rzp[r] <= rnp[r]) ? rzs[r] : -rns[r];
+            for (int64_t r = 0; r < rows; ++r) {
+              const double mass = rzp[r] + rnp[r];
+              if (mass > 0.0) dlns += (rzs[r] * rnp[r] - rns[r] * rzp[r]) / mass;
+            }
           // dq = rot^T(sm_scale * dQs)
           const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);
           for (int64_t r = 0; r < rows; ++r) {
