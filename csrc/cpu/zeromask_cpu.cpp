@@ -13,9 +13,13 @@
 //   * prob-mode ln(s), seqlens_k and padding are one additive per-key bias row (B, Lkp);
 //   * forward: work split over (batch, q head, query block) with at::parallel_for; online
 //     softmax over key blocks of BK; every product (Q K^T, P V, and in the backward dP,
-//     dV, dK, dQ) runs through one register-blocked microkernel (4 rows x 64 columns of
-//     fp32 accumulators, GCC vector extensions, which compile to AVX-512 / AVX2 FMAs under
-//     -march=native); exp is a vectorised Cephes polynomial;
+//     dV, dK, dQ) runs through one register-blocked microkernel (6 rows x 64 columns of
+//     fp32 accumulators, GCC vector extensions, which compile to AVX-512 FMAs under
+//     -march=native on an AVX-512 CPU, to AVX2 / SSE otherwise); the Q K^T tile's epilogue
+//     adds the key bias and takes each row's max while the scores are in registers; exp is
+//     2^(x log2 e) with the Cephes exp2f polynomial (vscalefps under AVX-512);
+//   * the transposed key/value packs have a row pitch that is not a multiple of 4 KiB (a
+//     Q K^T tile reads D rows of it, which would otherwise share one L1 set);
 //   * backward: phase 1 splits over (batch, kv head, slice of the GQA group's q heads;
 //     one slice unless there are fewer (b, kv head) pairs than threads), dK'/dV accumulate
 //     in per-task fp32 buffers (no atomics), dQ per query block; each task then finishes

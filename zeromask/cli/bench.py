@@ -491,9 +491,10 @@ def compute_ceiling(device: str, reps: int = 3) -> Optional[dict]:
         return None
     iters = 20_000_000
     best = max(_C_cpu.fma_peak(iters) for _ in range(reps))
-    return {"what": f"fp32 FMA peak ({_C_cpu.vector_bits()}-bit vectors, "
-                    f"{torch.get_num_threads()} threads)",
-            "reps": reps, "threads": torch.get_num_threads(), "flop_per_s": best}
+    threads = torch.get_num_threads()
+    return {"what": f"fp32 FMA peak ({_C_cpu.vector_bits()}-bit vectors, {threads} "
+                    f"thread{'s' if threads > 1 else ''})",
+            "reps": reps, "threads": threads, "flop_per_s": best}
 
 
 @contextlib.contextmanager
