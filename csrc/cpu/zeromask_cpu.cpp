@@ -456,10 +456,10 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
   }
 }
 
-// Qs rows [0, Mp): scale * rot(q) for rows < rows, zeros after.  Stride Dp.
+// Qs rows [0, Mp): sm_scale * rot(q) for rows < rows, zeros after.  Stride Dp.
 template <typename T>
 static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int64_t i0,
-                   int64_t rows, int64_t Mp, float* Qs, float scale) {
+                   int64_t rows, int64_t Mp, float* Qs) {
   const T* qp = q.data_ptr<T>();
   const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);
   std::vector<float> x(a.D);
@@ -470,7 +470,7 @@ static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int
     load_row(qp + b * s0 + h * s1 + i * s2, x.data(), a.D);
     if (a.tq.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tq.c(b, i), a.tq.s(b, i), a.radius);
     else std::copy(x.begin(), x.end(), y);
-    for (int64_t d = 0; d < a.D; ++d) y[d] *= scale;
+    for (int64_t d = 0; d < a.D; ++d) y[d] *= a.sm_scale;
   }
 }
 
@@ -540,7 +540,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       }
       const float* kt = Kt.get();
       const float* vr = Vr.get();
-      load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data(), a.sm_scale);
+      load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
       std::fill(O.begin(), O.end(), 0.f);
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.f);
@@ -681,7 +681,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   // ---- phase 1: (b, hk, slice of q heads) ----
   at::parallel_for(0, ntask, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> Kt(a.D * a.ldt), Kr(slab), Vt(a.D * a.ldt);
-    std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ), delta_d(BQ);
+    std::vector<double> rzs(BQ), rns(BQ), rzp(BQ), rnp(BQ);
     std::vector<float> Qs(BQ * a.Dp), dO(BQ * a.Dp), dQ(BQ * a.Dp), P(BQ * BK), dS(BQ * BK);
     std::vector<float> delta(BQ), lrow(BQ), x(a.Dp), gx(a.Dp);
     std::vector<double> drho(std::max<int64_t>(half, 1));
@@ -706,7 +706,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
           const int64_t Mp = round_up(rows, 4);
-          load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data(), a.sm_scale);
+          load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
           std::fill(dO.begin(), dO.end(), 0.f);
           std::fill(dQ.begin(), dQ.end(), 0.f);
           for (int64_t r = 0; r < Mp; ++r) {
@@ -719,12 +719,10 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 dlt += static_cast<double>(go) * static_cast<float>(op[row * a.D + d]);
               }
               delta[r] = static_cast<float>(dlt);
-              delta_d[r] = dlt;
               const float L = lp[row];
               lrow[r] = (L == NEG_INF) ? POS_INF : L;  // empty row: P = exp(-inf) = 0
             } else {
               delta[r] = 0.f;
-              delta_d[r] = 0.0;
               lrow[r] = POS_INF;
             }
           }
@@ -748,7 +746,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 vstore(pr + j, p);
                 const vf dp = vload(sr + j);
                 vstore(sr + j, p * (dp - dl));
-                if (zsum) {  // sums of P dP and of P, per side: Delta is applied in double
+                if (zsum) {  // per side, sums of P dP and of P (see dlns below)
                   const vf z = vload(zf + j), nz = 1.0f - z, pdp = p * dp;
                   azs += pdp * z; ans += pdp * nz; azp += p * z; anp += p * nz;
                 }
