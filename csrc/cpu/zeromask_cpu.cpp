@@ -66,9 +66,13 @@ static inline vf vexp(vf x) {
 #ifdef __AVX512F__
   // lanes below -87 (and -inf, NaN) come out 0 through the mask of the final scalef
   const __mmask16 live = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  const __m512 xm = _mm512_min_ps(_mm512_mul_ps((__m512)x, _mm512_set1_ps(LOG2E)),
-                                  _mm512_set1_ps(127.0f));
-  const __m512 n = _mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf t = x * LOG2E;
+  t = t < 127.0f ? t : vset(127.0f);
+  const __m512 xm = (__m512)t;
+  // (the zero-masking form with an all-ones mask: the plain one trips GCC 12's
+  // -Wmaybe-uninitialized inside its own header)
+  const __m512 n = _mm512_maskz_roundscale_ps(static_cast<__mmask16>(0xFFFF), xm,
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = (vf)_mm512_sub_ps(xm, n);
 #else
   vi dead = x < -87.0f;
@@ -95,25 +99,27 @@ static inline vf vexp(vf x) {
 #endif
 }
 
-// Horizontal max / sum of one vector: a shuffle tree under AVX-512 (GCC turns the plain
-// loop into a serial chain of 15 scalar ops, a fifth of the softmax's time).
+// Horizontal max / sum of one vector as a shuffle tree (4 shuffles + 4 ops; GCC turns a
+// plain loop over the lanes into a serial chain of 15 scalar ops, which was a fifth of the
+// softmax's time).
+static inline vf swap_halves(vf v, int w) {
+  switch (w) {
+    case 8: return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  }
+}
 static inline float hmax(vf v) {
-#ifdef __AVX512F__
-  return _mm512_reduce_max_ps((__m512)v);
-#else
-  float m = v[0];
-  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
-  return m;
-#endif
+  for (int w = 8; w >= 1; w /= 2) {
+    const vf u = swap_halves(v, w);
+    v = u > v ? u : v;
+  }
+  return v[0];
 }
 static inline float hsum(vf v) {
-#ifdef __AVX512F__
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float s = 0.f;
-  for (int i = 0; i < VL; ++i) s += v[i];
-  return s;
-#endif
+  for (int w = 8; w >= 1; w /= 2) v += swap_halves(v, w);
+  return v[0];
 }
 
 // C[MR x NV*16] (+)= sum_t A(r, t) * B[t, :], A(r, t) = A[r * asr + t * ast].
