@@ -77,8 +77,13 @@ def attention_case(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=32, *, rotary=True, zero_fr
 _DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")
 
 
-def _run(case: dict, dtype: torch.dtype, device, backend: Optional[str]):
-    """Forward + backward of one backend on a copy of case cast to dtype (inputs only)."""
+def _run(case: dict, dtype: torch.dtype, device, backend: Optional[str],
+         flip_v: bool = False):
+    """Forward + backward of one backend on a copy of case cast to dtype (inputs only).
+
+    ``flip_v``: run with v's features (and so the output's and dout's) in reverse order and
+    flip the output and dv back: the same result, with every P V and dO V^T sum taken in
+    another order."""
     args = {}
     for key, value in case.items():
         if torch.is_tensor(value) and value.is_floating_point():
@@ -89,13 +94,19 @@ def _run(case: dict, dtype: torch.dtype, device, backend: Optional[str]):
             value = value.to(device)
         args[key] = value
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
-    out = zeromask.zero_soft_attention(q, k, v, backend=backend, **args)
+    v_in = v.detach().flip(-1).requires_grad_(True) if flip_v else v
+    out = zeromask.zero_soft_attention(q, k, v_in, backend=backend, **args)
     g = torch.Generator().manual_seed(1234)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    leaves = {"q": q, "k": k, "v": v, **{n: args[n] for n in _DIFF[3:] if torch.is_tensor(
+    if flip_v:
+        dout = dout.flip(-1)
+    leaves = {"q": q, "k": k, "v": v_in, **{n: args[n] for n in _DIFF[3:] if torch.is_tensor(
         args.get(n)) and args[n].requires_grad}}
-    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
-    return out.detach(), dict(zip(leaves, grads))
+    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), dout,
+                                                 allow_unused=True)))
+    if flip_v:
+        out, grads["v"] = out.flip(-1), grads["v"].flip(-1)
+    return out.detach(), grads
 
 
 def keys_reversed(case: dict) -> Optional[dict]:
@@ -127,13 +138,14 @@ def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") 
     Yardstick: the reference run with inputs in ``dtype`` (its own rounding), against the
     reference in float64. One such run is one sample of that rounding error, and for a
     scalar that cancels to a small value (the zero_scale gradient) a single sample can
-    happen to be far below its typical size; where the key order is free (not causal, no
-    seqlens_k), the reference also runs with the keys reversed, and the yardstick is the
-    larger of the two errors.
+    happen to be far below its typical size. So the reference also runs with v's features
+    reversed (every P V and dO V^T sum in another order) and, where the key order is free
+    (not causal, no seqlens_k), with the keys reversed; the yardstick is the largest error.
     """
     oracle_out, oracle_g = _run(case, torch.float64, "cpu", "reference")
     same_out, same_g = _run(case, dtype, device, "reference")
-    same_outs, same_gs = [same_out.cpu()], [same_g]
+    flip_out, flip_g = _run(case, dtype, device, "reference", flip_v=True)
+    same_outs, same_gs = [same_out.cpu(), flip_out.cpu()], [same_g, flip_g]
     rev = keys_reversed(case)
     if rev is not None:
         rev_out, rev_g = _run(rev, dtype, device, "reference")
