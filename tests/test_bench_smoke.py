@@ -123,23 +123,16 @@ def test_compute_ceiling_measured(report):
 
 
 def test_fma_peak_does_the_work():
-    """The ceiling is a measured rate: four times the iterations take clearly longer (the
-    loop is not optimised away), and the rate is a plausible CPU's."""
+    """The ceiling is a measured rate of a plausible CPU: a loop the compiler had optimised
+    away would report an absurd rate (no timing is compared here)."""
     if cpp_backend.available() is not None:
         pytest.skip(cpp_backend.available())
     from zeromask import _C_cpu
-    import time
-
-    def best(iters):
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            _C_cpu.fma_peak(iters)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    assert best(8_000_000) > 2.0 * best(2_000_000)
     assert _C_cpu.vector_bits() in (128, 256, 512)
-    assert 1e9 < _C_cpu.fma_peak(1_000_000) < 1e14
+    rate = _C_cpu.fma_peak(2_000_000)
+    assert 1e9 < rate < 1e13 * torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="iters > 0"):
+        _C_cpu.fma_peak(0)
 
 
 def _row(provider, mode, median_s, flops):
