@@ -128,7 +128,7 @@ static inline float hsum(vf v) {
 // vector in a register: otherwise GCC folds the load into every FMA that uses it (MR loads
 // of the same vector per step), and the kernel becomes bound by loads, not FMAs.
 //
-// With `bias` (the scores epilogue of the forward's Q K^T): C = A B + bias[col], and
+// With `bias` (the scores epilogue of Q K^T): C = A B + bias[col] and, with `rowmax` too,
 // rowmax[r] = max(rowmax[r], max of row r of C), while C is still in registers.
 template <int MR, int NV, bool ACC>
 static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int64_t ast,
@@ -163,6 +163,8 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][v] += bv;
     }
+  }
+  if (rowmax) {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       vf mx = acc[r][0];
@@ -195,7 +197,8 @@ static inline void strip(int64_t N, int64_t K, const float* A, int64_t asr, int6
 }
 
 // C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % 16 == 0.  Strips of 6 rows, then
-// one of 4 or 2 for the rest.  With bias (length N) and rowmax (length M): see micro.
+// one of 4 or 2 for the rest.  bias (length N) and rowmax (length M), each optional: see
+// micro.
 template <bool ACC>
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
                  const float* B, int64_t ldb, float* C, int64_t ldc,
@@ -503,37 +506,23 @@ static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int
   }
 }
 
-// S (Mp x wp, stride BK) += bias; causal -inf.
-static inline void mask_tile(const Attn& a, int64_t b, int64_t i0, int64_t Mp, int64_t j0,
-                             int64_t wp, float* S) {
-  const float* bias = a.bias.data() + b * a.Lkp + j0;
-  for (int64_t r = 0; r < Mp; ++r) {
-    float* row = S + r * BK;
-    for (int64_t j = 0; j < wp; j += VL) vstore(row + j, vload(row + j) + vload(bias + j));
-  }
-  if (a.causal) {
-    const int64_t off = a.Lk - a.Lq;
-    for (int64_t r = 0; r < Mp; ++r) {
-      const int64_t first = std::max<int64_t>(0, i0 + r + off + 1 - j0);  // first masked col
-      float* row = S + r * BK;
-      for (int64_t j = first; j < wp; ++j) row[j] = NEG_INF;
-    }
-  }
-}
-
-// Forward, tiles that cross the causal diagonal: S entries past it to -inf, and the row
-// maxima (taken over the whole tile by the scores epilogue) recomputed without them.
+// Causal: the entries of the S tile (Mp x wp, stride BK) past the diagonal to -inf and,
+// with tmax (the row maxima the scores epilogue took over the whole tile), each crossing
+// row's maximum recomputed without them.  Nothing to do for a tile below the diagonal.
 static inline void causal_tile(const Attn& a, int64_t i0, int64_t Mp, int64_t j0, int64_t wp,
                                float* S, float* tmax) {
   const int64_t off = a.Lk - a.Lq;
+  if (!a.causal || i0 + off + 1 - j0 >= wp) return;
   for (int64_t r = 0; r < Mp; ++r) {
     const int64_t first = std::max<int64_t>(0, i0 + r + off + 1 - j0);  // first masked col
     if (first >= wp) continue;
     float* row = S + r * BK;
-    float mx = NEG_INF;
-    for (int64_t j = 0; j < first; ++j) mx = std::max(mx, row[j]);
     for (int64_t j = first; j < wp; ++j) row[j] = NEG_INF;
-    tmax[r] = mx;
+    if (tmax) {
+      float mx = NEG_INF;
+      for (int64_t j = 0; j < first; ++j) mx = std::max(mx, row[j]);
+      tmax[r] = mx;
+    }
   }
 }
 
@@ -581,8 +570,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
         std::fill(tmax.begin(), tmax.begin() + Mp, NEG_INF);
         gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
                     bias + j0, tmax.data());
-        if (a.causal && i0 + (a.Lk - a.Lq) + 1 - j0 < wp)
-          causal_tile(a, i0, Mp, j0, wp, S.data(), tmax.data());
+        causal_tile(a, i0, Mp, j0, wp, S.data(), tmax.data());
         for (int64_t r = 0; r < Mp; ++r) {
           float* row = S.data() + r * BK;
           const float mnew = std::max(m[r], tmax[r]);
@@ -761,8 +749,9 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
             const int64_t wp = round_up(std::min(BK, ke - j0), VL);
-            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt, P.data(), BK);
-            mask_tile(a, b, i0, Mp, j0, wp, P.data());
+            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt, P.data(), BK,
+                        a.bias.data() + b * a.Lkp + j0);  // the forward's S, bitwise
+            causal_tile(a, i0, Mp, j0, wp, P.data(), nullptr);
             gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.ldt, dS.data(), BK);
             const float* zf = a.zf.data() + b * a.Lkp + j0;
             for (int64_t r = 0; r < Mp; ++r) {
