@@ -9,13 +9,24 @@ cd "$(dirname "$0")/.."
 VENV=${ZEROMASK_VENV:-.venv}
 TORCH=${ZEROMASK_TORCH:-torch==2.13.0}
 
-# espeak-ng (speech synthesis for zeromask-make-data) and sox, from Debian.
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# Speech synthesis for zeromask-make-data, from Debian: espeak-ng and flite (training voices),
+# festival with three voices (the shifted evaluation set only), and sox.
+SYNTH_PKGS="espeak-ng sox flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
+missing=""
+if command -v dpkg-query >/dev/null 2>&1; then
+  for p in $SYNTH_PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+else
+  for c in espeak-ng flite text2wave sox; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+fi
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
-      || echo "setup: could not install espeak-ng/sox; data-synthesis tests will be skipped" >&2
+    # shellcheck disable=SC2086
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYNTH_PKGS >/dev/null) \
+      || echo "setup: could not install$missing; data-synthesis tests that need them will be skipped" >&2
   else
-    echo "setup: espeak-ng not found (apt-get install espeak-ng sox); data-synthesis tests will be skipped" >&2
+    echo "setup: missing$missing (apt-get install $SYNTH_PKGS); data-synthesis tests that need them will be skipped" >&2
   fi
 fi
 
