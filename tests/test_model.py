@@ -14,7 +14,7 @@ N_MELS, HOP = 16, 32
 def tiny_config(**kw):
     base = dict(vocab_size=12, d_model=16, num_heads=2, ffn_mult=2, enc_layers=1,
                 dec_self_layers=1, dec_cross_layers=1, dropout=0.0, n_mels=N_MELS,
-                hop_length=HOP, downsample=2, max_decode_len=10)
+                hop_length=HOP, downsample=2, max_decode_len=10, spec_augment=None)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -283,3 +283,104 @@ def test_cross_attention_weights_for_plots(hard):
         torch.testing.assert_close(m.decode(b["input_ids"], m.encode(
             b["spectrogram"], b["waveform"], b["pitch"], b["f0"]), b["f0"], cross_weights={}),
             full)
+
+
+# ------------------------------------------------------------------ CTC and SpecAugment
+def test_ctc_greedy_collapses_repeats_and_drops_blanks():
+    from zeromask.models import ctc_greedy
+    path = [[0, 3, 3, 0, 3, 5, 5, 0, 7], [4, 4, 4, 0, 0, 4, 2, 2, 2]]
+    lp = torch.full((2, 9, 8), -10.0)
+    for b, row in enumerate(path):
+        for t, c in enumerate(row):
+            lp[b, t, c] = 0.0
+    # a blank between two 3s keeps both; repeats collapse; frames past the length are cut
+    assert ctc_greedy(lp, torch.tensor([9, 6])) == [[3, 3, 5, 7], [4, 4]]
+    assert ctc_greedy(lp, torch.tensor([0, 1])) == [[], [4]]
+
+
+def test_ctc_targets_and_lengths_follow_the_batch_conventions():
+    from zeromask.models import ctc_targets, downsampled_lengths, frame_lengths_of
+    labels = torch.tensor([[5, 6, 7, 0], [9, 0, -100, -100]])  # text, 0 = end, -100 = pad
+    targets, lengths = ctc_targets(labels)
+    assert targets.tolist() == [5, 6, 7, 9] and lengths.tolist() == [3, 1]
+    assert downsampled_lengths(torch.tensor([24, 18, 17, 1]), 4).tolist() == [6, 5, 5, 1]
+    b = tiny_batch()
+    assert frame_lengths_of(b["spectrogram"]).tolist() == [24, 18]
+    m = make(downsample=4)
+    for f in m.config.feature_order:  # the front-end's output length is the formula's
+        assert m.encoders[f].front(b[f if f != "spectrogram" else "spectrogram"]).shape[1] == 6
+    assert downsampled_lengths(torch.tensor([24]), 4).item() == 6
+
+
+def test_ctc_loss_is_the_hand_computed_alignment_sum():
+    """T' = 2 encoder frames, target [c]: p = p1(c) p2(c) + p1(c) p2(blank) + p1(blank) p2(c);
+    the model's CTC term is -log p divided by the target length (reduction 'mean')."""
+    from zeromask.models import ctc_targets
+    m = make(downsample=4, ctc_weight=1.0, label_smoothing=0.0).eval()
+    b = tiny_batch()
+    b = {k: v[:1, :8] if torch.is_tensor(v) and v.dim() > 1 else v for k, v in b.items()}
+    b["labels"] = torch.tensor([[4, 0, -100, -100, -100, -100, -100]])
+    out = m(**b)
+    lp = out["ctc_log_probs"][0].double().exp()
+    assert lp.shape[0] == 2 and out["ctc_lengths"].tolist() == [2]
+    c = 4
+    p = lp[0, c] * lp[1, c] + lp[0, c] * lp[1, 0] + lp[0, 0] * lp[1, c]
+    torch.testing.assert_close(out["ctc_loss"].double(), -torch.log(p), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["ctc_loss"])  # weight 1: CTC alone
+    half = make(downsample=4, ctc_weight=0.5, label_smoothing=0.0).eval()
+    o = half(**b)
+    torch.testing.assert_close(o["loss"], 0.5 * o["ce_loss"] + 0.5 * o["ctc_loss"])
+    targets, lengths = ctc_targets(b["labels"])
+    assert targets.tolist() == [4] and lengths.tolist() == [1]
+
+
+def test_no_ctc_head_when_its_weight_is_zero():
+    m = make(ctc_weight=0.0)
+    assert not hasattr(m, "ctc_head")
+    out = m(**tiny_batch())
+    assert "ctc_loss" not in out and torch.equal(out["loss"], out["ce_loss"])
+    with pytest.raises(ValueError, match="no CTC head"):
+        m.ctc_generate(**tiny_batch())
+    with pytest.raises(ValueError, match="ctc_weight"):
+        tiny_config(ctc_weight=1.5)
+
+
+def test_spec_augment_masks_valid_frames_only_with_the_row_mean():
+    from zeromask.models import spec_augment
+    g = torch.Generator().manual_seed(0)
+    spec = torch.rand(3, 50, 16, generator=g) * 40 - 60
+    lengths = torch.tensor([50, 30, 10])
+    spec[1, 30:] = 0.0
+    spec[2, 10:] = 0.0
+    out = spec_augment(spec, lengths, 2, 4, 2, 0.2, generator=g)
+    assert torch.equal(out[1, 30:], spec[1, 30:]) and torch.equal(out[2, 10:], spec[2, 10:])
+    changed = out != spec
+    assert changed.any()
+    for b in range(3):
+        n = int(lengths[b])
+        mean = spec[b, :n].mean()
+        torch.testing.assert_close(out[b][changed[b]], mean.expand(int(changed[b].sum())))
+    # masked widths stay within the limits: at most 2 bands of <= 4 bins fully masked
+    full_bins = (out[0] != spec[0]).all(0).sum()
+    assert full_bins <= 8
+    assert torch.equal(spec_augment(spec, lengths, 0, 4, 0, 0.2), spec)
+    # the model applies it in training only, after the zero tokens are taken
+    m = make(spec_augment=(2, 4, 2, 0.2), dropout=0.0)
+    b = tiny_batch()
+    m.eval()
+    e1 = m(**b)["logits"]
+    torch.testing.assert_close(m(**b)["logits"], e1)
+    m.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(m(**b)["logits"], e1)
+
+
+def test_encoder_layers_per_feature():
+    m = make(encoder_layers={"spectrogram": 3, "pitch": 0})
+    assert len(m.encoders["spectrogram"].layers) == 3
+    assert len(m.encoders["pitch"].layers) == 0
+    assert len(m.encoders["waveform"].layers) == 1  # enc_layers for the rest
+    cfg = m.config
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="encoder_layers"):
+        tiny_config(encoder_layers={"speech": 2})

@@ -6,7 +6,8 @@ wav+txt or LibriSpeech layouts), or ``--train DIR --test DIR``. Configuration co
 and flags, flags winning. Writes under ``--out``: ``config.json``, ``log.jsonl`` (one line
 per logged step and per evaluation), ``last.pt`` (every ``--ckpt-every`` steps and at the
 end), ``best.pt`` (best held-out CER) and ``results.json``. A run whose ``--out`` already
-has ``last.pt`` resumes from it (``--no-resume`` starts over): weights, optimizer, scheduler,
+has ``last.pt`` resumes from it (``--no-resume`` starts over): weights, optimizer, step (the learning-rate
+schedule is a function of step and elapsed time),
 RNG states, and the position inside the epoch (the batches of the interrupted epoch already
 trained on are skipped, so a resumed run sees the same batch sequence as an uninterrupted
 one).
@@ -46,7 +47,8 @@ _MODEL_FLAGS = {
     "d_model": int, "num_heads": int, "num_kv_heads": int, "ffn_mult": int, "enc_layers": int,
     "dec_self_layers": int, "dec_cross_layers": int, "dropout": float, "downsample": int,
     "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
-    "max_decode_len": int, "backend": str, "silence_top_db": float,
+    "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
+    "label_smoothing": float,
 }
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in _MODEL_FLAGS.items():
         m.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     m.add_argument("--feature-order", help="comma-separated, e.g. spectrogram,pitch,waveform")
+    m.add_argument("--encoder-layers",
+                   help="layers per feature encoder, e.g. spectrogram=4,pitch=1,waveform=1")
+    m.add_argument("--spec-augment",
+                   help="SpecAugment 'freq_masks,freq_width,time_masks,time_fraction' "
+                        "(e.g. 2,15,2,0.05) or 'off'")
     m.add_argument("--no-zero-scaling", action="store_true",
                    help="-inf masking of zero tokens instead of zero-soft scaling")
     m.add_argument("--no-f0-rotary", action="store_true", help="constant-theta rotary")
@@ -116,6 +123,23 @@ def resolve(args: argparse.Namespace):
             model_kw[name] = v
     if args.feature_order:
         model_kw["feature_order"] = [f.strip() for f in args.feature_order.split(",") if f.strip()]
+    if args.encoder_layers:
+        try:
+            model_kw["encoder_layers"] = {
+                k.strip(): int(v) for k, v in (item.split("=") for item in
+                                               args.encoder_layers.split(",") if item.strip())}
+        except ValueError:
+            raise SystemExit("zeromask-train: --encoder-layers wants FEATURE=N[,FEATURE=N...], "
+                             f"got {args.encoder_layers!r}")
+    if args.spec_augment:
+        if args.spec_augment.strip().lower() in ("off", "none", "0"):
+            model_kw["spec_augment"] = None
+        else:
+            parts = args.spec_augment.split(",")
+            if len(parts) != 4:
+                raise SystemExit("zeromask-train: --spec-augment wants 4 comma-separated "
+                                 f"numbers or 'off', got {args.spec_augment!r}")
+            model_kw["spec_augment"] = [float(x) for x in parts]
     if args.no_zero_scaling:
         model_kw["zero_scaling"] = False
     if args.no_f0_rotary:
@@ -241,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models import SpeechModel
-    from ..models.training import (BucketBatchSampler, evaluate, load_checkpoint, lr_lambda,
+    from ..models.training import (BucketBatchSampler, evaluate, load_checkpoint, lr_factor,
                                    save_checkpoint, to_device, utterance_frames)
 
     if opt["threads"]:
@@ -290,18 +314,28 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         raise SystemExit(f"zeromask-train: {len(train_utts)} training utterances make no batch "
                          f"for {de.world} rank(s)")
     batches = ResumableBatches(sampler)
+    # its own generator: a DataLoader iterator draws a base seed, which must not move the
+    # global RNG (dropout, SpecAugment) differently in a resumed run
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate,
-                                         num_workers=int(opt["num_workers"]))
+                                         num_workers=int(opt["num_workers"]),
+                                         generator=torch.Generator().manual_seed(seed))
     model = SpeechModel(cfg).to(de.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt["lr"]),
                                   weight_decay=float(opt["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(opt["warmup"]), opt["max_steps"]))
+    base_lr = float(opt["lr"])
+
+    def set_lr(step_now: int, elapsed_now: float) -> float:
+        # the schedule is a function of (step, elapsed): nothing to save, resumes exactly
+        lr = base_lr * lr_factor(step_now, int(opt["warmup"]), opt["max_steps"], elapsed_now,
+                                 opt["time_budget"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     step, epoch, in_epoch, elapsed0 = 0, 0, 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch = ckpt["step"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         extra = ckpt.get("extra", {})
@@ -354,11 +388,16 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
             return None
         res = evaluate(model, eval_loader, tokenizer, de.device, max_utts=int(opt["eval_max"]),
                        progress=not args.no_progress)
-        print(f"[{tag} step {step}] held-out CER {res['cer']:.4f}  WER {res['wer']:.4f} "
+        ctc = (f"; CTC greedy CER {res['ctc_cer']:.4f}  WER {res['ctc_wer']:.4f}"
+               if "ctc_cer" in res else "")
+        print(f"[{tag} step {step}] held-out CER {res['cer']:.4f}  WER {res['wer']:.4f}{ctc} "
               f"on {res['n']} utterances")
         print_samples(res, int(opt["samples"]))
-        log({"step": step, "eval": True, "cer": res["cer"], "wer": res["wer"], "n": res["n"],
-             "elapsed": time.time() - t0})
+        rec = {"step": step, "eval": True, "cer": res["cer"], "wer": res["wer"], "n": res["n"],
+               "elapsed": time.time() - t0}
+        if "ctc_cer" in res:
+            rec.update(ctc_cer=res["ctc_cer"], ctc_wer=res["ctc_wer"])
+        log(rec)
         if res["cer"] < best:
             best = res["cer"]
             save_checkpoint(out / "best.pt", model=model, step=step, epoch=epoch,
@@ -366,7 +405,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         return res
 
     def checkpoint():
-        save_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+        save_checkpoint(last, model=model, optimizer=optimizer, step=step,
                         epoch=epoch, tokenizer=tokenizer,
                         extra={"best_cer": best, "elapsed": time.time() - t0,
                                "batch_in_epoch": in_epoch})
@@ -386,31 +425,37 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
             print(f"time budget {float(budget):.1f} s already spent ({elapsed0:.1f} s): "
                   "no further training")
     window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
+    window_ctc = 0.0
     last_loss = float("nan")
     while not stop:
         batches.set_epoch(epoch)
         for batch in loader:
             in_epoch += 1
             model.set_step(step)
+            lr_now = set_lr(step, time.time() - t0)
             tb = to_device(batch, de.device)
-            loss = net(**tb)["loss"]
+            outputs = net(**tb)
+            loss = outputs["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opt["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(opt["grad_clip"]))
             optimizer.step()
-            scheduler.step()
             step += 1
             lv = loss.item()
             window_loss += lv
+            if "ctc_loss" in outputs:
+                window_ctc += outputs["ctc_loss"].item()
             window_n += 1
             window_utts += tb["input_ids"].shape[0] * de.world
             if step % int(opt["log_every"]) == 0 or step == 1:
                 mean_loss = de.mean(window_loss / window_n)
                 dt = max(time.time() - window_t, 1e-9)
-                rec = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                rec = {"step": step, "loss": mean_loss, "lr": lr_now,
                        "steps_per_s": window_n / dt, "utts_per_s": window_utts / dt,
                        "elapsed": time.time() - t0, "features": model.active_features(step)}
+                if "ctc_loss" in outputs:
+                    rec["ctc_loss"] = de.mean(window_ctc / window_n)
                 log(rec)
                 last_loss = mean_loss
                 if bar is not None:
@@ -418,6 +463,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                                     utt_s=f"{window_utts / dt:.1f}",
                                     lr=f"{rec['lr']:.2e}")
                 window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
+                window_ctc = 0.0
             if bar is not None:
                 bar.update(1)
             out_of_time = budget is not None and time.time() - t0 >= float(budget)
@@ -449,6 +495,8 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                    "parameters": n_params, "config": cfg.to_dict()}
         if res is not None:
             results.update(cer=res["cer"], wer=res["wer"], n_eval=res["n"], best_cer=best)
+            if "ctc_cer" in res:
+                results.update(ctc_cer=res["ctc_cer"], ctc_wer=res["ctc_wer"])
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"done: step {step}, {elapsed:.1f} s, last loss {last_loss:.4f}; "
               f"checkpoint {last}")

@@ -1,7 +1,10 @@
-"""The reference speech model: per-feature ZeroSoftAttention encoders, gated decoder."""
-from .asr import (Attention, CrossStage, FeatureEncoder, FrontEnd, SpeechModel,
-                  downsample_mask)
+"""The reference speech model: per-feature ZeroSoftAttention encoders, gated decoder,
+joint CTC/attention training."""
+from .asr import (Attention, CrossStage, FeatureEncoder, FrontEnd, SpeechModel, ctc_greedy,
+                  ctc_targets, downsample_mask, downsampled_lengths, frame_lengths_of,
+                  spec_augment)
 from .config import ModelConfig
 
 __all__ = ["ModelConfig", "SpeechModel", "Attention", "FeatureEncoder", "FrontEnd",
-           "CrossStage", "downsample_mask"]
+           "CrossStage", "downsample_mask", "spec_augment", "ctc_greedy", "ctc_targets",
+           "downsampled_lengths", "frame_lengths_of"]

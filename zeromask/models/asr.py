@@ -277,7 +277,7 @@ class FeatureEncoder(nn.Module):
         super().__init__()
         self.abs_pos = cfg.abs_pos
         self.front = FrontEnd(feature, cfg)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers_for(feature)))
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor]) -> Tensor:
@@ -320,6 +320,81 @@ class CrossStage(nn.Module):
         return x + torch.sigmoid(self.gate) * (y - x)
 
 
+def spec_augment(spec: Tensor, lengths: Tensor, freq_masks: int, freq_width: int,
+                 time_masks: int, time_width_fraction: float,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """SpecAugment's frequency and time masking (Park et al. 2019, without time warping).
+
+    ``spec`` ``(B, T, n_mels)`` log-mel (dB); ``lengths`` ``(B,)`` valid frames per row.
+    Each row gets ``freq_masks`` bands of ``[0, freq_width]`` mel bins and ``time_masks``
+    spans of ``[0, time_width_fraction * length]`` frames, set to the row's mean over its
+    valid frames (so a mask is neither silence nor padding). Returns a new tensor.
+    """
+    B, T, M = spec.shape
+    out = spec.clone()
+    dev = spec.device
+
+    def rand(n):
+        return torch.rand(B, n, device=dev, generator=generator)
+
+    valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]          # (B, T)
+    fill = ((spec * valid[..., None]).sum((1, 2)) /
+            (valid.sum(1).clamp_min(1) * M))[:, None, None]                  # (B, 1, 1)
+    bins = torch.arange(M, device=dev)[None, :]
+    for _ in range(freq_masks):
+        w = (rand(1) * (freq_width + 1)).floor().clamp_max(M)
+        f0 = (rand(1) * (M - w + 1)).floor()
+        band = (bins >= f0) & (bins < f0 + w)                                # (B, M)
+        out = torch.where(band[:, None, :] & valid[:, :, None], fill, out)
+    frames = torch.arange(T, device=dev)[None, :]
+    for _ in range(time_masks):
+        w = (rand(1) * (time_width_fraction * lengths[:, None].float() + 1)).floor()
+        t0 = (rand(1) * (lengths[:, None].float() - w + 1).clamp_min(1)).floor()
+        span = (frames >= t0) & (frames < t0 + w) & valid                    # (B, T)
+        out = torch.where(span[:, :, None], fill, out)
+    return out
+
+
+def frame_lengths_of(x: Tensor) -> Tensor:
+    """(B,) valid frames of a zero-padded ``(B, T, ...)`` batch: trailing all-zero frames are
+    padding (the :func:`zeromask.data.collate` convention)."""
+    nonzero = (x != 0).flatten(2).any(-1)                                    # (B, T)
+    idx = torch.arange(1, x.shape[1] + 1, device=x.device)
+    return (nonzero * idx).amax(dim=1)
+
+
+def downsampled_lengths(lengths: Tensor, factor: int) -> Tensor:
+    """Frame counts after the front-end's stride-2 convolutions: ceil(L / 2) per halving."""
+    while factor > 1:
+        lengths = (lengths + 1) // 2
+        factor //= 2
+    return lengths
+
+
+def ctc_greedy(log_probs: Tensor, lengths: Tensor, blank: int = 0) -> List[List[int]]:
+    """Best-path CTC decoding: argmax per frame, repeats collapsed, blanks dropped.
+
+    ``log_probs`` ``(B, T, V)`` (or scores: only the argmax matters), ``lengths`` ``(B,)``.
+    """
+    best = log_probs.argmax(-1).tolist()
+    out = []
+    for row, n in zip(best, lengths.tolist()):
+        ids, prev = [], blank
+        for t in row[: int(n)]:
+            if t != prev and t != blank:
+                ids.append(t)
+            prev = t
+        out.append(ids)
+    return out
+
+
+def ctc_targets(labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """(concatenated targets, lengths) for :func:`F.ctc_loss` from decoder labels
+    (text ids, then 0 = end, then -100 padding): the text ids only."""
+    keep = labels > 0
+    return labels[keep], keep.sum(1)
+
+
 class SpeechModel(nn.Module):
     """Encoder/decoder ASR of DESIGN.md section 5 (see the module doc)."""
 
@@ -333,6 +408,9 @@ class SpeechModel(nn.Module):
         self.stages = nn.ModuleDict({f: CrossStage(cfg) for f in cfg.feature_order})
         self.out_norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        if cfg.ctc_weight > 0:
+            self.ctc_norm = nn.LayerNorm(cfg.d_model)
+            self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     # curriculum -----------------------------------------------------------------------
@@ -360,15 +438,23 @@ class SpeechModel(nn.Module):
 
     def encode(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
                pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
-               features: Optional[Sequence[str]] = None) -> Dict[str, Tuple[Tensor, Tensor]]:
+               features: Optional[Sequence[str]] = None,
+               frame_lengths: Optional[Tensor] = None) -> Dict[str, Tuple[Tensor, Tensor]]:
         """{feature: (memory (B, T', d), zero mask (B, T'))} for the active features.
 
         The spectrogram is always needed, even when it is not in ``feature_order``: the zero
-        tokens of every stream come from its log-mel energy (one hop rate for all).
+        tokens of every stream come from its log-mel energy (one hop rate for all). In
+        training mode the spectrogram stream gets SpecAugment (``config.spec_augment``)
+        after the zero tokens are taken, so a mask never turns speech into zero tokens.
         """
         feats = list(features) if features is not None else self.active_features()
+        zero_mask = self.zero_mask(spectrogram)
+        if self.training and self.config.spec_augment is not None:
+            if frame_lengths is None:
+                frame_lengths = frame_lengths_of(spectrogram)
+            spectrogram = spec_augment(spectrogram, frame_lengths, *self.config.spec_augment)
         inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
-        mask = downsample_mask(self.zero_mask(spectrogram), self.config.downsample)
+        mask = downsample_mask(zero_mask, self.config.downsample)
         contour = f0 if self.config.f0_rotary else None
         out = {}
         for f in feats:
@@ -422,21 +508,59 @@ class SpeechModel(nn.Module):
     def forward(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
                 pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
                 input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                **_ignored) -> Dict[str, Tensor]:
-        """Logits ``(B, N, vocab)`` (and ``loss`` when ``labels`` are given; -100 ignored).
+                frame_lengths: Optional[Tensor] = None, **_ignored) -> Dict[str, Tensor]:
+        """Logits ``(B, N, vocab)``; with ``labels`` (-100 ignored) also ``loss``:
+        ``(1 - w) * ce_loss + w * ctc_loss`` with ``w = config.ctc_weight``.
 
-        Extra batch keys (``frame_lengths``, ``text``, ``id``) are accepted and ignored, so
-        ``model(**batch)`` works on a :func:`zeromask.data.collate` batch.
+        ``frame_lengths`` ``(B,)``: valid frames per utterance (default: inferred from the
+        exact-zero padding). With a CTC head the output also has ``ctc_log_probs``
+        ``(B, T', vocab)`` and ``ctc_lengths`` ``(B,)``. Extra batch keys (``text``, ``id``)
+        are accepted and ignored, so ``model(**batch)`` works on a
+        :func:`zeromask.data.collate` batch.
         """
         if input_ids is None:
             raise ValueError("input_ids are required (start token 0, then the text)")
-        memories = self.encode(spectrogram, waveform, pitch, f0)
+        if frame_lengths is None:
+            frame_lengths = frame_lengths_of(spectrogram)
+        memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
         logits = self.decode(input_ids, memories, f0)
         out = {"logits": logits}
+        if self.config.ctc_weight > 0:
+            out["ctc_log_probs"] = self.ctc_log_probs(memories)
+            out["ctc_lengths"] = downsampled_lengths(frame_lengths, self.config.downsample)
         if labels is not None:
-            out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                          labels.reshape(-1), ignore_index=-100)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 labels.reshape(-1), ignore_index=-100,
+                                 label_smoothing=self.config.label_smoothing)
+            out["ce_loss"] = ce
+            out["loss"] = ce
+            if self.config.ctc_weight > 0:
+                targets, target_lengths = ctc_targets(labels)
+                ctc = F.ctc_loss(out["ctc_log_probs"].transpose(0, 1), targets,
+                                 out["ctc_lengths"], target_lengths, blank=0,
+                                 reduction="mean", zero_infinity=True)
+                out["ctc_loss"] = ctc
+                w = self.config.ctc_weight
+                out["loss"] = (1 - w) * ce + w * ctc
         return out
+
+    def ctc_log_probs(self, memories: Dict[str, Tuple[Tensor, Tensor]]) -> Tensor:
+        """(B, T', vocab) float32 CTC log-probabilities from the summed encoder outputs."""
+        if self.config.ctc_weight <= 0:
+            raise ValueError("this model has no CTC head (ctc_weight=0)")
+        h = sum(mem for mem, _ in memories.values())
+        return F.log_softmax(self.ctc_head(self.ctc_norm(h)).float(), dim=-1)
+
+    @torch.no_grad()
+    def ctc_generate(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+                     pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+                     frame_lengths: Optional[Tensor] = None, **_ignored) -> List[List[int]]:
+        """Greedy (best-path) CTC token ids per utterance, from the encoder alone."""
+        if frame_lengths is None:
+            frame_lengths = frame_lengths_of(spectrogram)
+        memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
+        lengths = downsampled_lengths(frame_lengths, self.config.downsample)
+        return ctc_greedy(self.ctc_log_probs(memories), lengths)
 
     @torch.no_grad()
     def cross_attention_weights(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
@@ -524,4 +648,5 @@ class SpeechModel(nn.Module):
 
 
 __all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
-           "downsample_mask"]
+           "downsample_mask", "spec_augment", "ctc_greedy", "ctc_targets",
+           "downsampled_lengths", "frame_lengths_of"]

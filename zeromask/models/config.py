@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..audio.features import FEATURES
 from ..ops import ZERO_MODES
@@ -32,6 +32,19 @@ class ModelConfig:
                         where in the utterance a frame is to align text with audio.
     ``curriculum_steps`` > 0: feature stage k (in ``feature_order``) is enabled from training
                         step ``k * curriculum_steps`` on; 0: all stages always on.
+
+    Training recipe (issue 11's measurements decide the defaults; see the README):
+
+    ``ctc_weight``      weight ``w`` of the CTC loss in joint CTC/attention training (Kim, Hori
+                        and Watanabe 2017): ``loss = (1 - w) * CE + w * CTC``; the CTC head
+                        reads the sum of the active feature encoders' outputs, blank = id 0.
+                        0 removes the head.
+    ``label_smoothing`` of the decoder's cross-entropy (Szegedy et al. 2016).
+    ``spec_augment``    SpecAugment (Park et al. 2019) on the log-mel input while training:
+                        ``(freq_masks, freq_width, time_masks, time_width_fraction)``, each mask
+                        up to that many mel bins / that fraction of the frames; ``None``: off.
+    ``encoder_layers``  layers per feature encoder, e.g. ``{"spectrogram": 4, "pitch": 1}``;
+                        a feature not named gets ``enc_layers``.
     """
     vocab_size: int = 29
     d_model: int = 96
@@ -59,6 +72,10 @@ class ModelConfig:
     curriculum_steps: int = 0
     max_decode_len: int = 200
     backend: Optional[str] = None
+    ctc_weight: float = 0.3
+    label_smoothing: float = 0.1
+    spec_augment: Optional[Tuple[int, int, int, float]] = (2, 15, 2, 0.05)
+    encoder_layers: Optional[Dict[str, int]] = None
 
     def __post_init__(self):
         self.feature_order = tuple(self.feature_order)
@@ -78,10 +95,34 @@ class ModelConfig:
             raise ValueError("rotary_mode must be 'echo' or 'additive'")
         if self.curriculum_steps < 0:
             raise ValueError("curriculum_steps must be >= 0")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.spec_augment is not None:
+            sa = tuple(self.spec_augment)
+            if (len(sa) != 4 or min(sa) < 0 or sa[3] >= 1
+                    or any(int(x) != x for x in sa[:3])):
+                raise ValueError("spec_augment must be (freq_masks, freq_width, time_masks, "
+                                 f"time_width_fraction < 1), all >= 0; got {self.spec_augment}")
+            self.spec_augment = (int(sa[0]), int(sa[1]), int(sa[2]), float(sa[3]))
+        if self.encoder_layers is not None:
+            layers = dict(self.encoder_layers)
+            bad = [f for f in layers if f not in FEATURES]
+            if bad or any(int(n) != n or n < 0 for n in layers.values()):
+                raise ValueError(f"encoder_layers must map names from {FEATURES} to layer "
+                                 f"counts >= 0, got {self.encoder_layers}")
+            self.encoder_layers = {f: int(n) for f, n in layers.items()}
+
+    def layers_for(self, feature: str) -> int:
+        """Encoder layers of ``feature`` (``encoder_layers`` or else ``enc_layers``)."""
+        return (self.encoder_layers or {}).get(feature, self.enc_layers)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["feature_order"] = list(self.feature_order)
+        if self.spec_augment is not None:
+            d["spec_augment"] = list(self.spec_augment)
         return d
 
     @classmethod

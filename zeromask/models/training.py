@@ -18,7 +18,8 @@ from ..data.text import CharTokenizer
 from .asr import SpeechModel
 from .config import ModelConfig
 
-TENSOR_KEYS = ("spectrogram", "waveform", "pitch", "f0", "input_ids", "labels")
+TENSOR_KEYS = ("spectrogram", "waveform", "pitch", "f0", "input_ids", "labels",
+               "frame_lengths")
 
 
 def utterance_frames(path: str, hop_length: int, sample_rate: int) -> int:
@@ -75,15 +76,30 @@ def to_device(batch: dict, device) -> Dict[str, torch.Tensor]:
     return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS if k in batch}
 
 
+def lr_factor(step: int, warmup: int, max_steps: Optional[int], elapsed: float = 0.0,
+              budget: Optional[float] = None, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to
+    ``min_ratio`` at the end of the run, whichever end comes first: ``max_steps`` steps or
+    ``budget`` seconds (progress is the larger of ``step / max_steps`` and ``elapsed /
+    budget``), so a time-capped run still anneals. Flat after warmup when neither is set.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = []
+    if max_steps and max_steps > warmup:
+        progress.append((step - warmup) / max(1, max_steps - warmup))
+    if budget:
+        progress.append(elapsed / float(budget))
+    if not progress:
+        return 1.0
+    t = min(1.0, max(0.0, max(progress)))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def lr_lambda(warmup: int, max_steps: Optional[int], min_ratio: float = 0.1):
-    """Linear warmup, then cosine decay to ``min_ratio`` at ``max_steps`` (flat if None)."""
+    """:func:`lr_factor` by step alone (for ``torch.optim.lr_scheduler.LambdaLR``)."""
     def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if not max_steps or max_steps <= warmup:
-            return 1.0
-        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return lr_factor(step, warmup, max_steps, min_ratio=min_ratio)
     return f
 
 
@@ -127,35 +143,50 @@ def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
 def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
              max_utts: Optional[int] = None, max_len: Optional[int] = None,
              progress: bool = False) -> dict:
-    """Greedy-decode ``loader`` and score it: {cer, wer, n, refs, hyps, ids}."""
+    """Greedy-decode ``loader`` and score it (character and word error rates, jiwer).
+
+    Returns ``{cer, wer, n, refs, hyps, ids}`` for the attention decoder's greedy output
+    and, when the model has a CTC head, ``ctc_cer``, ``ctc_wer`` and ``ctc_hyps`` for greedy
+    CTC decoding of the same utterances.
+    """
     import jiwer
     was_training = model.training
     model.eval()
-    refs, hyps, ids = [], [], []
+    use_ctc = model.config.ctc_weight > 0
+    refs, hyps, ctc_hyps, ids = [], [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
         it = tqdm(loader, desc="eval", unit="batch", leave=False)
     for batch in it:
-        out = model.generate(**to_device(batch, device), max_len=max_len)
-        for r, h, i in zip(batch["text"], out, batch["id"]):
+        tb = to_device(batch, device)
+        out = model.generate(**tb, max_len=max_len)
+        ctc = model.ctc_generate(**tb) if use_ctc else [[]] * len(out)
+        for r, h, c, i in zip(batch["text"], out, ctc, batch["id"]):
             refs.append(r)
             hyps.append(tokenizer.decode(h))
+            ctc_hyps.append(tokenizer.decode(c))
             ids.append(i)
         if max_utts is not None and len(refs) >= max_utts:
             break
     if max_utts is not None:
         refs, hyps, ids = refs[:max_utts], hyps[:max_utts], ids[:max_utts]
+        ctc_hyps = ctc_hyps[:max_utts]
     model.train(was_training)
     keep = [k for k, r in enumerate(refs) if r.strip()]
     if not keep:
         raise ValueError("no non-empty reference transcripts to score")
     r = [refs[k] for k in keep]
     h = [hyps[k] for k in keep]
-    return {"cer": float(jiwer.cer(r, h)), "wer": float(jiwer.wer(r, h)), "n": len(keep),
-            "refs": refs, "hyps": hyps, "ids": ids}
+    res = {"cer": float(jiwer.cer(r, h)), "wer": float(jiwer.wer(r, h)), "n": len(keep),
+           "refs": refs, "hyps": hyps, "ids": ids}
+    if use_ctc:
+        c = [ctc_hyps[k] for k in keep]
+        res.update(ctc_cer=float(jiwer.cer(r, c)), ctc_wer=float(jiwer.wer(r, c)),
+                   ctc_hyps=ctc_hyps)
+    return res
 
 
-__all__ = ["BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda",
+__all__ = ["BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
            "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
            "TENSOR_KEYS"]
