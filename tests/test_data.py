@@ -398,7 +398,8 @@ def test_make_data_splits_manifest_and_files(tmp_path, capsys):
         utts = find_utterances(out / split)
         assert {u.id: u.text for u in utts} == {m["file"].split("/")[1]: m["text"]
                                                 for m in by[split]}
-    assert not [p for p in out.rglob("*") if p.name.endswith(".part") or p.name.startswith(".")]
+    leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".part") or p.name.startswith(".")]
+    assert leftovers == [".make-data.lock"]
 
 
 @needs_espeak
@@ -469,6 +470,10 @@ def test_make_data_resumes(tmp_path, monkeypatch):
     changed = [r["file"] for r, r0 in zip(res, ref) if r["plan_id"] != r0["plan_id"]]
     assert changed and sorted(calls) == sorted(changed)
     assert all(r["augment"] is not None for r in res if r["split"] == "train")
+    # one run per folder at a time
+    with synth._locked(part):
+        with pytest.raises(RuntimeError, match="another zeromask-make-data"):
+            synth.make_dataset(part, 5, **kw)
     # fewer utterances: files of the earlier, bigger set are removed
     res = synth.make_dataset(part, 3, **kw)
     on_disk = {str(p.relative_to(part).with_suffix("")) for p in part.rglob("*.wav")}

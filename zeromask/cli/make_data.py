@@ -80,6 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"zeromask-make-data: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("zeromask-make-data: interrupted (finished utterances are kept: run the same "
+              "command again to continue)", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:  # a failed synthesis, or another run on the same folder
+        print(f"zeromask-make-data: error: {exc}\n(finished utterances are kept: run the same "
+              "command again to continue)", file=sys.stderr)
+        return 1
     counts = {s: sum(d["split"] == s for d in done) for s in ("train", "test", "shifted")}
     hours = sum(d["seconds"] for d in done) / 3600
     kept = f", {done.reused} kept from an earlier run" if done.reused else ""

@@ -36,7 +36,13 @@ Splits written by :func:`make_dataset`:
   pitch outside the training ranges on both sides (:data:`SHIFTED_SPEED`,
   :data:`SHIFTED_PITCH`); most with noise (SNR :data:`SHIFTED_SNR_DB`) and reverberation
   (RT60 :data:`SHIFTED_RT60`); texts from a separate generator stream, none equal to a
-  training text.
+  training text. Caveat: festival's ``kal_diphone`` and ``cmu_us_slt_arctic_hts`` are the
+  speakers of flite's ``kal16`` and ``slt`` (the same recordings, other synthesis methods:
+  diphone vs. flite's diphone, HTS vs. flite's clustergen); only ``ked`` is a new speaker.
+  The shift is in engine, accent, prosody range and room, not wholly in speaker.
+
+The SNR is set against the mean power of the speech part (between the silences); the noise
+then covers the whole clip, silences included. Reverberation keeps the clip's length.
 
 Layout (readable by :func:`zeromask.data.find_utterances`)::
 
@@ -48,15 +54,16 @@ Layout (readable by :func:`zeromask.data.find_utterances`)::
 
 Generation is resumable: each finished utterance is journaled (``OUT/.make-data.journal``)
 and an utterance whose wav+txt exist and whose recorded plan equals the new one is not
-rendered again, so an interrupted run continues where it stopped.
+rendered again, so an interrupted run continues where it stopped (files of the folder's
+earlier runs that the new plan does not name are removed; ``OUT/.make-data.lock`` keeps a
+second run off the same folder meanwhile).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
-import logging
-import math
 import os
 import random
 import re
@@ -73,7 +80,6 @@ import numpy as np
 from . import augment as aug
 from .text import CharTokenizer, SentenceGenerator
 
-logger = logging.getLogger("zeromask")
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -690,6 +696,31 @@ def make_dataset(out, n: int, *, test_fraction: float = 0.1, voice_test_fraction
     splits = sorted({p["split"] for p in plans} | {"train", "test"})
     for split in splits:
         (out / split).mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        return _write(out, plans, sample_rate, binaries, jobs, progress)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold ``OUT/.make-data.lock``: one make-data run per folder at a time."""
+    with open(out / ".make-data.lock", "w") as fh:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here (Windows): trust the user
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"another zeromask-make-data is writing {out}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write(out: Path, plans: List[dict], sample_rate: int, binaries: Dict[str, str],
+           jobs: Optional[int], progress: bool) -> DatasetResult:
     journal = out / ".make-data.journal"
     wanted = {p["file"] for p in plans}
     result = DatasetResult()
