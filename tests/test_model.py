@@ -384,3 +384,30 @@ def test_encoder_layers_per_feature():
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="encoder_layers"):
         tiny_config(encoder_layers={"speech": 2})
+
+
+def test_transcribe_gives_every_decoder_and_joint_picks_the_higher_joint_score():
+    from zeromask.models import downsampled_lengths, frame_lengths_of
+    b = tiny_batch()
+    m = make(seed=3, ctc_weight=0.5).eval()
+    out = m.transcribe(**b, max_len=6)
+    assert out["attention"] == m.generate(**b, max_len=6)
+    assert out["ctc"] == m.ctc_generate(**b)
+    mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+    lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
+    lp = m.ctc_log_probs(mem)
+    for w in (0.0, 0.5, 1.0):
+        joint = m.transcribe(**b, max_len=6, ctc_weight=w)["joint"]
+        sa = m._joint_scores(mem, b["f0"], lp, lengths, out["attention"], w)
+        sc = m._joint_scores(mem, b["f0"], lp, lengths, out["ctc"], w)
+        for i in range(2):
+            assert joint[i] == (out["attention"][i] if sa[i] >= sc[i] else out["ctc"][i])
+    # the attention part of the score is the teacher-forced log-likelihood of y + end
+    y = out["attention"][0]
+    ids = torch.tensor([[0] + y])
+    logp = torch.log_softmax(m.decode(ids, {f: (mm[:1], z[:1]) for f, (mm, z) in mem.items()},
+                                      b["f0"][:1]), -1)[0]
+    want = sum(logp[t, tok] for t, tok in enumerate(y + [0]))
+    torch.testing.assert_close(m._joint_scores(mem, b["f0"], lp, lengths, out["attention"],
+                                               0.0)[0], want, rtol=1e-5, atol=1e-5)
+    assert "ctc" not in make(ctc_weight=0.0).eval().transcribe(**b, max_len=4)

@@ -145,7 +145,8 @@ def test_torchrun_ddp_two_cpu_processes_agree(tone_data, tmp_path):
 def test_end_to_end_make_data_train_eval(tmp_path, capsys):
     data = tmp_path / "synth"
     assert make_data_cli.main(["--out", str(data), "--n", "6", "--test-fraction", "0.34",
-                               "--jobs", "2", "--no-progress"]) == 0
+                               "--engines", "espeak-ng", "--no-shifted", "--jobs", "2",
+                               "--no-progress"]) == 0
     out = tmp_path / "run"
     assert train_cli.main(["--data", str(data), "--out", str(out), "--batch-size", "2",
                            "--max-steps", "3", "--eval-every", "0"] + TINY) == 0

@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models.training import (evaluate, load_checkpoint, model_from_checkpoint,
-                                   utterance_frames)
+                                   score_record, score_summary, utterance_frames)
     from .train import print_samples
 
     if args.threads:
@@ -70,14 +70,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    progress=not args.no_progress)
     dt = time.time() - t0
     print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
-          f"CER {res['cer']:.4f}  WER {res['wer']:.4f}  ({res['n']} utterances, {dt:.1f} s)")
+          f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
     print_samples(res, args.samples)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
-             "cer": res["cer"], "wer": res["wer"], "n": res["n"], "seconds": dt,
-             "utterances": [{"id": i, "ref": r, "hyp": h}
-                            for i, r, h in zip(res["ids"], res["refs"], res["hyps"])]},
+             **score_record(res), "n": res["n"], "seconds": dt,
+             "utterances": [
+                 dict({"id": res["ids"][k], "ref": res["refs"][k], "hyp": res["hyps"][k]},
+                      **{p + "hyp": res[p + "hyps"][k] for p in ("ctc_", "joint_")
+                         if p + "hyps" in res})
+                 for k in range(len(res["ids"]))]},
             indent=2))
     return 0
 

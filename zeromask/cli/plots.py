@@ -6,12 +6,15 @@
   decoder stage (text characters x encoder frames, head-averaged, teacher-forced on the
   reference transcript).
 * :func:`plot_curves`: training loss vs step for several runs (one line each).
+* :func:`plot_cer_vs_time`: held-out CER (attention greedy, and CTC greedy where logged)
+  against training wall-clock time, from the evaluations in ``log.jsonl``.
 
 Command line::
 
     python -m zeromask.cli.plots utterance --checkpoint RUN/best.pt --data DATA/test \\
         --index 0 --stage spectrogram --out utt.png
     python -m zeromask.cli.plots curves --out curves.png RUN_A/log.jsonl RUN_B/log.jsonl
+    python -m zeromask.cli.plots cer --out cer.png RUN/log.jsonl
 """
 from __future__ import annotations
 
@@ -53,6 +56,50 @@ def read_losses(log_path: Union[str, os.PathLike]) -> Tuple[List[int], List[floa
             steps.append(int(rec["step"]))
             losses.append(float(rec["loss"]))
     return steps, losses
+
+
+def read_evals(log_path: Union[str, os.PathLike]) -> List[dict]:
+    """The evaluation records (``"eval": true``) of a ``zeromask-train`` ``log.jsonl``."""
+    out = []
+    for line in Path(log_path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("eval"):
+                out.append(rec)
+    return out
+
+
+def plot_cer_vs_time(runs: Dict[str, Sequence[dict]], path: Union[str, os.PathLike],
+                     title: str = "held-out CER against training time",
+                     target: Optional[float] = 0.05) -> Path:
+    """Held-out CER (log scale) against training minutes, one line per run and decoder.
+
+    ``runs``: ``{label: evaluation records}`` as :func:`read_evals` returns them (keys
+    ``elapsed`` in seconds, ``cer`` and optionally ``ctc_cer``); ``target`` draws a
+    horizontal line (None: none).
+    """
+    if not any(runs.values()):
+        raise ValueError("no evaluation records to plot (train with --eval-every N)")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, recs in runs.items():
+        if not recs:
+            continue
+        t = [r["elapsed"] / 60.0 for r in recs]
+        line, = ax.plot(t, [max(r["cer"], 1e-4) for r in recs], "o-", lw=1.4, ms=3.5,
+                        label=f"{label}: attention decoder, greedy")
+        if all("ctc_cer" in r for r in recs):
+            ax.plot(t, [max(r["ctc_cer"], 1e-4) for r in recs], "s--", lw=1.1, ms=3,
+                    color=line.get_color(), alpha=0.8, label=f"{label}: CTC head, greedy")
+    if target is not None:
+        ax.axhline(target, color="0.3", lw=0.8, ls=":", label=f"target CER {target:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training time (minutes; evaluations not counted)")
+    ax.set_ylabel("character error rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def plot_curves(curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
@@ -214,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("logs", nargs="+", help="log.jsonl files (label = the run folder name)")
     c.add_argument("--out", required=True)
     c.add_argument("--title", default="training loss")
+    e = sub.add_parser("cer", help="held-out CER vs training time of runs' log.jsonl")
+    e.add_argument("logs", nargs="+", help="log.jsonl files (label = the run folder name)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--title", default="held-out CER against training time")
     return p
 
 
@@ -223,6 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = plot_checkpoint_utterance(args.checkpoint, args.data, args.out, index=args.index,
                                         stage=args.stage, layer=args.layer,
                                         cache_dir=args.cache_dir, backend=args.backend)
+    elif args.cmd == "cer":
+        runs = {Path(p).parent.name or str(p): read_evals(p) for p in args.logs}
+        out = plot_cer_vs_time(runs, args.out, title=args.title)
     else:
         curves = {Path(p).parent.name or str(p): read_losses(p) for p in args.logs}
         out = plot_curves(curves, args.out, title=args.title)

@@ -6,17 +6,16 @@ wav+txt or LibriSpeech layouts), or ``--train DIR --test DIR``. Configuration co
 and flags, flags winning. Writes under ``--out``: ``config.json``, ``log.jsonl`` (one line
 per logged step and per evaluation), ``last.pt`` (every ``--ckpt-every`` steps and at the
 end), ``best.pt`` (best held-out CER) and ``results.json``. A run whose ``--out`` already
-has ``last.pt`` resumes from it (``--no-resume`` starts over): weights, optimizer, step (the learning-rate
-schedule is a function of step and elapsed time),
-RNG states, and the position inside the epoch (the batches of the interrupted epoch already
-trained on are skipped, so a resumed run sees the same batch sequence as an uninterrupted
-one).
+has ``last.pt`` resumes from it (``--no-resume`` starts over): weights, optimizer, step (the
+learning-rate schedule is a function of step and elapsed time), RNG states, and the position
+inside the epoch (the batches of the interrupted epoch already trained on are skipped, so a
+resumed run sees the same batch sequence as an uninterrupted one).
 
-Stops at ``--max-steps`` or after ``--time-budget`` seconds, whichever comes first. The
-budget counts the wall time of every invocation of the run together (the checkpoint carries
-the elapsed seconds so far), so a resumed run only gets what is left of it; a resume whose
-budget is already spent trains no step. Multi-process:
-``torchrun --nproc_per_node N -m zeromask.cli.train ...``
+Stops at ``--max-steps`` or after ``--time-budget`` seconds of training, whichever comes
+first; the periodic held-out evaluations are not counted. The budget counts the training
+time of every invocation of the run together (the checkpoint carries the elapsed seconds so
+far), so a resumed run only gets what is left of it; a resume whose budget is already spent
+trains no step. Multi-process: ``torchrun --nproc_per_node N -m zeromask.cli.train ...``
 (gloo on CPU, nccl on GPU); rank 0 logs, evaluates and writes checkpoints.
 
 Example (CPU, synthesized data)::
@@ -266,7 +265,8 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models import SpeechModel
     from ..models.training import (BucketBatchSampler, evaluate, load_checkpoint, lr_factor,
-                                   save_checkpoint, to_device, utterance_frames)
+                                   save_checkpoint, score_record, score_summary, to_device,
+                                   utterance_frames)
 
     if opt["threads"]:
         torch.set_num_threads(int(opt["threads"]))
@@ -383,21 +383,18 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         best = ckpt.get("extra", {}).get("best_cer", best)
 
     def run_eval(tag: str):
-        nonlocal best
+        nonlocal best, t0
         if eval_loader is None:
             return None
+        t_eval = time.time()
         res = evaluate(model, eval_loader, tokenizer, de.device, max_utts=int(opt["eval_max"]),
                        progress=not args.no_progress)
-        ctc = (f"; CTC greedy CER {res['ctc_cer']:.4f}  WER {res['ctc_wer']:.4f}"
-               if "ctc_cer" in res else "")
-        print(f"[{tag} step {step}] held-out CER {res['cer']:.4f}  WER {res['wer']:.4f}{ctc} "
-              f"on {res['n']} utterances")
+        if tag != "final":  # evaluation does not count as training time (nor the budget)
+            t0 += time.time() - t_eval
+        print(f"[{tag} step {step}] held-out {score_summary(res)} on {res['n']} utterances")
         print_samples(res, int(opt["samples"]))
-        rec = {"step": step, "eval": True, "cer": res["cer"], "wer": res["wer"], "n": res["n"],
-               "elapsed": time.time() - t0}
-        if "ctc_cer" in res:
-            rec.update(ctc_cer=res["ctc_cer"], ctc_wer=res["ctc_wer"])
-        log(rec)
+        log(dict({"step": step, "eval": True, "n": res["n"], "elapsed": time.time() - t0},
+                 **score_record(res)))
         if res["cer"] < best:
             best = res["cer"]
             save_checkpoint(out / "best.pt", model=model, step=step, epoch=epoch,
@@ -474,6 +471,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                     and not stop):
                 run_eval("eval")
                 model.train()
+                window_t = time.time()  # throughput counts training only
             if de.enabled and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0:
                 de.barrier()
             if stop:
@@ -494,9 +492,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                    "this_invocation_s": elapsed - elapsed0, "last_loss": last_loss,
                    "parameters": n_params, "config": cfg.to_dict()}
         if res is not None:
-            results.update(cer=res["cer"], wer=res["wer"], n_eval=res["n"], best_cer=best)
-            if "ctc_cer" in res:
-                results.update(ctc_cer=res["ctc_cer"], ctc_wer=res["ctc_wer"])
+            results.update(score_record(res), n_eval=res["n"], best_cer=best)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"done: step {step}, {elapsed:.1f} s, last loss {last_loss:.4f}; "
               f"checkpoint {last}")

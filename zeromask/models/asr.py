@@ -585,10 +585,13 @@ class SpeechModel(nn.Module):
         cross-attention layer's projected memory, so a step costs one token's worth of work;
         ``use_cache=False`` re-runs the full decoder each step (the check for the cache).
         """
-        max_len = max_len or self.config.max_decode_len
         memories = self.encode(spectrogram, waveform, pitch, f0)
-        B = spectrogram.shape[0]
-        device = spectrogram.device
+        return self._greedy(memories, f0, spectrogram.shape[0], max_len, use_cache)
+
+    def _greedy(self, memories, f0, B: int, max_len: Optional[int],
+                use_cache: bool = True) -> List[List[int]]:
+        max_len = max_len or self.config.max_decode_len
+        device = next(iter(memories.values()))[0].device
         ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         if use_cache:
@@ -607,6 +610,61 @@ class SpeechModel(nn.Module):
         for row in ids[:, 1:].tolist():
             out.append(row[: row.index(0)] if 0 in row else row)
         return out
+
+    @torch.no_grad()
+    def transcribe(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
+                   pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
+                   frame_lengths: Optional[Tensor] = None, max_len: Optional[int] = None,
+                   ctc_weight: Optional[float] = None, **_ignored) -> Dict[str, List[List[int]]]:
+        """Token ids per utterance from every decoder, on one encoding of the batch:
+
+        * ``"attention"``: the decoder's greedy output (:meth:`generate`);
+        * ``"ctc"``: best-path CTC (:func:`ctc_greedy`), when the model has a CTC head;
+        * ``"joint"``: joint CTC/attention decoding by rescoring, with the score of Kim, Hori
+          and Watanabe (2017): of the two outputs above, the one with the higher
+          ``(1 - w) * log P_att(y + end | x) + w * log P_ctc(y | x)`` (``w = ctc_weight``,
+          default ``config.ctc_weight``; both log-probabilities of the whole sequence, the
+          CTC one summed over every alignment).
+        """
+        if frame_lengths is None:
+            frame_lengths = frame_lengths_of(spectrogram)
+        memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
+        B = spectrogram.shape[0]
+        att = self._greedy(memories, f0, B, max_len)
+        out = {"attention": att}
+        if self.config.ctc_weight <= 0:
+            return out
+        w = self.config.ctc_weight if ctc_weight is None else float(ctc_weight)
+        lengths = downsampled_lengths(frame_lengths, self.config.downsample)
+        log_probs = self.ctc_log_probs(memories)
+        ctc = ctc_greedy(log_probs, lengths)
+        sa, sc = (self._joint_scores(memories, f0, log_probs, lengths, hyps, w).tolist()
+                  for hyps in (att, ctc))
+        out["ctc"] = ctc
+        out["joint"] = [a if x >= y else c for a, c, x, y in zip(att, ctc, sa, sc)]
+        return out
+
+    def _joint_scores(self, memories, f0, log_probs: Tensor, lengths: Tensor,
+                      hyps: List[List[int]], w: float) -> Tensor:
+        """(B,) ``(1 - w) log P_att(y + [0]) + w log P_ctc(y)`` of one hypothesis each."""
+        B, device = len(hyps), log_probs.device
+        N = max(len(h) for h in hyps) + 1
+        inp = torch.zeros(B, N, dtype=torch.long, device=device)
+        lab = torch.full((B, N), -100, dtype=torch.long, device=device)
+        for i, h in enumerate(hyps):
+            t = torch.tensor(h, dtype=torch.long, device=device)
+            inp[i, 1:1 + len(h)] = t
+            lab[i, :len(h)] = t
+            lab[i, len(h)] = 0
+        logp = F.log_softmax(self.decode(inp, memories, f0).float(), dim=-1)
+        att = logp.gather(-1, lab.clamp_min(0)[..., None])[..., 0].masked_fill(lab < 0, 0.0)
+        score = (1 - w) * att.sum(1)
+        if w > 0:
+            targets, target_lengths = ctc_targets(lab)
+            ctc = -F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths,
+                              blank=0, reduction="none", zero_infinity=False)
+            score = score + w * ctc.nan_to_num(neginf=-1e30)
+        return score
 
     def _cached_stepper(self, memories, f0, B, device):
         kf0 = self._key_f0(f0)

@@ -147,31 +147,34 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
 
     Returns ``{cer, wer, n, refs, hyps, ids}`` for the attention decoder's greedy output
     and, when the model has a CTC head, ``ctc_cer``, ``ctc_wer`` and ``ctc_hyps`` for greedy
-    CTC decoding of the same utterances.
+    CTC decoding of the same utterances and ``joint_cer``, ``joint_wer``, ``joint_hyps`` for
+    joint CTC/attention rescoring (:meth:`SpeechModel.transcribe`).
     """
     import jiwer
     was_training = model.training
     model.eval()
     use_ctc = model.config.ctc_weight > 0
-    refs, hyps, ctc_hyps, ids = [], [], [], []
+    refs, hyps, ctc_hyps, joint_hyps, ids = [], [], [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
         it = tqdm(loader, desc="eval", unit="batch", leave=False)
     for batch in it:
-        tb = to_device(batch, device)
-        out = model.generate(**tb, max_len=max_len)
-        ctc = model.ctc_generate(**tb) if use_ctc else [[]] * len(out)
-        for r, h, c, i in zip(batch["text"], out, ctc, batch["id"]):
+        dec = model.transcribe(**to_device(batch, device), max_len=max_len)
+        out = dec["attention"]
+        ctc = dec.get("ctc", [[]] * len(out))
+        joint = dec.get("joint", [[]] * len(out))
+        for r, h, c, j, i in zip(batch["text"], out, ctc, joint, batch["id"]):
             refs.append(r)
             hyps.append(tokenizer.decode(h))
             ctc_hyps.append(tokenizer.decode(c))
+            joint_hyps.append(tokenizer.decode(j))
             ids.append(i)
         if max_utts is not None and len(refs) >= max_utts:
             break
     if max_utts is not None:
         refs, hyps, ids = refs[:max_utts], hyps[:max_utts], ids[:max_utts]
-        ctc_hyps = ctc_hyps[:max_utts]
+        ctc_hyps, joint_hyps = ctc_hyps[:max_utts], joint_hyps[:max_utts]
     model.train(was_training)
     keep = [k for k, r in enumerate(refs) if r.strip()]
     if not keep:
@@ -182,11 +185,27 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
            "refs": refs, "hyps": hyps, "ids": ids}
     if use_ctc:
         c = [ctc_hyps[k] for k in keep]
+        j = [joint_hyps[k] for k in keep]
         res.update(ctc_cer=float(jiwer.cer(r, c)), ctc_wer=float(jiwer.wer(r, c)),
-                   ctc_hyps=ctc_hyps)
+                   ctc_hyps=ctc_hyps, joint_cer=float(jiwer.cer(r, j)),
+                   joint_wer=float(jiwer.wer(r, j)), joint_hyps=joint_hyps)
     return res
 
 
-__all__ = ["BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
+DECODERS = (("", "attention greedy"), ("ctc_", "CTC greedy"), ("joint_", "joint CTC/attention"))
+
+
+def score_summary(res: dict) -> str:
+    """One line of the CER/WER of every decoder in an :func:`evaluate` result."""
+    return "; ".join(f"{name} CER {res[p + 'cer']:.4f} WER {res[p + 'wer']:.4f}"
+                     for p, name in DECODERS if p + "cer" in res)
+
+
+def score_record(res: dict) -> dict:
+    """The CER/WER numbers of an :func:`evaluate` result (for logs and JSON)."""
+    return {p + m: res[p + m] for p, _ in DECODERS for m in ("cer", "wer") if p + m in res}
+
+
+__all__ = ["score_summary", "score_record", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
            "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
            "TENSOR_KEYS"]
