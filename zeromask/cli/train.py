@@ -47,7 +47,7 @@ _MODEL_FLAGS = {
     "dec_self_layers": int, "dec_cross_layers": int, "dropout": float, "downsample": int,
     "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
     "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
-    "label_smoothing": float,
+    "label_smoothing": float, "conv_kernel": int, "ctc_input": str,
 }
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,

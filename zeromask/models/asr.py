@@ -216,17 +216,46 @@ class FeedForward(nn.Module):
         return x + self.net(x)
 
 
+class ConvModule(nn.Module):
+    """Conformer's convolution module (Gulati et al. 2020), residual: LayerNorm, pointwise
+    conv to 2d + GLU, depthwise conv over time (``kernel`` frames, 'same' padding),
+    LayerNorm (not BatchNorm: padded batches), SiLU, pointwise conv, dropout.
+    ``(B, T, d) -> (B, T, d)``; padding frames are zeroed before the depthwise conv so they
+    never leak into real frames."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Linear(d, 2 * d)
+        self.dw = nn.Conv1d(d, d, cfg.conv_kernel, padding=cfg.conv_kernel // 2, groups=d)
+        self.dw_norm = nn.LayerNorm(d)
+        self.pw2 = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        h = F.glu(self.pw1(self.norm(x)), dim=-1)
+        if valid is not None:
+            h = h * valid[..., None]
+        h = self.dw(h.transpose(1, 2)).transpose(1, 2)
+        return x + self.drop(self.pw2(F.silu(self.dw_norm(h))))
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, make_rotary(cfg, contour=cfg.f0_rotary))
         self.drop = nn.Dropout(cfg.dropout)
+        self.conv = ConvModule(cfg) if cfg.conv_kernel else None
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor],
+                valid: Optional[Tensor] = None) -> Tensor:
         h = self.norm(x)
         x = x + self.drop(self.attn(h, h, zero_mask, query_f0=f0, key_f0=f0))
+        if self.conv is not None:
+            x = self.conv(x, valid)
         return self.ffn(x)
 
 
@@ -280,12 +309,18 @@ class FeatureEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers_for(feature)))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor],
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """``lengths`` ``(B,)``: valid frames after downsampling (for the conv modules)."""
         h = self.front(x)
         if self.abs_pos:
             h = h + sinusoid(h.shape[1], h.shape[2], device=h.device, dtype=h.dtype)
+        valid = None
+        if lengths is not None:
+            valid = (torch.arange(h.shape[1], device=h.device)[None, :]
+                     < lengths[:, None]).to(h.dtype)
         for layer in self.layers:
-            h = layer(h, zero_mask, f0)
+            h = layer(h, zero_mask, f0, valid)
         return self.norm(h)
 
 
@@ -455,13 +490,15 @@ class SpeechModel(nn.Module):
             spectrogram = spec_augment(spectrogram, frame_lengths, *self.config.spec_augment)
         inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
         mask = downsample_mask(zero_mask, self.config.downsample)
+        lengths = (None if frame_lengths is None
+                   else downsampled_lengths(frame_lengths, self.config.downsample))
         contour = f0 if self.config.f0_rotary else None
         out = {}
         for f in feats:
             x = inputs[f]
             if x is None:
                 raise ValueError(f"feature {f!r} is in feature_order but was not given")
-            mem = self.encoders[f](x, mask, contour)
+            mem = self.encoders[f](x, mask, contour, lengths)
             if mem.shape[1] != mask.shape[1]:  # an internal invariant of the front-end
                 raise RuntimeError(f"{f} encoder gave {mem.shape[1]} frames, mask has "
                                    f"{mask.shape[1]}")
@@ -545,10 +582,18 @@ class SpeechModel(nn.Module):
         return out
 
     def ctc_log_probs(self, memories: Dict[str, Tuple[Tensor, Tensor]]) -> Tensor:
-        """(B, T', vocab) float32 CTC log-probabilities from the summed encoder outputs."""
+        """(B, T', vocab) float32 CTC log-probabilities from ``config.ctc_input``: the sum of
+        the encoder outputs, or one feature's encoder."""
         if self.config.ctc_weight <= 0:
             raise ValueError("this model has no CTC head (ctc_weight=0)")
-        h = sum(mem for mem, _ in memories.values())
+        src = self.config.ctc_input
+        if src == "sum":
+            h = sum(mem for mem, _ in memories.values())
+        elif src in memories:
+            h = memories[src][0]
+        else:
+            raise ValueError(f"ctc_input {src!r} is not among the encoded features "
+                             f"{list(memories)}")
         return F.log_softmax(self.ctc_head(self.ctc_norm(h)).float(), dim=-1)
 
     @torch.no_grad()

@@ -43,6 +43,11 @@ class ModelConfig:
     ``spec_augment``    SpecAugment (Park et al. 2019) on the log-mel input while training:
                         ``(freq_masks, freq_width, time_masks, time_width_fraction)``, each mask
                         up to that many mel bins / that fraction of the frames; ``None``: off.
+    ``conv_kernel``     > 0: every encoder layer gets a Conformer convolution module
+                        (Gulati et al. 2020) with a depthwise kernel of that many frames
+                        (odd); 0: none.
+    ``ctc_input``       what the CTC head reads: ``"sum"`` of the feature encoders' outputs,
+                        or one feature's encoder (e.g. ``"spectrogram"``).
     ``encoder_layers``  layers per feature encoder, e.g. ``{"spectrogram": 4, "pitch": 1}``;
                         a feature not named gets ``enc_layers``.
     """
@@ -76,6 +81,8 @@ class ModelConfig:
     label_smoothing: float = 0.1
     spec_augment: Optional[Tuple[int, int, int, float]] = (2, 15, 2, 0.05)
     encoder_layers: Optional[Dict[str, int]] = None
+    conv_kernel: int = 0
+    ctc_input: str = "sum"
 
     def __post_init__(self):
         self.feature_order = tuple(self.feature_order)
@@ -106,6 +113,11 @@ class ModelConfig:
                 raise ValueError("spec_augment must be (freq_masks, freq_width, time_masks, "
                                  f"time_width_fraction < 1), all >= 0; got {self.spec_augment}")
             self.spec_augment = (int(sa[0]), int(sa[1]), int(sa[2]), float(sa[3]))
+        if self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+            raise ValueError(f"conv_kernel must be 0 or odd, got {self.conv_kernel}")
+        if self.ctc_input != "sum" and self.ctc_input not in self.feature_order:
+            raise ValueError(f"ctc_input must be 'sum' or one of feature_order "
+                             f"{self.feature_order}, got {self.ctc_input!r}")
         if self.encoder_layers is not None:
             layers = dict(self.encoder_layers)
             bad = [f for f in layers if f not in FEATURES]
