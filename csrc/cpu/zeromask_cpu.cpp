@@ -762,11 +762,11 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
               for (int64_t j = 0; j < wp; j += VL) {
                 vf p = vexp(vload(pr + j) - lv);
                 vstore(pr + j, p);
-                const vf dp = vload(sr + j);
-                vstore(sr + j, p * (dp - dl));
-                if (zsum) {  // per side, sums of P dP and of P (see dlns below)
-                  const vf z = vload(zf + j), nz = 1.0f - z, pdp = p * dp;
-                  azs += pdp * z; ans += pdp * nz; azp += p * z; anp += p * nz;
+                const vf ds = p * (vload(sr + j) - dl);
+                vstore(sr + j, ds);
+                if (zsum) {  // per side, sums of P (dP - Delta) and of P (see dlns below)
+                  const vf z = vload(zf + j), nz = 1.0f - z;
+                  azs += ds * z; ans += ds * nz; azp += p * z; anp += p * nz;
                 }
               }
               if (zsum) {
@@ -780,10 +780,13 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           }
           // prob mode: dL/d ln s = sum over zero keys of dS' = sum_z P (dP - Delta).  With
           // the row's own sums (z: zero keys, n: the others; A = sum P dP, M = sum P) and
-          // Delta = (A_z + A_n) / (M_z + M_n), that is (A_z M_n - A_n M_z) / (M_z + M_n), in
-          // double: the softmax backward of the recomputed P itself, so neither the rounding
-          // of the float lse (a common factor on P) nor that of Delta (from dO . O) enters the
-          // small difference this sum cancels to.
+          // Delta = (A_z + A_n) / (M_z + M_n), that is (A_z M_n - A_n M_z) / (M_z + M_n): the
+          // softmax backward of the recomputed P itself, so the rounding of Delta (from
+          // dO . O) does not enter the small difference this sum cancels to.  The same holds
+          // with dP - Delta' for dP, any Delta' (the terms Delta' P cancel exactly), so the
+          // kernel sums B = P (dP - Delta') = dS, Delta' the float Delta: terms that are
+          // small where dP is near Delta, so their float sums carry far less rounding than
+          // those of P dP would (in double from there on).
           if (zsum)
             for (int64_t r = 0; r < rows; ++r) {
               const double mass = rzp[r] + rnp[r];
