@@ -31,7 +31,7 @@
 // whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -43,6 +43,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 namespace zm {
@@ -98,7 +99,14 @@ static inline vf vexp(vf x) {
   // them (an exponent out of range, inf or NaN: never a denormal, as (n + 127) << 23 has
   // zero mantissa bits), so only the top needs clamping.  NaN stays NaN.
   const vi dead = x < -87.0f;
+  // x > 88 ? 88 : x (NaN stays NaN): one minps, where GCC makes a compare and a blend
+#if defined(__AVX__)
+  x = (vf)_mm256_min_ps((__m256)vset(88.0f), (__m256)x);
+#elif defined(__SSE2__)
+  x = (vf)_mm_min_ps((__m128)vset(88.0f), (__m128)x);
+#else
   x = (x > 88.0f) ? vset(88.0f) : x;
+#endif
   x = x * LOG2E;
   const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
   const vf tn = x + magic;             // n in the low mantissa bits
@@ -249,24 +257,49 @@ static inline void strip(int64_t N, int64_t K, const float* A, int64_t asr, int6
   }
 }
 
-// C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % VL == 0.  Strips of 6 rows, then
-// one of 4 or 2 for the rest.  bias (length N) and rowmax (length M), each optional: see
-// micro.
-template <bool ACC>
-static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
-                 const float* B, int64_t ldb, float* C, int64_t ldc,
-                 const float* bias = nullptr, float* rowmax = nullptr) {
-  auto rm = [&](int64_t m) { return rowmax ? rowmax + m : nullptr; };
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6)
-    strip<6, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
-  if (M - m == 4)
-    strip<4, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
-  else if (M - m == 2)
-    strip<2, ACC>(N, K, A + m * asr, asr, ast, B, ldb, C + m * ldc, ldc, bias, rm(m));
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Causal trimming of a product over one BQ x BK tile, whose row r (query) may use tile
+// columns (keys) j < diag + r + 1: gemm then skips the work no row of a strip needs.
+//   NCOLS:  C's columns (S = Q K^T, dP = dO V^T): strip [m, m + MR) computes the columns
+//           below strip_cols(diag, m + MR, N) only;
+//   KEND:   the K range (O += P V, dQ += dS K): t < diag + m + MR;
+//   KSTART: rows are keys, K runs over queries (dV += P^T dO, dK += dS^T Q): t >= m - diag.
+// Skipped terms are exact zeros (P = 0 past the diagonal), so results are the same.
+enum Trim { NONE, NCOLS, KEND, KSTART };
+static inline int64_t strip_cols(int64_t diag, int64_t strip_end, int64_t N) {
+  return std::min(N, round_up(std::max<int64_t>(0, diag + strip_end), VL));
+}
+// The end of the strip gemm puts row r of an M-row product in (6-row strips, then 4 or 2).
+static inline int64_t strip_end(int64_t r, int64_t M) {
+  return r < M / 6 * 6 ? (r / 6 + 1) * 6 : M;
 }
 
-static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % VL == 0.  Strips of 6 rows, then
+// one of 4 or 2 for the rest.  bias (length N) and rowmax (length M), each optional: see
+// micro; TRIM and diag: see Trim.
+template <bool ACC, Trim TRIM = NONE>
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
+                 const float* B, int64_t ldb, float* C, int64_t ldc,
+                 const float* bias = nullptr, float* rowmax = nullptr, int64_t diag = 0) {
+  auto rm = [&](int64_t m) { return rowmax ? rowmax + m : nullptr; };
+  auto run = [&](auto mr, int64_t m) {
+    constexpr int MR = decltype(mr)::value;
+    int64_t n = N, k0 = 0, k1 = K;
+    if constexpr (TRIM == NCOLS) n = strip_cols(diag, m + MR, N);
+    if constexpr (TRIM == KEND) k1 = std::min(K, std::max<int64_t>(0, diag + m + MR));
+    if constexpr (TRIM == KSTART) k0 = std::min(K, std::max<int64_t>(0, m - diag));
+    if (ACC && k1 <= k0) return;  // nothing to add
+    strip<MR, ACC>(n, k1 - k0, A + m * asr + k0 * ast, asr, ast, B + k0 * ldb, ldb,
+                   C + m * ldc, ldc, bias, rm(m));
+  };
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) run(std::integral_constant<int, 6>{}, m);
+  if (M - m == 4)
+    run(std::integral_constant<int, 4>{}, m);
+  else if (M - m == 2)
+    run(std::integral_constant<int, 2>{}, m);
+}
 
 // Scratch buffers on 64-byte boundaries (glibc's malloc gives 16): with rows that are whole
 // cache lines, no vector load or store of the kernels straddles two lines.
@@ -646,13 +679,22 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       const float* bias = a.bias.data() + b * a.Lkp;
       for (int64_t j0 = 0; j0 < ke; j0 += BK) {
         const int64_t wp = round_up(std::min(BK, ke - j0), VL);
+        // a tile the causal diagonal crosses: each strip of rows stops at its last key
+        const int64_t diag = i0 + (a.Lk - a.Lq) - j0;
+        const bool trim = a.causal && diag + 1 < wp;
         // S = Qs K'^T + bias, and each row's maximum, in one pass over the tile
         std::fill(tmax.begin(), tmax.begin() + Mp, NEG_INF);
-        gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
-                    bias + j0, tmax.data());
+        if (trim)
+          gemm<false, NCOLS>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
+                             bias + j0, tmax.data(), diag);
+        else
+          gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
+                      bias + j0, tmax.data());
         causal_tile(a, i0, Mp, j0, wp, S.data(), tmax.data());
         for (int64_t r = 0; r < Mp; ++r) {
           float* row = S.data() + r * BK;
+          // the columns P V reads (past the diagonal, exactly 0 each)
+          const int64_t we = trim ? strip_cols(diag, strip_end(r, Mp), wp) : wp;
           const float mnew = std::max(m[r], tmax[r]);
           const float ms = (mnew == NEG_INF) ? 0.f : mnew;
           const float alpha = std::exp(m[r] - ms);
@@ -662,7 +704,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
 #ifndef __AVX512F__
           // four independent exps a step (one is a ~60-cycle dependency chain, more than
           // the out-of-order window of an AVX2 core overlaps on its own); summed in order
-          for (; j + 4 * VL <= wp; j += 4 * VL) {
+          for (; j + 4 * VL <= we; j += 4 * VL) {
             vf p[4];
 #pragma GCC unroll 4
             for (int u = 0; u < 4; ++u) p[u] = vexp(vload(row + j + u * VL) - msv);
@@ -673,7 +715,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
             }
           }
 #endif
-          for (; j < wp; j += VL) {
+          for (; j < we; j += VL) {
             vf p = vexp(vload(row + j) - msv);
             vstore(row + j, p);
             sum += p;
@@ -685,7 +727,11 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
             for (int64_t d = 0; d < a.Dp; d += VL) vstore(o + d, vload(o + d) * alpha);
           }
         }
-        gemm<true>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
+        if (trim)
+          gemm<true, KEND>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp,
+                           nullptr, nullptr, diag);
+        else
+          gemm<true>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
@@ -844,14 +890,28 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
             const int64_t wp = round_up(std::min(BK, ke - j0), VL);
-            gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt, P.data(), BK,
-                        a.bias.data() + b * a.Lkp + j0);  // the forward's S, bitwise
-            causal_tile(a, i0, Mp, j0, wp, P.data(), nullptr);
-            gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.ldt, dS.data(), BK);
+            // a tile the causal diagonal crosses: see Trim (and the forward)
+            const int64_t diag = i0 + (a.Lk - a.Lq) - j0;
+            const bool trim = a.causal && diag + 1 < wp;
+            const float* bias = a.bias.data() + b * a.Lkp + j0;
+            if (trim) {  // the forward's S, bitwise
+              gemm<false, NCOLS>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt,
+                                 P.data(), BK, bias, nullptr, diag);
+              causal_tile(a, i0, Mp, j0, wp, P.data(), nullptr);
+              gemm<false, NCOLS>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.ldt,
+                                 dS.data(), BK, nullptr, nullptr, diag);
+            } else {
+              gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, Kt.data() + j0, a.ldt, P.data(), BK,
+                          bias);
+              causal_tile(a, i0, Mp, j0, wp, P.data(), nullptr);
+              gemm<false>(Mp, wp, a.D, dO.data(), a.Dp, 1, Vt.data() + j0, a.ldt, dS.data(), BK);
+            }
             const float* zf = a.zf.data() + b * a.Lkp + j0;
             for (int64_t r = 0; r < Mp; ++r) {
               float* pr = P.data() + r * BK;
               float* sr = dS.data() + r * BK;
+              // the columns with scores (past the diagonal, P = dS = 0 exactly)
+              const int64_t we = trim ? strip_cols(diag, strip_end(r, Mp), wp) : wp;
               const vf lv = vset(lrow[r]), dl = vset(delta[r]);
               vf azs = vset(0.f), ans = vset(0.f), azp = vset(0.f), anp = vset(0.f);
               // p = exp(S - lse) into P, dS = P (dP - Delta) in place of dP
@@ -867,7 +927,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
               int64_t j = 0;
 #ifndef __AVX512F__
               // four independent exps a step, as in the forward; the sums in order
-              for (; j + 4 * VL <= wp; j += 4 * VL) {
+              for (; j + 4 * VL <= we; j += 4 * VL) {
                 vf p[4];
 #pragma GCC unroll 4
                 for (int u = 0; u < 4; ++u) p[u] = vexp(vload(pr + j + u * VL) - lv);
@@ -875,15 +935,29 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 for (int u = 0; u < 4; ++u) step(j + u * VL, p[u]);
               }
 #endif
-              for (; j < wp; j += VL) step(j, vexp(vload(pr + j) - lv));
+              for (; j < we; j += VL) step(j, vexp(vload(pr + j) - lv));
+              for (; j < wp; j += VL) {  // dV and dK read these
+                vstore(pr + j, vset(0.f));
+                vstore(sr + j, vset(0.f));
+              }
               if (zsum) {
                 rzs[r] += hsum(azs); rns[r] += hsum(ans); rzp[r] += hsum(azp); rnp[r] += hsum(anp);
               }
             }
             // dV += P^T dO ; dK' += dS^T Qs ; dQs += dS K'
-            gemm<true>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
-            gemm<true>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
-            gemm<true>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(), a.Dp);
+            if (trim) {
+              gemm<true, KSTART>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp,
+                                 dV + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
+              gemm<true, KSTART>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp,
+                                 dK + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
+              gemm<true, KEND>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp,
+                               dQ.data(), a.Dp, nullptr, nullptr, diag);
+            } else {
+              gemm<true>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
+              gemm<true>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
+              gemm<true>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(),
+                         a.Dp);
+            }
           }
           // prob mode: dL/d ln s = sum over zero keys of dS' = sum_z P (dP - Delta).  With
           // the row's own sums (z: zero keys, n: the others; A = sum P dP, M = sum P) and
