@@ -410,42 +410,77 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
   return t;
 }
 
-static inline void pair_idx(int64_t i, int64_t half, bool inter, int64_t& a, int64_t& b) {
-  if (inter) { a = 2 * i; b = 2 * i + 1; } else { a = i; b = i + half; }
-}
+// The rotary pairs of a row are (x[i], x[i + R/2]) (ST = 1, halves) or (x[2i], x[2i + 1])
+// (ST = 2, interleaved), i < R/2.  The loops below are one per layout and radius / no
+// radius, without branches inside, so GCC vectorises them.
 
 // y = rot(x) (one row of D); dims >= R copied.  y may not alias x.
+template <int ST, bool RHO>
+static inline void rot_pairs(const float* __restrict xa, const float* __restrict xb,
+                             float* __restrict ya, float* __restrict yb, int64_t half,
+                             const float* __restrict c, const float* __restrict s,
+                             const float* __restrict rho) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = xa[i * ST], b = xb[i * ST];
+    const float u = a * c[i] - b * s[i], w = a * s[i] + b * c[i];
+    ya[i * ST] = RHO ? rho[i] * u : u;
+    yb[i * ST] = RHO ? rho[i] * w : w;
+  }
+}
 static inline void rot_row(const float* x, float* y, int64_t D, int64_t R, bool inter,
                            const float* c, const float* s, const float* rho) {
   const int64_t half = R / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    int64_t ia, ib;
-    pair_idx(i, half, inter, ia, ib);
-    const float xa = x[ia], xb = x[ib], r = rho ? rho[i] : 1.0f;
-    y[ia] = r * (xa * c[i] - xb * s[i]);
-    y[ib] = r * (xa * s[i] + xb * c[i]);
+  if (inter) {
+    if (rho) rot_pairs<2, true>(x, x + 1, y, y + 1, half, c, s, rho);
+    else rot_pairs<2, false>(x, x + 1, y, y + 1, half, c, s, rho);
+  } else {
+    if (rho) rot_pairs<1, true>(x, x + half, y, y + half, half, c, s, rho);
+    else rot_pairs<1, false>(x, x + half, y, y + half, half, c, s, rho);
   }
   for (int64_t d = R; d < D; ++d) y[d] = x[d];
 }
 
-// Given x and dy = dL/d rot(x): dx, returns dL/dtheta for this row, adds dL/drho.
+// Given x and dy = dL/d rot(x): dx, returns dL/dtheta for this row, adds dL/drho (double
+// sums; the dtheta one in SIMD lanes, i.e. reassociated, at double precision).
+template <int ST, bool RHO>
+static inline double rot_pairs_bwd(const float* __restrict xa, const float* __restrict xb,
+                                   const float* __restrict ga, const float* __restrict gb,
+                                   float* __restrict dxa, float* __restrict dxb, int64_t half,
+                                   const float* __restrict c, const float* __restrict s,
+                                   const float* __restrict dpdt, const float* __restrict rho,
+                                   double* __restrict drho) {
+  double dth = 0.0;
+#pragma omp simd reduction(+ : dth)
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = xa[i * ST], b = xb[i * ST], r = RHO ? rho[i] : 1.0f;
+    const float ya = a * c[i] - b * s[i], yb = a * s[i] + b * c[i];
+    const float g0 = ga[i * ST], g1 = gb[i * ST];
+    const float u = g0 * c[i] + g1 * s[i], w = g1 * c[i] - g0 * s[i];
+    dxa[i * ST] = RHO ? r * u : u;
+    dxb[i * ST] = RHO ? r * w : w;
+    const double dphi = static_cast<double>(r) * (static_cast<double>(g1) * ya -
+                                                  static_cast<double>(g0) * yb);
+    dth += dphi * dpdt[i];
+    if (RHO) drho[i] += static_cast<double>(g0) * ya + static_cast<double>(g1) * yb;
+  }
+  return dth;
+}
+// rho and drho: both or neither.
 static inline double rot_row_bwd(const float* x, const float* dy, float* dx, int64_t D,
                                  int64_t R, bool inter, const float* c, const float* s,
                                  const float* dpdt, const float* rho, double* drho) {
+  TORCH_CHECK(!rho == !drho, "zeromask: rot_row_bwd needs rho and drho together");
   const int64_t half = R / 2;
-  double dth = 0.0;
-  for (int64_t i = 0; i < half; ++i) {
-    int64_t ia, ib;
-    pair_idx(i, half, inter, ia, ib);
-    const float xa = x[ia], xb = x[ib], r = rho ? rho[i] : 1.0f;
-    const float ya = xa * c[i] - xb * s[i], yb = xa * s[i] + xb * c[i];
-    const float ga = dy[ia], gb = dy[ib];
-    dx[ia] = r * (ga * c[i] + gb * s[i]);
-    dx[ib] = r * (gb * c[i] - ga * s[i]);
-    const double dphi = static_cast<double>(r) * (static_cast<double>(gb) * ya -
-                                                  static_cast<double>(ga) * yb);
-    dth += dphi * dpdt[i];
-    if (drho) drho[i] += static_cast<double>(ga) * ya + static_cast<double>(gb) * yb;
+  double dth;
+  if (inter) {
+    dth = rho ? rot_pairs_bwd<2, true>(x, x + 1, dy, dy + 1, dx, dx + 1, half, c, s, dpdt, rho, drho)
+              : rot_pairs_bwd<2, false>(x, x + 1, dy, dy + 1, dx, dx + 1, half, c, s, dpdt, rho, drho);
+  } else {
+    dth = rho ? rot_pairs_bwd<1, true>(x, x + half, dy, dy + half, dx, dx + half, half, c, s,
+                                       dpdt, rho, drho)
+              : rot_pairs_bwd<1, false>(x, x + half, dy, dy + half, dx, dx + half, half, c, s,
+                                        dpdt, rho, drho);
   }
   for (int64_t d = R; d < D; ++d) dx[d] = dy[d];
   return dth;
@@ -870,7 +905,8 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           for (int64_t r = 0; r < Mp; ++r) {
             if (r < rows) {
               const int64_t row = (b * a.Hq + h) * a.Lq + i0 + r;
-              double dlt = 0.0;
+              double dlt = 0.0;  // (in SIMD lanes: reassociated, at double precision)
+#pragma omp simd reduction(+ : dlt)
               for (int64_t d = 0; d < a.D; ++d) {
                 const float go = static_cast<float>(dop[row * a.D + d]);
                 dO[r * a.Dp + d] = go;
