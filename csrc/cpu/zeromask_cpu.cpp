@@ -53,12 +53,20 @@ namespace zm {
 // register) otherwise.  A vector wider than the ISA's registers is split by GCC into
 // several, so e.g. the 24 accumulators of the AVX-512 microkernel would be 48 ymm on AVX2
 // (which has 16) and everything spills.
+// -DZM_VBYTES=16 (or 32) overrides it below AVX-512, e.g. to compare widths on one machine.
 #if defined(__AVX512F__)
+#if defined(ZM_VBYTES) && ZM_VBYTES != 64
+#error "zeromask: the AVX-512 paths need ZM_VBYTES=64"
+#endif
 #define ZM_VBYTES 64
-#elif defined(__AVX__)
+#elif !defined(ZM_VBYTES)
+#if defined(__AVX__)
 #define ZM_VBYTES 32
 #else
 #define ZM_VBYTES 16
+#endif
+#elif ZM_VBYTES != 16 && !(ZM_VBYTES == 32 && defined(__AVX__))
+#error "zeromask: ZM_VBYTES must be 16, or 32 with AVX, without AVX-512"
 #endif
 typedef float vf __attribute__((vector_size(ZM_VBYTES)));
 typedef float vfu __attribute__((vector_size(ZM_VBYTES), aligned(4)));
@@ -100,9 +108,9 @@ static inline vf vexp(vf x) {
   // zero mantissa bits), so only the top needs clamping.  NaN stays NaN.
   const vi dead = x < -87.0f;
   // x > 88 ? 88 : x (NaN stays NaN): one minps, where GCC makes a compare and a blend
-#if defined(__AVX__)
+#if ZM_VBYTES == 32 && defined(__AVX__)
   x = (vf)_mm256_min_ps((__m256)vset(88.0f), (__m256)x);
-#elif defined(__SSE2__)
+#elif ZM_VBYTES == 16 && defined(__SSE2__)
   x = (vf)_mm_min_ps((__m128)vset(88.0f), (__m128)x);
 #else
   x = (x > 88.0f) ? vset(88.0f) : x;
@@ -184,7 +192,15 @@ constexpr int NVP = 2;
 // vector per step), and the kernel becomes bound by loads, not FMAs.
 //
 // With `bias` (the scores epilogue of Q K^T): C = A B + bias[col] and, with `rowmax` too,
-// rowmax[r] = max(rowmax[r], max of row r of C), while C is still in registers.
+// the running maxima of C's rows, while C is still in registers: with AVX-512 rowmax[r] =
+// max(rowmax[r], max of row r); otherwise per lane, RMW = VL floats a row (rowmax[r * VL +
+// lane]), left to the caller to reduce once per tile (a shuffle tree per row and panel was
+// a tenth of the Q K^T product's time on AVX2).
+#ifdef __AVX512F__
+constexpr int RMW = 1;
+#else
+constexpr int RMW = VL;
+#endif
 template <int MR, int NV, bool ACC>
 static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int64_t ast,
                          const float* __restrict B, int64_t ldb, float* __restrict C,
@@ -227,7 +243,13 @@ static inline void micro(int64_t K, const float* __restrict A, int64_t asr, int6
       vf mx = acc[r][0];
 #pragma GCC unroll 8
       for (int v = 1; v < NV; ++v) mx = acc[r][v] > mx ? acc[r][v] : mx;
+#ifdef __AVX512F__
       rowmax[r] = std::max(rowmax[r], hmax(mx));
+#else
+      float* rv = rowmax + r * VL;
+      const vf cur = vload(rv);
+      vstore(rv, mx > cur ? mx : cur);
+#endif
     }
   }
 #pragma GCC unroll 8
@@ -276,13 +298,14 @@ static inline int64_t strip_end(int64_t r, int64_t M) {
 }
 
 // C (M x N) (+)= A (M x K) B (K x N); M % 2 == 0, N % VL == 0.  Strips of 6 rows, then
-// one of 4 or 2 for the rest.  bias (length N) and rowmax (length M), each optional: see
-// micro; TRIM and diag: see Trim.
+// one of 4 or 2 for the rest.  bias (length N) and rowmax (length M * RMW), each optional:
+// see micro; TRIM and diag: see Trim.
+// (not inlined into the attention loops: there GCC spills the microkernel's B registers)
 template <bool ACC, Trim TRIM = NONE>
-static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
+__attribute__((noinline)) static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t asr, int64_t ast,
                  const float* B, int64_t ldb, float* C, int64_t ldc,
                  const float* bias = nullptr, float* rowmax = nullptr, int64_t diag = 0) {
-  auto rm = [&](int64_t m) { return rowmax ? rowmax + m : nullptr; };
+  auto rm = [&](int64_t m) { return rowmax ? rowmax + m * RMW : nullptr; };
   auto run = [&](auto mr, int64_t m) {
     constexpr int MR = decltype(mr)::value;
     int64_t n = N, k0 = 0, k1 = K;
@@ -366,22 +389,25 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
   // serial) was most of the standalone rotary op's time.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(half, 1));
   at::parallel_for(0, B * L, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<double> y(half);
+    std::vector<double> wv(half), y(half);
     std::vector<int32_t> quad(half);
     for (int64_t row = lo; row < hi; ++row) {
       // w_i = theta^(-2i/R) = ratio^i, by repeated multiplication in double (error ~ i ulp
       // of a double); phi = pos * w_i reduced in double to y in [-pi/4, pi/4] and its
       // quadrant, then sin and cos of y by their Taylor series to y^13 / y^14 in double
-      // (truncation < 1e-13) rounded once to float: as accurate as libm's sinf/cosf, in a
-      // loop GCC vectorises (libm's scalar cosf + sinf took ~6 ns an angle).
+      // (truncation < 1e-13) rounded once to float: as accurate as libm's sinf/cosf, in
+      // loops GCC vectorises (libm's scalar cosf + sinf took ~6 ns an angle).
       const double ratio = std::exp(-2.0 / static_cast<double>(R) * std::log(static_cast<double>(th[row])));
       const double p = ps[row];
       double w = 1.0;
-      for (int64_t i = 0; i < half; ++i, w *= ratio) {
-        const double phi = p * w;
+      for (int64_t i = 0; i < half; ++i, w *= ratio) wv[i] = w;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const double phi = p * wv[i];
         const double k = std::nearbyint(phi * (1.0 / HALF_PI));
         y[i] = phi - HALF_PI * k;
-        quad[i] = static_cast<int32_t>(static_cast<int64_t>(k) & 3);
+        // k mod 4 in [0, 4), exactly ((int64) k & 3, without a vector int64 conversion)
+        quad[i] = static_cast<int32_t>(k - 4.0 * std::floor(k * 0.25));
       }
       float* cs = t.cs.data() + row * half;
       float* sn = t.sn.data() + row * half;
@@ -399,10 +425,12 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
         cs[i] = static_cast<float>(((q + 1) & 2) ? -cv : cv);
       }
       if (need_grad) {
-        w = 1.0;
-        for (int64_t i = 0; i < half; ++i, w *= ratio) {
+        float* dp = t.dpdt.data() + row * half;
+        const double th_r = th[row];
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
           const double e = -2.0 * static_cast<double>(i) / static_cast<double>(R);
-          t.dpdt[row * half + i] = static_cast<float>(p * e * w / th[row]);
+          dp[i] = static_cast<float>(p * e * wv[i] / th_r);
         }
       }
     }
@@ -692,14 +720,14 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
   const int64_t nchunk = (ntask + chunk - 1) / chunk;
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
-    fvec Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ), tmax(BQ);
+    fvec Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ), tmax(BQ), tmaxv(BQ * RMW);
     fbuf Kt = new_fbuf(a.D * a.ldt), Vr = new_fbuf(a.Lkp * a.Dp);
     int64_t packed = -1;
     for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
     for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
       const int64_t qb = task % nqb, bh = task / nqb, b = bh / a.Hq, h = bh % a.Hq;
       const int64_t hk = h / a.grp, i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
-      const int64_t Mp = round_up(rows, 4);
+      const int64_t Mp = round_up(rows, 2);  // gemm takes strips of 6, 4 or 2 rows
       if (packed != b * a.Hkv + hk) {  // every element is written: no zero-fill needed
         pack_kv<T>(a, k, v, b, hk, Kt.get(), nullptr, Vr.get(), nullptr);
         packed = b * a.Hkv + hk;
@@ -713,18 +741,22 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       const int64_t ke = a.kend(b, i0 + rows);
       const float* bias = a.bias.data() + b * a.Lkp;
       for (int64_t j0 = 0; j0 < ke; j0 += BK) {
-        const int64_t wp = round_up(std::min(BK, ke - j0), VL);
+        // wk keys, wp = wk padded to whole vectors (the padding keys' P is 0; P V skips them)
+        const int64_t wk = std::min(BK, ke - j0), wp = round_up(wk, VL);
         // a tile the causal diagonal crosses: each strip of rows stops at its last key
         const int64_t diag = i0 + (a.Lk - a.Lq) - j0;
         const bool trim = a.causal && diag + 1 < wp;
         // S = Qs K'^T + bias, and each row's maximum, in one pass over the tile
-        std::fill(tmax.begin(), tmax.begin() + Mp, NEG_INF);
+        float* tm = RMW == 1 ? tmax.data() : tmaxv.data();
+        std::fill(tm, tm + Mp * RMW, NEG_INF);
         if (trim)
           gemm<false, NCOLS>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
-                             bias + j0, tmax.data(), diag);
+                             bias + j0, tm, diag);
         else
           gemm<false>(Mp, wp, a.D, Qs.data(), a.Dp, 1, kt + j0, a.ldt, S.data(), BK,
-                      bias + j0, tmax.data());
+                      bias + j0, tm);
+        if constexpr (RMW > 1)
+          for (int64_t r = 0; r < Mp; ++r) tmax[r] = hmax(vload(tm + r * RMW));
         causal_tile(a, i0, Mp, j0, wp, S.data(), tmax.data());
         for (int64_t r = 0; r < Mp; ++r) {
           float* row = S.data() + r * BK;
@@ -732,7 +764,8 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
           const int64_t we = trim ? strip_cols(diag, strip_end(r, Mp), wp) : wp;
           const float mnew = std::max(m[r], tmax[r]);
           const float ms = (mnew == NEG_INF) ? 0.f : mnew;
-          const float alpha = std::exp(m[r] - ms);
+          // (exp(-inf) = 0 without a libm call: the first key block of every row)
+          const float alpha = (m[r] == NEG_INF) ? 0.f : std::exp(m[r] - ms);
           const vf msv = vset(ms);
           vf sum = vset(0.f);
           int64_t j = 0;
@@ -763,10 +796,10 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
           }
         }
         if (trim)
-          gemm<true, KEND>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp,
+          gemm<true, KEND>(Mp, a.Dp, wk, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp,
                            nullptr, nullptr, diag);
         else
-          gemm<true>(Mp, a.Dp, wp, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
+          gemm<true>(Mp, a.Dp, wk, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
@@ -898,7 +931,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
       for (int64_t h = h_begin; h < h_end; ++h) {
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
-          const int64_t Mp = round_up(rows, 4);
+          const int64_t Mp = round_up(rows, 2);  // gemm takes strips of 6, 4 or 2 rows
           load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
           std::fill(dO.begin(), dO.end(), 0.f);
           std::fill(dQ.begin(), dQ.end(), 0.f);
@@ -925,7 +958,9 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const bool zsum = a.has_zero && !a.score;
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
-            const int64_t wp = round_up(std::min(BK, ke - j0), VL);
+            // wk keys, wp padded to whole vectors; the products with P or dS skip the padding
+            // (wkr: rows of dV / dK, a multiple of 2 for gemm)
+            const int64_t wk = std::min(BK, ke - j0), wp = round_up(wk, VL), wkr = round_up(wk, 2);
             // a tile the causal diagonal crosses: see Trim (and the forward)
             const int64_t diag = i0 + (a.Lk - a.Lq) - j0;
             const bool trim = a.causal && diag + 1 < wp;
@@ -982,16 +1017,16 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
             }
             // dV += P^T dO ; dK' += dS^T Qs ; dQs += dS K'
             if (trim) {
-              gemm<true, KSTART>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp,
+              gemm<true, KSTART>(wkr, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp,
                                  dV + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
-              gemm<true, KSTART>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp,
+              gemm<true, KSTART>(wkr, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp,
                                  dK + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
-              gemm<true, KEND>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp,
+              gemm<true, KEND>(Mp, a.Dp, wk, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp,
                                dQ.data(), a.Dp, nullptr, nullptr, diag);
             } else {
-              gemm<true>(wp, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
-              gemm<true>(wp, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
-              gemm<true>(Mp, a.Dp, wp, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(),
+              gemm<true>(wkr, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
+              gemm<true>(wkr, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
+              gemm<true>(Mp, a.Dp, wk, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(),
                          a.Dp);
             }
           }
