@@ -52,15 +52,20 @@ namespace zm {
 // AVX-512, 32 bytes (8, one ymm) with AVX / AVX2, 16 bytes (4: xmm with SSE, a NEON q
 // register) otherwise.  A vector wider than the ISA's registers is split by GCC into
 // several, so e.g. the 24 accumulators of the AVX-512 microkernel would be 48 ymm on AVX2
-// (which has 16) and everything spills.
-// -DZM_VBYTES=16 (or 32) overrides it below AVX-512, e.g. to compare widths on one machine.
+// (which has 16) and everything spills.  CPUs whose FP units are 128 bits wide although
+// they run AVX (AMD Zen 1, -march=znver1, which -march=native picks there; Bulldozer and
+// Jaguar) split every 256-bit op in two: ymm gains no FMA lanes a second there, costs two
+// macro-ops of the out-of-order window an op and pads keys to 8; xmm vectors (still FMA /
+// VEX) were 3-6% faster on the attention kernels (GCC's znver1 tuning prefers 128 bits too).
+// -DZM_VBYTES=16 (or 32) overrides the choice below AVX-512, e.g. to compare widths.
 #if defined(__AVX512F__)
 #if defined(ZM_VBYTES) && ZM_VBYTES != 64
 #error "zeromask: the AVX-512 paths need ZM_VBYTES=64"
 #endif
 #define ZM_VBYTES 64
 #elif !defined(ZM_VBYTES)
-#if defined(__AVX__)
+#if defined(__AVX__) && !defined(__znver1__) && !defined(__bdver1__) && !defined(__bdver2__) && \
+    !defined(__bdver3__) && !defined(__bdver4__) && !defined(__btver2__)
 #define ZM_VBYTES 32
 #else
 #define ZM_VBYTES 16
@@ -1266,16 +1271,12 @@ void rotary_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& the
 // the compute ceiling the benchmark compares with
 // ---------------------------------------------------------------------------------------
 // fp32 FLOP/s of this build's vector FMAs on every thread: each thread runs 12 independent
-// FMA chains in registers of the widest vector this build targets (no memory traffic, more
-// chains than FMA latency x FMA pipes on current x86 cores) for `iters` steps.  No kernel
-// compiled with the same flags does fp32 arithmetic faster on this machine.
-#if defined(__AVX512F__)
-typedef float vnat __attribute__((vector_size(64)));
-#elif defined(__AVX__)
-typedef float vnat __attribute__((vector_size(32)));
-#else
-typedef float vnat __attribute__((vector_size(16)));
-#endif
+// FMA chains in registers of the kernels' vector (vf: the widest the build targets, but
+// 128 bits on CPUs with 128-bit FP units, which run as many FMA lanes a second with either;
+// see ZM_VBYTES) with no memory traffic, more chains than FMA latency x FMA pipes on
+// current x86 cores, for `iters` steps.  No kernel compiled with the same flags does fp32
+// arithmetic faster on this machine.
+typedef vf vnat;
 
 static double fma_peak(int64_t iters) {
   TORCH_CHECK(iters > 0, "zeromask: fma_peak needs iters > 0");
