@@ -95,8 +95,8 @@ static inline vf vset(float x) { return x - vf{}; }
 // (~2 ulp), the exponent put in by vscalefps under AVX-512 (else by integer bits).  Exactly
 // 0 below -87 (incl. -inf), so no denormal reaches the P V product.  Forward and backward
 // use this one function, so the backward's recomputed P is the forward's.
-static inline vf vexp(vf x) {
 #ifdef __AVX512F__
+static inline vf vexp(vf x) {
   // lanes below -87 (and -inf, NaN) come out 0 through the mask of the final scalef
   const __mmask16 live = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
   vf t = x * LOG2E;
@@ -107,25 +107,6 @@ static inline vf vexp(vf x) {
   const __m512 n = _mm512_maskz_roundscale_ps(static_cast<__mmask16>(0xFFFF), xm,
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = (vf)_mm512_sub_ps(xm, n);
-#else
-  // Lanes below -87 (and -inf) are set to 0 at the end, whatever the steps below made of
-  // them (an exponent out of range, inf or NaN: never a denormal, as (n + 127) << 23 has
-  // zero mantissa bits), so only the top needs clamping.  NaN stays NaN.
-  const vi dead = x < -87.0f;
-  // x > 88 ? 88 : x (NaN stays NaN): one minps, where GCC makes a compare and a blend
-#if ZM_VBYTES == 32 && defined(__AVX__)
-  x = (vf)_mm256_min_ps((__m256)vset(88.0f), (__m256)x);
-#elif ZM_VBYTES == 16 && defined(__SSE2__)
-  x = (vf)_mm_min_ps((__m128)vset(88.0f), (__m128)x);
-#else
-  x = (x > 88.0f) ? vset(88.0f) : x;
-#endif
-  x = x * LOG2E;
-  const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
-  const vf tn = x + magic;             // n in the low mantissa bits
-  const vf n = tn - magic;
-  const vf f = x - n;
-#endif
   vf p = vset(1.535336188319500E-4f);
   p = p * f + 1.339887440266574E-3f;
   p = p * f + 9.618437357674640E-3f;
@@ -133,16 +114,53 @@ static inline vf vexp(vf x) {
   p = p * f + 2.402264791363012E-1f;
   p = p * f + 6.931472028550421E-1f;
   vf y = p * f + 1.0f;
-#ifdef __AVX512F__
   return (vf)_mm512_maskz_scalef_ps(live, (__m512)y, n);
-#else
-  // 2^n: the bits of tn are those of magic (0x4B400000) + n, and 0x4B400000 << 23 wraps
-  // to 0, so (bits(tn) + 127) << 23 is (n + 127) << 23 without a float -> int conversion.
-  vi bits = ((vi)tn + 127) << 23;
-  y = y * (vf)bits;  // GCC vector cast = bit cast
-  return dead ? vset(0.0f) : y;
-#endif
 }
+#else
+// x[0..U) = e^x[u], U exps a step each: one exp is a chain of ~15 dependent ops, and
+// interleaving U of them step by step keeps the FP scheduler fed (U = 4 was ~17% faster
+// than one after another on Zen 1).  For x <= 88 only (the softmax's x = s - max and
+// s - lse are <= 0): lanes below -87 (and -inf) are set to 0 at the end, whatever the
+// steps made of them (an exponent out of range, inf or NaN: never a denormal, as
+// (n + 127) << 23 has zero mantissa bits).  NaN stays NaN.
+template <int U>
+static inline void vexp_n(vf* x) {
+  const vf magic = vset(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  vi dead[U];
+  vf t[U], tn[U], f[U], p[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    dead[u] = x[u] < -87.0f;
+    t[u] = x[u] * LOG2E;
+    tn[u] = t[u] + magic;  // n in the low mantissa bits
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    f[u] = t[u] - (tn[u] - magic);
+    p[u] = f[u] * 1.535336188319500E-4f + 1.339887440266574E-3f;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * f[u] + 9.618437357674640E-3f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * f[u] + 5.550332471162809E-2f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * f[u] + 2.402264791363012E-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * f[u] + 6.931472028550421E-1f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const vf y = p[u] * f[u] + 1.0f;
+    // 2^n: the bits of tn are those of magic (0x4B400000) + n, and 0x4B400000 << 23 wraps
+    // to 0, so (bits(tn) + 127) << 23 is (n + 127) << 23 without a float -> int conversion
+    const vi bits = ((vi)tn[u] + 127) << 23;
+    x[u] = dead[u] ? vset(0.0f) : y * (vf)bits;  // GCC vector cast = bit cast
+  }
+}
+static inline vf vexp(vf x) {
+  vexp_n<1>(&x);
+  return x;
+}
+#endif
 
 // Horizontal max / sum of one vector as a shuffle tree (log2(VL) shuffles + ops; GCC turns
 // a plain loop over the lanes into a serial chain of VL - 1 scalar ops, which was a fifth
@@ -640,8 +658,34 @@ static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
   }
 }
 
+// dst[d * ld + jj] = src[jj * sp + d] for jj < 4, d < D: four rows into four columns, by
+// 4 x 4 blocks in registers (scalar stores at the column stride were a tenth of the
+// backward's own loops at D = 24).
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v4fu __attribute__((vector_size(16), aligned(4)));
+static inline void transpose4(const float* src, int64_t sp, int64_t D, float* dst, int64_t ld) {
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const v4f r0 = *reinterpret_cast<const v4fu*>(src + d);
+    const v4f r1 = *reinterpret_cast<const v4fu*>(src + sp + d);
+    const v4f r2 = *reinterpret_cast<const v4fu*>(src + 2 * sp + d);
+    const v4f r3 = *reinterpret_cast<const v4fu*>(src + 3 * sp + d);
+    const v4f t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
+    const v4f t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+    const v4f t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
+    const v4f t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+    *reinterpret_cast<v4fu*>(dst + d * ld) = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    *reinterpret_cast<v4fu*>(dst + (d + 1) * ld) = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    *reinterpret_cast<v4fu*>(dst + (d + 2) * ld) = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    *reinterpret_cast<v4fu*>(dst + (d + 3) * ld) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+  }
+  for (; d < D; ++d)
+    for (int64_t jj = 0; jj < 4; ++jj) dst[d * ld + jj] = src[jj * sp + d];
+}
+
 // Pack rotated (and score-scaled) keys and values for one (b, hkv): Kt (D x Lkp), Kr (Lkp x
-// Dp) optional, V (Lkp x Dp) or Vt (D x Lkp).
+// Dp) optional, V (Lkp x Dp) or Vt (D x Lkp).  Keys in groups of 4 (Lkp is a multiple of
+// VL >= 4), staged row-major and written to the transposed packs by transpose4.
 template <typename T>
 static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int64_t b,
                     int64_t h, float* Kt, float* Kr, float* Vr, float* Vt) {
@@ -649,23 +693,28 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
   const T* vp = v.data_ptr<T>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  std::vector<float> x(a.D), y(a.Dp, 0.f), vv(a.Dp, 0.f);
-  for (int64_t j = 0; j < a.Lkp; ++j) {
-    if (j < a.Lk) {
-      load_row(kp + b * ks0 + h * ks1 + j * ks2, x.data(), a.D);
-      if (a.tk.on) rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
-      else std::copy(x.begin(), x.end(), y.begin());
-      const float g = a.gk[b * a.Lk + j];
-      if (g != 1.f) for (int64_t d = 0; d < a.D; ++d) y[d] *= g;
-      load_row(vp + b * vs0 + h * vs1 + j * vs2, vv.data(), a.D);
-    } else {
-      std::fill(y.begin(), y.end(), 0.f);
-      std::fill(vv.begin(), vv.end(), 0.f);
+  std::vector<float> x(a.D), ys(4 * a.Dp, 0.f), vs(4 * a.Dp, 0.f);
+  for (int64_t j0 = 0; j0 < a.Lkp; j0 += 4) {
+    for (int64_t jj = 0; jj < 4; ++jj) {
+      const int64_t j = j0 + jj;
+      float* y = ys.data() + jj * a.Dp;
+      float* vv = vs.data() + jj * a.Dp;
+      if (j < a.Lk) {
+        load_row(kp + b * ks0 + h * ks1 + j * ks2, x.data(), a.D);
+        if (a.tk.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
+        else std::copy(x.begin(), x.end(), y);
+        const float g = a.gk[b * a.Lk + j];
+        if (g != 1.f) for (int64_t d = 0; d < a.D; ++d) y[d] *= g;
+        load_row(vp + b * vs0 + h * vs1 + j * vs2, vv, a.D);
+      } else {
+        std::fill(y, y + a.Dp, 0.f);
+        std::fill(vv, vv + a.Dp, 0.f);
+      }
+      if (Kr) std::copy(y, y + a.Dp, Kr + j * a.Dp);
+      if (Vr) std::copy(vv, vv + a.Dp, Vr + j * a.Dp);
     }
-    for (int64_t d = 0; d < a.D; ++d) Kt[d * a.ldt + j] = y[d];
-    if (Kr) std::copy(y.begin(), y.end(), Kr + j * a.Dp);
-    if (Vr) std::copy(vv.begin(), vv.end(), Vr + j * a.Dp);
-    if (Vt) for (int64_t d = 0; d < a.D; ++d) Vt[d * a.ldt + j] = vv[d];
+    transpose4(ys.data(), a.Dp, a.D, Kt + j0, a.ldt);
+    if (Vt) transpose4(vs.data(), a.Dp, a.D, Vt + j0, a.ldt);
   }
 }
 
@@ -775,12 +824,12 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
           vf sum = vset(0.f);
           int64_t j = 0;
 #ifndef __AVX512F__
-          // four independent exps a step (one is a ~60-cycle dependency chain, more than
-          // the out-of-order window of an AVX2 core overlaps on its own); summed in order
+          // four exps a step, interleaved (see vexp_n); summed in order
           for (; j + 4 * VL <= we; j += 4 * VL) {
             vf p[4];
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; ++u) p[u] = vexp(vload(row + j + u * VL) - msv);
+            for (int u = 0; u < 4; ++u) p[u] = vload(row + j + u * VL) - msv;
+            vexp_n<4>(p);
 #pragma GCC unroll 4
             for (int u = 0; u < 4; ++u) {
               vstore(row + j + u * VL, p[u]);
@@ -943,14 +992,21 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           for (int64_t r = 0; r < Mp; ++r) {
             if (r < rows) {
               const int64_t row = (b * a.Hq + h) * a.Lq + i0 + r;
-              double dlt = 0.0;  // (in SIMD lanes: reassociated, at double precision)
-#pragma omp simd reduction(+ : dlt)
-              for (int64_t d = 0; d < a.D; ++d) {
-                const float go = static_cast<float>(dop[row * a.D + d]);
-                dO[r * a.Dp + d] = go;
-                dlt += static_cast<double>(go) * static_cast<float>(op[row * a.D + d]);
+              // Delta = dO . O in double, four partial sums (a single chain of dependent
+              // double adds was a tenth of this loop nest's time at D = 24)
+              float* go = dO.data() + r * a.Dp;
+              const T* orow = op + row * a.D;
+              load_row(dop + row * a.D, go, a.D);
+              double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+              int64_t d = 0;
+              for (; d + 4 <= a.D; d += 4) {
+                s0 += static_cast<double>(go[d]) * static_cast<float>(orow[d]);
+                s1 += static_cast<double>(go[d + 1]) * static_cast<float>(orow[d + 1]);
+                s2 += static_cast<double>(go[d + 2]) * static_cast<float>(orow[d + 2]);
+                s3 += static_cast<double>(go[d + 3]) * static_cast<float>(orow[d + 3]);
               }
-              delta[r] = static_cast<float>(dlt);
+              for (; d < a.D; ++d) s0 += static_cast<double>(go[d]) * static_cast<float>(orow[d]);
+              delta[r] = static_cast<float>((s0 + s1) + (s2 + s3));
               const float L = lp[row];
               lrow[r] = (L == NEG_INF) ? POS_INF : L;  // empty row: P = exp(-inf) = 0
             } else {
@@ -1006,7 +1062,8 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
               for (; j + 4 * VL <= we; j += 4 * VL) {
                 vf p[4];
 #pragma GCC unroll 4
-                for (int u = 0; u < 4; ++u) p[u] = vexp(vload(pr + j + u * VL) - lv);
+                for (int u = 0; u < 4; ++u) p[u] = vload(pr + j + u * VL) - lv;
+                vexp_n<4>(p);
 #pragma GCC unroll 4
                 for (int u = 0; u < 4; ++u) step(j + u * VL, p[u]);
               }
