@@ -13,11 +13,12 @@
 //   * prob-mode ln(s), seqlens_k and padding are one additive per-key bias row (B, Lkp);
 //   * forward: work split over (batch, q head, query block) with at::parallel_for; online
 //     softmax over key blocks of BK; every product (Q K^T, P V, and in the backward dP,
-//     dV, dK, dQ) runs through one register-blocked microkernel (6 rows x 64 columns of
-//     fp32 accumulators, GCC vector extensions, which compile to AVX-512 FMAs under
-//     -march=native on an AVX-512 CPU, to AVX2 / SSE otherwise); the Q K^T tile's epilogue
-//     adds the key bias and takes each row's max while the scores are in registers; exp is
-//     2^(x log2 e) with the Cephes exp2f polynomial (vscalefps under AVX-512);
+//     dV, dK, dQ) runs through one register-blocked microkernel of GCC vector extensions
+//     sized to the ISA (see ZM_VBYTES and NVP: 6 rows x 4 zmm with AVX-512, 6 x 2 ymm with
+//     AVX2, 6 x 2 xmm with SSE / NEON or 128-bit AVX units); the tile the causal diagonal
+//     crosses is trimmed per 6-row strip; the Q K^T tile's epilogue adds the key bias and
+//     takes each row's max while the scores are in registers; exp is 2^(x log2 e) with the
+//     Cephes exp2f polynomial (vscalefps under AVX-512, four exps interleaved otherwise);
 //   * the transposed key/value packs have a row pitch that is not a multiple of 4 KiB (a
 //     Q K^T tile reads D rows of it, which would otherwise share one L1 set);
 //   * backward: phase 1 splits over (batch, kv head, slice of the GQA group's q heads;
