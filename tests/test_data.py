@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("librosa")
@@ -101,6 +102,16 @@ def test_folder_loader_and_collate(tmp_path):
     assert (b["labels"][0, len(ids) + 1:] == -100).all()
     assert (b["input_ids"][0, len(ids) + 1:] == 0).all()
     assert b["input_ids"].shape == b["labels"].shape == (2, len(tok.encode("the red house")) + 1)
+    # padded to a multiple of 32 frames: same content, exact zeros after, true lengths kept
+    b32 = collate(items, pad_multiple=32)
+    T32 = b32["spectrogram"].shape[1]
+    assert T32 % 32 == 0 and T <= T32 < T + 32
+    for k in ("spectrogram", "waveform", "pitch", "f0"):
+        assert torch.equal(b32[k][:, :T], b[k]) and (b32[k][:, T:] == 0).all()
+    assert b32["frame_lengths"].tolist() == [n0, T]
+    assert torch.equal(b32["labels"], b["labels"])
+    with pytest.raises(ValueError, match="pad_multiple"):
+        collate(items, pad_multiple=0)
 
 
 def test_librispeech_loader(tmp_path):

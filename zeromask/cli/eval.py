@@ -8,6 +8,7 @@ read from there). ``--backend`` runs the same weights on another attention backe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models.training import (evaluate, load_checkpoint, model_from_checkpoint,
                                    score_record, score_summary, utterance_frames)
-    from .train import print_samples
+    from .train import PAD_FRAMES, print_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bs = args.batch_size
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
-        collate_fn=collate)
+        collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
     t0 = time.time()
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress)

@@ -26,6 +26,7 @@ Example (CPU, synthesized data)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ import torch
 from ..models.config import ModelConfig
 
 logger = logging.getLogger("zeromask")
+#: batches are padded to a multiple of this many frames (see zeromask.data.collate)
+PAD_FRAMES = 32
 
 # flag -> ModelConfig field for model options given on the command line
 _MODEL_FLAGS = {
@@ -316,7 +319,9 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     batches = ResumableBatches(sampler)
     # its own generator: a DataLoader iterator draws a base seed, which must not move the
     # global RNG (dropout, SpecAugment) differently in a resumed run
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches,
+                                         collate_fn=functools.partial(collate,
+                                                                      pad_multiple=PAD_FRAMES),
                                          num_workers=int(opt["num_workers"]),
                                          generator=torch.Generator().manual_seed(seed))
     model = SpeechModel(cfg).to(de.device)
@@ -364,7 +369,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         bs = int(opt["eval_batch_size"])
         eval_loader = torch.utils.data.DataLoader(
             test_ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
-            collate_fn=collate)
+            collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
     n_params = sum(p.numel() for p in model.parameters())
     log_fh = open(out / "log.jsonl", "a") if de.main else None
     if de.main:

@@ -155,15 +155,21 @@ def _pad(seqs: Sequence[torch.Tensor], length: int, value: float = 0.0) -> torch
     return out
 
 
-def collate(items: Sequence[dict]) -> dict:
+def collate(items: Sequence[dict], pad_multiple: int = 1) -> dict:
     """Pad a list of :class:`SpeechDataset` items into a batch.
 
-    Audio streams are padded with exact zeros (padding frames -> zero tokens);
-    ``frame_lengths`` keeps the true lengths. Text: ``input_ids`` = ``[0, c_1..c_n]`` (0 is the
+    Audio streams are padded with exact zeros (padding frames -> zero tokens) to the longest
+    item, rounded up to a multiple of ``pad_multiple`` frames; ``frame_lengths`` keeps the
+    true lengths. (Training uses ``pad_multiple=32``: oneDNN builds a convolution kernel
+    for every new input shape, and with a new length each batch that cost about as much as
+    the convolutions themselves.) Text: ``input_ids`` = ``[0, c_1..c_n]`` (0 is the
     start token) padded with 0; ``labels`` = ``[c_1..c_n, 0]`` (the 0 is "end", so stopping is
     learnable) padded with -100 (ignored by the loss).
     """
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     T = max(it["spectrogram"].shape[0] for it in items)
+    T = -(-T // pad_multiple) * pad_multiple
     N = max(it["tokens"].shape[0] for it in items) + 1
     batch = {k: _pad([it[k] for it in items], T) for k in ("spectrogram", "waveform", "pitch",
                                                           "f0")}
