@@ -69,7 +69,7 @@ def test_train_checkpoint_resume_eval(tone_data, tmp_path, capsys):
               "--log-every", "1", "--eval-every", "2", "--ckpt-every", "2"] + TINY
     assert train_cli.main(common + ["--max-steps", "3"]) == 0
     text = capsys.readouterr().out
-    assert "held-out CER" in text and "ref:" in text and "hyp:" in text
+    assert "held-out attention greedy CER" in text and "ref:" in text and "hyp:" in text
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 3 and ck["config"]["d_model"] == 16
     assert (out / "best.pt").exists()
@@ -153,7 +153,7 @@ def test_end_to_end_make_data_train_eval(tmp_path, capsys):
     assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(data),
                           "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "held-out CER" in text  # from the training run's final evaluation
+    assert "held-out attention greedy CER" in text  # from the training run's final evaluation
     lines = [l for l in text.splitlines() if l.startswith("checkpoint ")]
     assert len(lines) == 1 and "CER" in lines[0] and "(2 utterances" in lines[0]
 
