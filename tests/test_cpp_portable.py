@@ -1,9 +1,9 @@
 """The C++ CPU kernels built without ``-march=native`` (``ZEROMASK_PORTABLE=1``).
 
-The installed extension is built for this machine, which has AVX-512, so the default test
-run exercises the AVX-512 paths of ``csrc/cpu`` only (vscalefps in the exp, the register
-pinning in the microkernel). A portable build, or one on a CPU without AVX-512, takes the
-generic GCC-vector-extension paths instead. This module compiles ``csrc/cpu`` the way
+The installed extension is built for the machine it runs on (``-march=native``), so the
+default test run exercises that ISA's paths of ``csrc/cpu`` only: AVX-512 (vscalefps in the
+exp, 6x4 zmm blocking) on the machines that have it, 32- or 16-byte vectors elsewhere. A
+portable build takes the baseline x86-64 (SSE2, 16-byte) paths instead. This module compiles ``csrc/cpu`` the way
 ``ZEROMASK_PORTABLE=1`` does (baseline x86-64) into a temporary folder and runs the
 correctness checks of the ``cpp`` backend on it, against the float64 reference.
 """
