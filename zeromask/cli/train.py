@@ -137,11 +137,14 @@ def resolve(args: argparse.Namespace):
         if args.spec_augment.strip().lower() in ("off", "none", "0"):
             model_kw["spec_augment"] = None
         else:
-            parts = args.spec_augment.split(",")
+            try:
+                parts = [float(x) for x in args.spec_augment.split(",")]
+            except ValueError:
+                parts = []
             if len(parts) != 4:
                 raise SystemExit("zeromask-train: --spec-augment wants 4 comma-separated "
                                  f"numbers or 'off', got {args.spec_augment!r}")
-            model_kw["spec_augment"] = [float(x) for x in parts]
+            model_kw["spec_augment"] = parts
     if args.no_zero_scaling:
         model_kw["zero_scaling"] = False
     if args.no_f0_rotary:
