@@ -483,15 +483,14 @@ class SpeechModel(nn.Module):
         after the zero tokens are taken, so a mask never turns speech into zero tokens.
         """
         feats = list(features) if features is not None else self.active_features()
+        if frame_lengths is None:  # every caller (training, decoding) sees the same lengths
+            frame_lengths = frame_lengths_of(spectrogram)
         zero_mask = self.zero_mask(spectrogram)
         if self.training and self.config.spec_augment is not None:
-            if frame_lengths is None:
-                frame_lengths = frame_lengths_of(spectrogram)
             spectrogram = spec_augment(spectrogram, frame_lengths, *self.config.spec_augment)
         inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
         mask = downsample_mask(zero_mask, self.config.downsample)
-        lengths = (None if frame_lengths is None
-                   else downsampled_lengths(frame_lengths, self.config.downsample))
+        lengths = downsampled_lengths(frame_lengths, self.config.downsample)
         contour = f0 if self.config.f0_rotary else None
         out = {}
         for f in feats:
