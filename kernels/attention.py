@@ -236,7 +236,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
     if HAS_SEQ:
         kv_len = tl.minimum(tl.load(SEQK + b), Lk)
     key_ok = offs_n < kv_len
-    ka, kb, kr = load_split(K + b * skb + hk * skh, offs_n, mask_n, skl, offs_i, offs_r,
+    # slots past seqlens_k are garbage by contract (NaN allowed): loaded as 0, never read
+    ka, kb, kr = load_split(K + b * skb + hk * skh, offs_n, key_ok, skl, offs_i, offs_r,
                             HALF, R, REST, INTERLEAVED, HAS_REST)
     ka, kb, ka_u, kb_u, kc, ks, kdth = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n, mask_n,
                                                offs_i, rho, R, ROT_K)
@@ -244,7 +245,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
     kb = kb.to(dt)
     kr = kr.to(dt)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                mask=key_ok[:, None] & mask_d[None, :], other=0.0)
     if HAS_KZ:
         kz = tl.load(KZ + b * Lk + offs_n, mask=mask_n, other=0) != 0
     else:
@@ -446,7 +447,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
         # lse's rounding, which is common to a row and would otherwise add up over rows
         p_safe = tl.where(row_p == 0.0, 1.0, row_p)
         d_ex = row_t / p_safe
-        total = tl.sum((row_a - row_z * d_ex) / p_safe, 0)
+        # a row with no zero-key terms adds nothing, even a NaN row (0 x NaN would)
+        term = tl.where((row_a == 0.0) & (row_z == 0.0), 0.0, (row_a - row_z * d_ex) / p_safe)
+        total = tl.sum(term, 0)
         if ZERO_PROB:
             total = total / zs
         tl.store(DZS_PART + bh * n_mblocks + pid_m, total)

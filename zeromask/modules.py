@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .ops import ZERO_MODES, zero_soft_attention, zero_soft_attention_weights
+from .ops import MIN_ZERO_SCALE, ZERO_MODES, zero_soft_attention, zero_soft_attention_weights
+
+# the clamp of a learnable log zero scale: 1% above float32's smallest normal (exp rounds)
+_LOG_MIN_ZERO_SCALE = math.log(MIN_ZERO_SCALE * 1.01)
 
 Tensor = torch.Tensor
 
@@ -148,8 +151,9 @@ class ZeroSoftAttention(nn.Module):
                              f"({num_kv_heads})")
         if zero_mode not in ZERO_MODES:
             raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {zero_mode!r}")
-        if not 0.0 < zero_scale <= 1.0:
-            raise ValueError(f"zero_scale must be in (0, 1], got {zero_scale}")
+        if not MIN_ZERO_SCALE <= zero_scale <= 1.0:
+            raise ValueError(f"zero_scale must be in [{MIN_ZERO_SCALE:.4g}, 1] (float32's "
+                             f"smallest normal number up to 1), got {zero_scale}")
         if rotary is not None and not isinstance(rotary, F0Rotary):
             raise TypeError("rotary must be a zeromask.F0Rotary or None")
         fk = dict(device=device, dtype=dtype)
@@ -196,8 +200,10 @@ class ZeroSoftAttention(nn.Module):
 
     @property
     def zero_scale(self) -> Tensor:
-        """The current scale s in (0, 1] (``exp`` of a log parameter clamped at 0)."""
-        return self.zero_scale_log.clamp(max=0.0).exp()
+        """The current scale s in (0, 1] (``exp`` of a log parameter clamped to
+        [ln(1.01 * MIN_ZERO_SCALE), 0]: s stays a normal float32)."""
+        # a learned log can drift below float32's range: keep s a normal float32
+        return self.zero_scale_log.clamp(min=_LOG_MIN_ZERO_SCALE, max=0.0).exp()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

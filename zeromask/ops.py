@@ -133,12 +133,28 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
     return radius.to(dtype).contiguous()
 
 
+#: the smallest zero_scale every backend represents: float32's smallest normal number.
+#: Below it s rounds to a subnormal or to 0 in float32, ln(s) to -inf, and a row whose keys
+#: are all zero tokens would stop being an ordinary row (DESIGN.md 3.3).
+MIN_ZERO_SCALE = float(torch.finfo(torch.float32).tiny)
+
+
+def _zero_scale_range_error(value: float) -> Optional[str]:
+    if not 0.0 < value <= 1.0:
+        return f"zero_scale must be in (0, 1], got {value}"
+    if value < MIN_ZERO_SCALE:
+        return (f"zero_scale {value:g} is below {MIN_ZERO_SCALE:.4g}, float32's smallest "
+                "normal number: the kernels compute in float32, where it underflows")
+    return None
+
+
 def _zero_scale(zero_scale, device, dtype) -> Tensor:
     if isinstance(zero_scale, bool):
         raise TypeError("zero_scale must be a float or a 0-dim tensor, got bool")
     if isinstance(zero_scale, numbers.Real):
-        if not 0.0 < float(zero_scale) <= 1.0:
-            raise ValueError(f"zero_scale must be in (0, 1], got {zero_scale}")
+        err = _zero_scale_range_error(float(zero_scale))
+        if err:
+            raise ValueError(err)
         return torch.tensor(float(zero_scale), device=device, dtype=dtype)
     _check_tensor("zero_scale", zero_scale)
     if zero_scale.numel() != 1:
@@ -148,9 +164,10 @@ def _zero_scale(zero_scale, device, dtype) -> Tensor:
         raise TypeError(f"zero_scale must be floating, got {zero_scale.dtype}")
     if not _compiling():
         value = float(zero_scale.detach().reshape(()).item())
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"zero_scale must be in (0, 1], got {value}; a learnable scale "
-                             "should be parameterised to stay there (see ZeroSoftAttention)")
+        err = _zero_scale_range_error(value)
+        if err:
+            raise ValueError(f"{err}; a learnable scale should be parameterised to stay "
+                             "there (see ZeroSoftAttention)")
     return zero_scale.reshape(()).to(device=device, dtype=dtype)
 
 

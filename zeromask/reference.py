@@ -101,6 +101,20 @@ def hard_mask(
     return mask
 
 
+def keys_within_length(x: Tensor, seqlens_k: Optional[Tensor]) -> Tensor:
+    """``x`` (B, H, Lk, D) with the slots at or past each row's ``seqlens_k`` set to 0.
+
+    Those slots are garbage by contract (a KV cache's unwritten tail, a padded batch): no
+    op may read them, so NaN there must not reach an output, and their gradient is exactly
+    0 (``torch.where`` passes none to the slots it replaces).
+    """
+    if seqlens_k is None:
+        return x
+    j = torch.arange(x.shape[2], device=x.device).view(1, 1, -1, 1)
+    valid = j < seqlens_k.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def zero_soft_scores(
     q: Tensor,
     k: Tensor,
@@ -124,6 +138,7 @@ def zero_soft_scores(
     Hkv, Lk = k.shape[1], k.shape[2]
     compute = q.dtype if q.dtype == torch.float64 else torch.float32
     scale = D**-0.5 if sm_scale is None else sm_scale
+    k = keys_within_length(k, seqlens_k)
     if theta_q is not None:
         q = f0_rotary(q, theta_q, pos_q, rotary_dim, interleaved, radius)
     if theta_k is not None:
@@ -150,10 +165,27 @@ def zero_soft_scores(
     return s
 
 
+def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[Tensor],
+               device) -> Optional[Tensor]:
+    """(B, 1, Lq, 1) True where every key of a query row is hard-masked (causal, seqlens_k).
+
+    Only those rows are empty (out 0, lse -inf). A row whose unmasked logits are all -inf
+    because ``q . k`` overflowed float32 is not empty: its softmax is NaN (README, "NaN, lengths and limits").
+    """
+    mask = hard_mask(batch, lq, lk, causal, seqlens_k, device)
+    if mask is None:
+        return None if lk > 0 else torch.ones(batch, 1, lq, 1, dtype=torch.bool,
+                                              device=device)
+    return mask.all(dim=-1, keepdim=True)
+
+
 def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     """Attention probabilities P (B, Hq, Lq, Lk); rows with every key hard-masked are 0."""
     s = zero_soft_scores(q, k, **kwargs)
-    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
+                       kwargs.get("seqlens_k"), s.device)
+    if empty is None:
+        return torch.softmax(s, dim=-1)
     # Softmax over a row of -inf is NaN (and so is its gradient): give such rows finite
     # logits, then zero their probabilities.
     s = s.masked_fill(empty, 0.0)
@@ -161,18 +193,40 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     return p.masked_fill(empty, 0.0)
 
 
+def _masked_matmul(p: Tensor, v: Tensor) -> Tensor:
+    """P V where a key with P = 0 exactly contributes nothing, even a NaN or inf value.
+
+    A plain matmul makes 0 x NaN = NaN: a causally masked key's value would reach rows that
+    cannot see it. The fix costs two extra products, paid only when v has non-finite values.
+    """
+    out = torch.matmul(p, v)
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return out
+    clean = torch.matmul(p, torch.where(finite, v, torch.zeros((), dtype=v.dtype,
+                                                                device=v.device)))
+    hits = torch.matmul((p != 0).to(v.dtype), (~finite).to(v.dtype)) > 0
+    return torch.where(hits, out, clean)
+
+
 def zero_soft_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """O = softmax(S') V (DESIGN.md 3.3); same kwargs as :func:`zero_soft_scores`."""
     p = zero_soft_attention_weights(q, k, **kwargs)
+    v = keys_within_length(v, kwargs.get("seqlens_k"))
     Hq, Hkv = q.shape[1], v.shape[1]
     if Hq != Hkv:
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+    return _masked_matmul(p, v.to(p.dtype)).to(q.dtype)
 
 
 def zero_soft_attention_lse(q: Tensor, k: Tensor, **kwargs) -> Tensor:
-    """Row logsumexp of S' (natural log), (B, Hq, Lq) float32/64; -inf for empty rows."""
-    return torch.logsumexp(zero_soft_scores(q, k, **kwargs), dim=-1)
+    """Row logsumexp of S' (natural log), (B, Hq, Lq) float32/64; -inf for empty rows,
+    NaN for a row that is not empty but whose logits all overflowed to -inf."""
+    lse = torch.logsumexp(zero_soft_scores(q, k, **kwargs), dim=-1)
+    empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
+                       kwargs.get("seqlens_k"), lse.device)
+    live = torch.ones_like(lse, dtype=torch.bool) if empty is None else ~empty[..., 0]
+    return torch.where(live & torch.isneginf(lse), torch.full_like(lse, float("nan")), lse)
 
 
 def sdpa_equivalent_mask(key_zero: Tensor, zero_scale: float, dtype=torch.float32) -> Tensor:
@@ -186,6 +240,8 @@ __all__ = [
     "f0_rotary",
     "rotary_angles",
     "hard_mask",
+    "keys_within_length",
+    "empty_rows",
     "zero_soft_scores",
     "zero_soft_attention_weights",
     "zero_soft_attention",

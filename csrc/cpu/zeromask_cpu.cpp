@@ -80,6 +80,7 @@ typedef int vi __attribute__((vector_size(ZM_VBYTES)));
 constexpr int VL = ZM_VBYTES / 4;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr float NAN_F = std::numeric_limits<float>::quiet_NaN();
 constexpr float LOG2E = 1.44269504088896341f;
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
@@ -98,8 +99,10 @@ static inline vf vset(float x) { return x - vf{}; }
 // use this one function, so the backward's recomputed P is the forward's.
 #ifdef __AVX512F__
 static inline vf vexp(vf x) {
-  // lanes below -87 (and -inf, NaN) come out 0 through the mask of the final scalef
+  // lanes below -87 (and -inf) come out 0 through the mask of the final scalef; NaN lanes
+  // are put back as NaN at the end (a kernel never hides a NaN: README, "NaN, lengths and limits")
   const __mmask16 live = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __mmask16 nan = _mm512_cmp_ps_mask((__m512)x, (__m512)x, _CMP_UNORD_Q);
   vf t = x * LOG2E;
   t = t < 127.0f ? t : vset(127.0f);
   const __m512 xm = (__m512)t;
@@ -115,7 +118,7 @@ static inline vf vexp(vf x) {
   p = p * f + 2.402264791363012E-1f;
   p = p * f + 6.931472028550421E-1f;
   vf y = p * f + 1.0f;
-  return (vf)_mm512_maskz_scalef_ps(live, (__m512)y, n);
+  return (vf)_mm512_mask_mov_ps(_mm512_maskz_scalef_ps(live, (__m512)y, n), nan, (__m512)x);
 }
 #else
 // x[0..U) = e^x[u], U exps a step each: one exp is a chain of ~15 dependent ops, and
@@ -695,12 +698,13 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   std::vector<float> x(a.D), ys(4 * a.Dp, 0.f), vs(4 * a.Dp, 0.f);
+  const int64_t n = a.klen(b);  // slots past seqlens_k are garbage by contract: never read
   for (int64_t j0 = 0; j0 < a.Lkp; j0 += 4) {
     for (int64_t jj = 0; jj < 4; ++jj) {
       const int64_t j = j0 + jj;
       float* y = ys.data() + jj * a.Dp;
       float* vv = vs.data() + jj * a.Dp;
-      if (j < a.Lk) {
+      if (j < n) {
         load_row(kp + b * ks0 + h * ks1 + j * ks2, x.data(), a.D);
         if (a.tk.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
         else std::copy(x.begin(), x.end(), y);
@@ -864,6 +868,11 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
           const float inv = 1.0f / l[r];
           for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
           lp[(b * a.Hq + h) * a.Lq + i] = m[r] + std::log(l[r]);
+        } else if (l[r] != 0.f || a.kend(b, i + 1) > 0) {
+          // NaN: a NaN score, or +inf (inf - inf); or 0 although the row has keys: its
+          // logits all overflowed to -inf.  Only a row with every key hard-masked is empty.
+          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(NAN_F);
+          lp[(b * a.Hq + h) * a.Lq + i] = NAN_F;
         } else {
           for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(0.f);
           lp[(b * a.Hq + h) * a.Lq + i] = NEG_INF;
@@ -919,7 +928,13 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
     const int64_t b = kv / a.Hkv, hk = kv % a.Hkv;
     const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
     double dzs = 0.0;
-    for (int64_t j = 0; j < a.Lk; ++j) {
+    const int64_t n = a.klen(b);
+    for (int64_t j = n; j < a.Lk; ++j) {  // past seqlens_k: exactly 0, k/v never read
+      std::fill_n(dkp + ((b * a.Hkv + hk) * a.Lk + j) * a.D, a.D, static_cast<T>(0.f));
+      std::fill_n(dvp + ((b * a.Hkv + hk) * a.Lk + j) * a.D, a.D, static_cast<T>(0.f));
+      if (a.tk.on) parts.dtk[kv * a.Lk + j] = 0.f;
+    }
+    for (int64_t j = 0; j < n; ++j) {
       std::copy(dKb + j * a.Dp, dKb + j * a.Dp + a.D, gk.begin());
       std::copy(dVb + j * a.Dp, dVb + j * a.Dp + a.D, gv.begin());
       for (int64_t sp = 1; sp < nsplit; ++sp) {
@@ -1053,8 +1068,11 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 const vf ds = p * (vload(sr + j) - dl);
                 vstore(sr + j, ds);
                 if (zsum) {  // per side, sums of P (dP - Delta) and of P (see dlns below)
-                  const vf z = vload(zf + j), nz = 1.0f - z;
-                  azs += ds * z; ans += ds * nz; azp += p * z; anp += p * nz;
+                  // (selects, not products with 0/1: a NaN on one side stays on that side)
+                  const vi z = vload(zf + j) != 0.0f;
+                  const vf zero = vset(0.f);
+                  azs += z ? ds : zero; ans += z ? zero : ds;
+                  azp += z ? p : zero; anp += z ? zero : p;
                 }
               };
               int64_t j = 0;
@@ -1105,7 +1123,10 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           if (zsum)
             for (int64_t r = 0; r < rows; ++r) {
               const double mass = rzp[r] + rnp[r];
-              if (mass > 0.0) dlns += (rzs[r] * rnp[r] - rns[r] * rzp[r]) / mass;
+              // (no zero-key terms: nothing to add, even on a NaN row; mass = 0: an empty
+              // row; NaN propagates otherwise)
+              if ((rzs[r] != 0.0 || rzp[r] != 0.0) && mass != 0.0)
+                dlns += (rzs[r] * rnp[r] - rns[r] * rzp[r]) / mass;
             }
           // dq = rot^T(sm_scale * dQs)
           const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);

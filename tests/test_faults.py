@@ -1,0 +1,263 @@
+"""Faults found by outside testing (issue 12): the right value of each kind, every backend.
+
+* NaN and inf are never hidden: where the float64 reference's output (or a gradient) is
+  NaN, every backend's is NaN, and everywhere else it is close to the reference.
+* Slots at or past ``seqlens_k`` are never read: NaN there changes nothing, bit for bit,
+  and their gradients are exactly 0.
+* ``zero_scale`` below float32's smallest normal is refused on every backend (it would
+  underflow in the kernels); at that smallest value a row of zero tokens is still an
+  ordinary row.
+
+Backends: the reference, ``cpp`` where built, Triton (its interpreter without a GPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import zeromask
+from zeromask import dispatch
+from zeromask.ops import MIN_ZERO_SCALE
+
+from cases import attention_case
+from tolerance import assert_output_close
+
+GPU = torch.cuda.is_available()
+
+
+def _backends():
+    out = []
+    for name, reason in dispatch.available_backends().items():
+        if name == "cuda" and not GPU:
+            continue
+        if name == "triton" and not GPU and os.environ.get("TRITON_INTERPRET") != "1":
+            reason = "no GPU and TRITON_INTERPRET is not 1"
+        out.append(pytest.param(name, marks=pytest.mark.skipif(
+            reason is not None, reason=f"{name}: {reason}")))
+    return out
+
+
+BACKENDS = _backends()
+DIFF = ("q", "k", "v", "theta_q", "theta_k", "zero_scale")
+
+
+def _device(backend: str) -> str:
+    return "cuda" if GPU and backend != "cpp" else "cpu"
+
+
+def _call(case: dict, backend: str, dtype=torch.float32):
+    """Output and gradients of every float input (sum of out * a fixed random dout)."""
+    dev = _device(backend)
+    args = {}
+    for key, value in case.items():
+        if torch.is_tensor(value):
+            value = value.to(dev)
+            if value.is_floating_point():
+                value = value.to(dtype if key in ("q", "k", "v") else
+                                 (torch.float64 if dtype == torch.float64 else torch.float32))
+                value = value.detach().requires_grad_(key in DIFF)
+        args[key] = value
+    out = zeromask.zero_soft_attention(backend=backend, **args)
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dev, out.dtype)
+    leaves = {n: args[n] for n in DIFF if torch.is_tensor(args.get(n))}
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
+    return out.detach().cpu(), {n: (gr.cpu() if gr is not None else None)
+                                for n, gr in zip(leaves, grads)}
+
+
+def _plain_case(**kw) -> dict:
+    kw.setdefault("zero_scale", 0.05)
+    case = attention_case(**kw)
+    case["rotary_dim"] = case.get("rotary_dim")
+    return {k: v for k, v in case.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------
+# NaN / inf propagate exactly as in the reference
+# --------------------------------------------------------------------------------------
+def _poison_nan_key(c):
+    c["k"][0, 0, 3, 5] = float("nan")
+
+
+def _poison_nan_query(c):
+    c["q"][1, 2, 4, 0] = float("nan")
+
+
+def _poison_nan_value(c):
+    c["v"][0, 1, 3, 2] = float("nan")  # key 3: causally masked for rows 0-2
+
+
+def _poison_inf_key(c):
+    c["k"][1, 1, 2, 7] = float("inf")
+
+
+def _poison_overflow(c):
+    # logits beyond float32, one sign per row so that the overflow is +inf or -inf whatever
+    # the summation order (and no rotary to mix the signs): head 3's rows 0-3 overflow to
+    # +inf on every key (softmax inf - inf: NaN); rows 4-8 to -inf on every key (not an
+    # empty row: NaN too, where a kernel could pass it off as a row with no keys)
+    for key in ("theta_q", "theta_k", "rotary_dim", "interleaved", "radius"):
+        c.pop(key, None)
+    c["k"][0, 1] = c["k"][0, 1].abs() * 1e20
+    c["q"][0, 3, :4] = c["q"][0, 3, :4].abs() * 1e20
+    c["q"][0, 3, 4:] = -c["q"][0, 3, 4:].abs() * 1e20
+
+
+POISONS = {"nan_key": _poison_nan_key, "nan_query": _poison_nan_query,
+           "nan_value": _poison_nan_value, "inf_key": _poison_inf_key,
+           "overflow": _poison_overflow}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", sorted(POISONS))
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, zero_mode="score"),
+                                dict(rotary=False, zero_frac=0.0)], ids=["prob", "causal_score",
+                                                                          "plain"])
+def test_nan_and_inf_are_never_hidden(backend, poison, kw):
+    case = _plain_case(B=2, Hq=4, Hkv=2, Lq=9, Lk=9, D=16, **kw)
+    POISONS[poison](case)
+    # NaN and inf are float32 facts (1e40 overflows only there): the pattern to match is
+    # the reference's in float32; the finite values are checked against float64
+    ref_out, ref_g = _call(case, "reference", torch.float32)
+    assert torch.isnan(ref_out).any(), "the poison must reach the reference's output"
+    out, grads = _call(case, backend)
+    nan = torch.isnan(out)
+    want = torch.isnan(ref_out)
+    # exactly the reference's NaN for NaN in q or k: none hidden, none made up. A NaN
+    # value reaches the rows that attend its key; in a causal tile a kernel's P V may also
+    # multiply it by the exact 0 of a row that cannot see it (the reference does not)
+    exact = poison in ("nan_key", "nan_query") or (poison == "nan_value" and
+                                                   not case.get("causal"))
+    if exact:
+        assert torch.equal(nan, want), (
+            f"{backend}: NaN in {int(nan.sum())} output elements, the reference has "
+            f"{int(want.sum())}")
+    else:
+        # inf inputs: inf - inf appears in more or fewer places depending on the algebra
+        # (the rotary's form, FMA), so a backend may give NaN in more places, never fewer
+        assert not (want & ~nan).any(), (
+            f"{backend}: {int((want & ~nan).sum())} output elements are NaN in the "
+            "reference but not here (hidden)")
+    oracle, _ = _call(case, "reference", torch.float64)
+    if poison == "overflow":
+        oracle = ref_out.double()  # out of float32's range: float32 is the spec here
+    assert_output_close("out (finite part)", out[~nan], oracle[~nan], ref_out[~nan],
+                        torch.float32)
+    # gradients: NaN in a gradient exactly when the reference's has NaN (which elements
+    # depends on the order of 0 x NaN products, so this is judged per tensor)
+    for name, g in ref_g.items():
+        if g is None:
+            continue
+        assert grads[name] is not None, f"{backend}: no gradient for {name}"
+        got, ref_nan = bool(torch.isnan(grads[name]).any()), bool(torch.isnan(g).any())
+        if exact:
+            assert got == ref_nan, f"{backend}: d{name} has NaN: {got}, the reference: {ref_nan}"
+        else:
+            assert got or not ref_nan, f"{backend}: d{name} hides the reference's NaN"
+
+
+# --------------------------------------------------------------------------------------
+# seqlens_k: slots past a row's length are never read
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(Hq=4, Hkv=1, zero_mode="score"),
+                                dict(Lq=1, Lk=70), dict(Lq=5, Lk=150, zero_frac=1.0)],
+                         ids=["self", "causal", "mqa_score", "decode_step", "cross_all_zero"])
+def test_slots_past_seqlens_k_are_never_read(backend, kw):
+    B = 3
+    case = _plain_case(B=B, **dict(dict(Hq=4, Hkv=2, Lq=11, Lk=11, D=16), **kw))
+    Lk = case["k"].shape[2]
+    case["seqlens_k"] = torch.tensor([2, Lk, max(1, Lk // 3)], dtype=torch.int64)
+    clean_out, clean_g = _call(case, backend)
+    dirty = dict(case)
+    for name in ("k", "v"):
+        t = case[name].clone()
+        for b, n in enumerate(case["seqlens_k"].tolist()):
+            t[b, :, n:] = float("nan")
+        dirty[name] = t
+    dirty["theta_k"] = case["theta_k"].clone()
+    for b, n in enumerate(case["seqlens_k"].tolist()):
+        dirty["theta_k"][b, n:] = 1e4  # any valid theta: those slots must not matter
+    out, grads = _call(dirty, backend)
+    assert torch.equal(out, clean_out), f"{backend}: output changed with NaN past seqlens_k"
+    for name in ("q", "theta_q", "zero_scale"):
+        assert torch.equal(grads[name], clean_g[name]), f"{backend}: d{name} changed"
+    for name, dim in (("k", 2), ("v", 2), ("theta_k", 1)):
+        g = grads[name]
+        for b, n in enumerate(case["seqlens_k"].tolist()):
+            past = g[b, :, n:] if dim == 2 else g[b, n:]
+            assert torch.equal(past, torch.zeros_like(past)), (
+                f"{backend}: d{name} past seqlens_k of row {b} is not exactly 0")
+            within = g[b, :, :n] if dim == 2 else g[b, :n]
+            ref_within = clean_g[name][b, :, :n] if dim == 2 else clean_g[name][b, :n]
+            assert torch.equal(within, ref_within), f"{backend}: d{name} changed within length"
+
+
+def test_reference_never_reads_past_seqlens_k():
+    """The spec itself: the float64 reference is unchanged by NaN past the lengths."""
+    case = _plain_case(B=2, Hq=2, Hkv=2, Lq=6, Lk=6, D=8)
+    case["seqlens_k"] = torch.tensor([3, 6])
+    clean, _ = _call(case, "reference", torch.float64)
+    case["k"] = case["k"].clone()
+    case["k"][0, :, 3:] = float("nan")
+    dirty, grads = _call(case, "reference", torch.float64)
+    assert torch.equal(clean, dirty)
+    assert torch.equal(grads["k"][0, :, 3:], torch.zeros_like(grads["k"][0, :, 3:]))
+
+
+# --------------------------------------------------------------------------------------
+# zero_scale: one representable range on every backend
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-46, 1e-40, MIN_ZERO_SCALE / 2])
+def test_zero_scale_that_underflows_is_refused(backend, scale):
+    case = _plain_case(B=1, Hq=2, Hkv=2, Lq=4, Lk=4, D=8)
+    case["zero_scale"] = scale
+    with pytest.raises(ValueError, match="smallest normal"):
+        _call(case, backend)
+    case["zero_scale"] = torch.tensor(scale, dtype=torch.float64)
+    with pytest.raises(ValueError, match="smallest normal|\\(0, 1\\]"):
+        _call(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_mode", ["prob", "score"])
+def test_all_zero_keys_at_the_smallest_scale_are_an_ordinary_row(backend, zero_mode):
+    """DESIGN.md 3.3: keys that are all zero tokens share one factor, so the row is plain
+    attention (prob mode) or attention on scaled logits (score mode), never empty."""
+    case = _plain_case(B=2, Hq=2, Hkv=2, Lq=5, Lk=7, D=16, rotary=False, zero_frac=1.0,
+                       zero_mode=zero_mode)
+    case["zero_scale"] = MIN_ZERO_SCALE
+    out, _ = _call(case, backend)
+    plain = {k: v for k, v in case.items() if k not in ("key_zero", "zero_scale")}
+    if zero_mode == "score":
+        plain["sm_scale"] = MIN_ZERO_SCALE * case["q"].shape[-1] ** -0.5
+    oracle, _ = _call(plain, "reference", torch.float64)
+    same, _ = _call(plain, "reference", torch.float32)
+    # prob mode adds ln(s) = -87.3 to every logit: float32 keeps ~6 fewer bits of them
+    tol = 0 if zero_mode == "score" else 2e-5
+    err = (out.double() - oracle).abs().max().item()
+    assert not torch.isnan(out).any() and not (out == 0).all(dim=-1).any()
+    assert err <= max(tol, 2 * (same.double() - oracle).abs().max().item() + 1e-6), err
+
+
+def test_learnable_zero_scale_stays_a_normal_float():
+    attn = zeromask.ZeroSoftAttention(16, 2, learnable_zero_scale=True, batch_first=True)
+    with torch.no_grad():
+        attn.zero_scale_log.fill_(-500.0)
+    s = attn.zero_scale
+    assert s.item() >= MIN_ZERO_SCALE
+    x = torch.randn(2, 5, 16)
+    y = attn(x, x, x, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))[0]
+    assert torch.isfinite(y).all() and (y.abs().sum(-1) > 0).all()
+
+
+def test_module_refuses_a_scale_below_float32():
+    with pytest.raises(ValueError, match="smallest normal"):
+        zeromask.ZeroSoftAttention(16, 2, zero_scale=1e-40)
+    s = zeromask.ZeroSoftAttention(16, 2, zero_scale=MIN_ZERO_SCALE).zero_scale.item()
+    assert MIN_ZERO_SCALE <= s and math.isclose(s, MIN_ZERO_SCALE, rel_tol=0.02)
