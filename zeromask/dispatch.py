@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Dict, List, Optional
 
+import torch
+
 from .backends import Backend
 
 logger = logging.getLogger("zeromask")
@@ -114,7 +116,9 @@ def select(op: str, device_type: str, backend: Optional[str] = None, **call) -> 
         got = _reason(candidate, op, device_type, call)
         if isinstance(got, Backend):
             key = (op, device_type, candidate, tuple(skipped))
-            if key not in _logged:
+            # (not while torch.compile traces: logging is not traceable, and the eager
+            # call or the compiled graph's first run logs it anyway)
+            if key not in _logged and not torch.compiler.is_compiling():
                 _logged.add(key)
                 why = "; ".join(skipped) if skipped else "first choice"
                 logger.info("zeromask: %s on %s uses the %s backend (%s)", op, device_type,

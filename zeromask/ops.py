@@ -294,10 +294,12 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
       seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend):
+    # the kernels return contiguous gradients whatever q/k/v's strides (new_output): a fake
+    # with q's strides (empty_like of a transposed view) fails compiled backward passes
     def like(t):
         return q.new_empty((0,), dtype=torch.float32) if t is None else t.new_empty(
             t.shape, dtype=torch.float32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(theta_q),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(theta_q),
             like(theta_k), like(radius), like(zero_scale if key_zero is not None else None))
 
 
@@ -352,8 +354,10 @@ def _rotary_bwd(dy: Tensor, x: Tensor, theta: Tensor, positions: Tensor,
 
 @_rotary_bwd.register_fake
 def _(dy, x, theta, positions, radius, rotary_dim, interleaved, backend):
-    drad = x.new_empty((0,), dtype=torch.float32) if radius is None else torch.empty_like(radius)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(theta), drad
+    drad = x.new_empty((0,), dtype=torch.float32) if radius is None else radius.new_empty(
+        radius.shape, dtype=torch.float32)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            theta.new_empty(theta.shape, dtype=torch.float32), drad)
 
 
 def _rotary_setup(ctx, inputs, output):
