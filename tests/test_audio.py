@@ -111,10 +111,62 @@ def test_energy_ordering_follows_amplitude():
 def test_noise_is_unvoiced_and_never_nan():
     rng = np.random.default_rng(0)
     wav = rng.standard_normal(SR // 2) * 0.3
-    wav[100:200] = np.nan  # broken input samples are treated as 0, never propagate
     f = extract_features(wav, SR)
     assert all(np.isfinite(v).all() for v in f.values())
     assert (f["f0"] > 0).mean() < 0.2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_refused_not_zeroed(bad):
+    wav = np.random.default_rng(0).standard_normal(SR // 4) * 0.3
+    wav[100:103] = bad
+    with pytest.raises(ValueError, match="3 NaN or inf samples \\(first at sample 100\\)"):
+        extract_features(wav, SR)
+
+
+def test_stereo_and_unsigned_pcm_have_the_loudness_of_mono_float():
+    """Integer PCM is scaled before channels are averaged, uint8 has its offset removed:
+    the same sound in every container gives the same spectrogram (to quantisation)."""
+    wav = harmonic(np.full(SR // 2, 180.0), amp=0.4)
+    ref = extract_features(wav, SR)["spectrogram"]
+    i16 = np.round(wav * 32767).astype(np.int16)
+    cases = {
+        "int16 mono": i16,
+        "int16 stereo (samples, 2)": np.stack([i16, i16], axis=1),   # scipy.io.wavfile
+        "int16 stereo (2, samples)": np.stack([i16, i16], axis=0),
+        "int32": (wav * 2**31).astype(np.int32),
+        "float32 stereo": np.stack([wav, wav], axis=1).astype(np.float32),
+    }
+    loud = ref > ref.max() - 40  # bins well above the quantisation noise
+    for name, x in cases.items():
+        spec = extract_features(x, SR)["spectrogram"]
+        assert np.abs(spec - ref)[loud].max() < 0.1, name
+    u8 = np.clip(np.round(wav * 128 + 128), 0, 255).astype(np.uint8)
+    spec8 = extract_features(u8, SR)["spectrogram"]
+    loud8 = ref > ref.max() - 25  # 8 bits: quantisation noise is ~48 dB down
+    assert np.abs(spec8 - ref)[loud8].max() < 1.0
+
+
+@pytest.mark.parametrize("sr", [0, -16000, 16000.5, True, None])
+def test_bad_sample_rate_is_a_clear_error(sr):
+    with pytest.raises(ValueError, match="sr must be a positive integer"):
+        extract_features(np.zeros(1600), sr)
+
+
+@pytest.mark.parametrize("kind", ["digital silence", "16-bit dither"])
+def test_an_utterance_with_no_speech_is_all_zero_tokens(kind):
+    """The relative cut (top_db below the loudest frame) finds nothing to cut in silence;
+    the absolute floor (SILENCE_FLOOR_DB) makes every such frame a zero token."""
+    rng = np.random.default_rng(0)
+    wav = np.zeros(SR) if kind == "digital silence" else \
+        np.round(rng.standard_normal(SR) * 0.5) / 32768
+    spec = torch.from_numpy(extract_features(wav, SR)["spectrogram"])[None]
+    assert zero.from_audio(spec, spec).all()
+    # a quiet but real signal (-60 dBFS noise) stays above the floor
+    quiet = torch.from_numpy(extract_features(rng.standard_normal(SR) * 1e-3, SR)
+                             ["spectrogram"])[None]
+    assert not zero.from_audio(quiet, quiet).any()
+    assert not zero.from_audio(spec, spec, threshold_db=None).all()  # the floor's doing
 
 
 def test_int16_input_and_resampling():

@@ -171,10 +171,10 @@ def test_config_file_and_flags(tmp_path):
     assert model_kw["zero_scaling"] is False and model_kw["f0_rotary"] is False
     assert model_kw["feature_order"] == ["waveform", "pitch"]
     assert opt["lr"] == 5e-4 and opt["batch_size"] == 3 and opt["max_steps"] == 7
-    with pytest.raises(SystemExit, match="max-steps"):
+    with pytest.raises(train_cli.UsageError, match="max-steps"):
         train_cli.resolve(train_cli.build_parser().parse_args(["--out", str(tmp_path)]))
     cfg.write_text(json.dumps({"train": {"learning_rate": 1}}))
-    with pytest.raises(SystemExit, match="unknown train options"):
+    with pytest.raises(train_cli.UsageError, match="unknown train options"):
         train_cli.resolve(train_cli.build_parser().parse_args(
             ["--out", str(tmp_path), "--config", str(cfg), "--max-steps", "1"]))
 

@@ -20,6 +20,10 @@ def from_ids(ids: Tensor, zero_id: int = 0) -> Tensor:
     return ids == zero_id
 
 
+#: the absolute silence floor of :func:`from_audio`, dB (log-mel power, reference 1.0)
+SILENCE_FLOOR_DB = -80.0
+
+
 def frame_energy_db(log_mel: Tensor, mel_dim: int = -1) -> Tensor:
     """Per-frame energy in dB of a log-mel spectrogram in dB (``10 log10`` power).
 
@@ -38,7 +42,7 @@ def from_audio(
     log_mel: Optional[Tensor] = None,
     *,
     top_db: Optional[float] = 50.0,
-    threshold_db: Optional[float] = None,
+    threshold_db: Optional[float] = SILENCE_FLOOR_DB,
     feature_dim: int = -1,
     mel_dim: int = -1,
 ) -> Tensor:
@@ -46,9 +50,13 @@ def from_audio(
 
     features: ``(B, T, F)`` (or ``(T, F)``) frames; a frame whose features are all exactly 0
     is padding and therefore a zero token. ``log_mel`` (dB, ``(B, T, n_mels)`` by default,
-    ``mel_dim`` says where the bands are): a frame is silent when its energy is below
-    ``threshold_db`` (absolute), or more than ``top_db`` below the loudest non-padding frame
-    of its utterance. ``log_mel`` may be ``features`` itself. Returns bool ``(B, T)``.
+    ``mel_dim`` says where the bands are): a frame is silent when its energy
+    (:func:`frame_energy_db`) is below ``threshold_db`` (absolute; default
+    ``SILENCE_FLOOR_DB`` = -80 dB, so digital silence, -100 dB at the features' floor, and
+    16-bit dither, about -93 dB, are always zero tokens, even in an utterance with no speech
+    at all), or more than ``top_db`` below the loudest non-padding frame of its utterance.
+    ``None`` turns either rule off. ``log_mel`` may be ``features`` itself. Returns bool
+    ``(B, T)``.
     """
     if not torch.is_tensor(features) or not features.is_floating_point():
         raise TypeError("features must be a floating tensor of frames")

@@ -102,7 +102,21 @@ def num_frames(num_samples: int, hop_length: int) -> int:
     return 1 + num_samples // hop_length
 
 
+def _pcm_to_float(wav: np.ndarray) -> np.ndarray:
+    """Integer PCM to float64 in [-1, 1): signed by 2**(bits-1) (int16 / 32768, as
+    soundfile and scipy), unsigned with its midpoint removed (uint8: (x - 128) / 128)."""
+    info = np.iinfo(wav.dtype)
+    scale = float(info.max) + 1.0
+    if info.min == 0:  # unsigned: offset binary
+        half = scale / 2.0
+        return (wav.astype(np.float64) - half) / half
+    return wav.astype(np.float64) / scale
+
+
 def _as_mono_float(wav) -> np.ndarray:
+    """1-D float64 samples from a 1-D or 2-D (channels x samples either way) float or
+    integer array/tensor. Integer PCM is scaled per channel before channels are averaged;
+    NaN or inf samples are refused (a ValueError), never silently replaced."""
     try:
         import torch
         if torch.is_tensor(wav):
@@ -110,17 +124,27 @@ def _as_mono_float(wav) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     wav = np.asarray(wav)
+    if wav.dtype == np.bool_ or not (np.issubdtype(wav.dtype, np.floating)
+                                     or np.issubdtype(wav.dtype, np.integer)):
+        raise TypeError(f"wav must be a float or integer PCM array, got {wav.dtype}")
+    if wav.ndim not in (1, 2):
+        raise ValueError(f"wav must be 1-D (or 2-D multichannel), got shape {wav.shape}")
+    if np.issubdtype(wav.dtype, np.integer):
+        wav = _pcm_to_float(wav)
+    wav = wav.astype(np.float64)
     if wav.ndim == 2:  # (channels, samples) or (samples, channels): average the short axis
         wav = wav.mean(axis=0 if wav.shape[0] < wav.shape[1] else 1)
-    if wav.ndim != 1:
-        raise ValueError(f"wav must be 1-D (or 2-D multichannel), got shape {wav.shape}")
-    if not np.issubdtype(wav.dtype, np.floating):
-        if np.issubdtype(wav.dtype, np.integer):
-            wav = wav.astype(np.float64) / float(np.iinfo(wav.dtype).max)
-        else:
-            raise TypeError(f"wav must be a float or integer array, got {wav.dtype}")
-    wav = np.nan_to_num(wav.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    bad = ~np.isfinite(wav)
+    if bad.any():
+        raise ValueError(f"wav has {int(bad.sum())} NaN or inf samples (first at sample "
+                         f"{int(np.argmax(bad))}); fix or drop the recording")
     return wav
+
+
+def _check_rate(sr) -> int:
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
+        raise ValueError(f"sr must be a positive integer sample rate in Hz, got {sr!r}")
+    return int(sr)
 
 
 def _align(values: np.ndarray, voiced: np.ndarray, src_times: np.ndarray,
@@ -176,8 +200,10 @@ def extract_features(wav, sr: int, config: Optional[FeatureConfig] = None,
                      **overrides) -> Dict[str, np.ndarray]:
     """All features of one utterance at one hop rate (see the module doc).
 
-    ``wav``: 1-D float (or integer PCM) array or tensor; ``sr``: its sample rate, resampled
-    to ``config.sample_rate`` when different. ``overrides`` replace fields of ``config``
+    ``wav``: 1-D float (or integer PCM) array or tensor, or 2-D multichannel (averaged to
+    mono after integer PCM is scaled: int16 / 32768, uint8 (x - 128) / 128); NaN or inf
+    samples raise ``ValueError``. ``sr``: its sample rate in Hz (a positive int, else
+    ``ValueError``), resampled to ``config.sample_rate`` when different. ``overrides`` replace fields of ``config``
     (``extract_features(wav, sr, hop_length=320)``). Returns float32 numpy arrays, time
     first; ``f0`` is 0 on unvoiced frames and nothing is ever NaN.
     """
@@ -185,6 +211,7 @@ def extract_features(wav, sr: int, config: Optional[FeatureConfig] = None,
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
     librosa = _librosa()
+    sr = _check_rate(sr)
     wav = _as_mono_float(wav)
     if sr != cfg.sample_rate:
         wav = librosa.resample(wav, orig_sr=sr, target_sr=cfg.sample_rate)
@@ -248,7 +275,11 @@ def load_audio(path: Union[str, os.PathLike], sample_rate: int = 16000) -> np.nd
         import soundfile as sf
     except ImportError as exc:  # pragma: no cover
         raise ImportError("reading audio needs soundfile: pip install soundfile") from exc
-    wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, EOFError) as exc:  # corrupt, truncated, foreign
+        why = str(exc).replace(f"'{path}'", "it")  # soundfile names the file too
+        raise ValueError(f"cannot read audio file {path}: {why}") from exc
     wav = wav.mean(axis=1)
     if sr != sample_rate:
         wav = _librosa().resample(wav, orig_sr=sr, target_sr=sample_rate)
@@ -299,9 +330,41 @@ class FeatureCache:
 
 
 def _cache_one(args):
+    """Fill the cache for one file; (path, None) or (path, "ErrorType: message")."""
     root, cfg, path = args
-    FeatureCache(root, cfg).get(path)
-    return path
+    try:
+        FeatureCache(root, cfg).get(path)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:  # unreadable / broken audio
+        return path, str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    return path, None
+
+
+def cache_features(paths: Sequence[Union[str, os.PathLike]], cache_dir: Union[str, os.PathLike],
+                   config: Optional[FeatureConfig] = None, num_workers: int = 0,
+                   progress: bool = False) -> Dict[str, str]:
+    """Featurise every file not yet in the cache; never stops on a bad file.
+
+    Returns ``{path: reason}`` for the files that could not be read or featurised (a
+    corrupt or truncated wav, NaN samples, ...); everything else is cached.
+    ``num_workers > 0`` uses that many processes; ``progress`` shows a tqdm bar.
+    """
+    cache = FeatureCache(cache_dir, config)
+    missing = [p for p in paths if not cache.path_for(p).exists()]
+    jobs = [(cache.root, cache.config, p) for p in missing]
+    if num_workers > 0 and len(jobs) > 1:
+        pool = ProcessPoolExecutor(num_workers)
+        it: Iterable = pool.map(_cache_one, jobs, chunksize=8)
+    else:
+        pool = None
+        it = map(_cache_one, jobs)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=len(jobs), desc="features", unit="utt")
+    try:
+        return {str(path): why for path, why in it if why is not None}
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def extract_batch(paths: Sequence[Union[str, os.PathLike]], cache_dir: Union[str, os.PathLike],
@@ -311,24 +374,16 @@ def extract_batch(paths: Sequence[Union[str, os.PathLike]], cache_dir: Union[str
 
     ``num_workers > 0`` fills the cache with that many processes first.
     """
-    cache = FeatureCache(cache_dir, config)
     paths = list(paths)
-    missing = [p for p in paths if not cache.path_for(p).exists()]
-    if missing and num_workers > 0:
-        with ProcessPoolExecutor(num_workers) as pool:
-            it: Iterable = pool.map(_cache_one, [(cache.root, cache.config, p) for p in missing],
-                                    chunksize=8)
-            if progress:
-                from tqdm import tqdm
-                it = tqdm(it, total=len(missing), desc="features", unit="utt")
-            for _ in it:
-                pass
-    it2: Iterable = paths
-    if progress and num_workers <= 0:
-        from tqdm import tqdm
-        it2 = tqdm(paths, desc="features", unit="utt")
-    return [cache.get(p) for p in it2]
+    bad = cache_features(paths, cache_dir, config, num_workers=num_workers, progress=progress)
+    if bad:
+        path, why = next(iter(bad.items()))
+        raise ValueError(f"{len(bad)} of {len(paths)} audio files could not be featurised; "
+                         f"first: {path}: {why}")
+    cache = FeatureCache(cache_dir, config)
+    return [cache.get(p) for p in paths]
 
 
-__all__ = ["FeatureConfig", "FeatureCache", "extract_features", "extract_batch", "load_audio",
+__all__ = ["FeatureConfig", "FeatureCache", "extract_features", "extract_batch",
+           "cache_features", "load_audio",
            "resample_contour", "num_frames", "FEATURES", "OUTPUTS", "F0_METHODS"]

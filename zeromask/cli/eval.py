@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import UsageError, cli_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeromask-eval", description=__doc__.split("\n\n")[0])
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with cli_errors("zeromask-eval"):
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models.training import (evaluate, load_checkpoint, model_from_checkpoint,
                                    score_record, score_summary, utterance_frames)
@@ -54,8 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
-    utts = find_utterances(data)
-    ds = SpeechDataset(utts, tokenizer, cache_dir=cache)
+    ds = SpeechDataset(find_utterances(data), tokenizer, cache_dir=cache)
+    try:
+        ds.prepare()  # unreadable files are skipped and named
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    utts = ds.utterances
     fc = ds.config
     lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in utts]
     order = sorted(range(len(utts)), key=lambda i: lengths[i])

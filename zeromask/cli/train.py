@@ -30,8 +30,11 @@ import functools
 import json
 import logging
 import os
+import io
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..models.config import ModelConfig
+from . import UsageError, cli_errors
 
 logger = logging.getLogger("zeromask")
 #: batches are padded to a multiple of this many frames (see zeromask.data.collate)
@@ -52,6 +56,28 @@ _MODEL_FLAGS = {
     "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
     "label_smoothing": float, "conv_kernel": int, "ctc_input": str,
 }
+_MODEL_HELP = {
+    "d_model": "model width", "num_heads": "attention heads",
+    "num_kv_heads": "key/value heads (GQA; default: num_heads)",
+    "ffn_mult": "feed-forward width / d_model",
+    "enc_layers": "encoder layers per feature (see --encoder-layers)",
+    "dec_self_layers": "decoder self-attention layers",
+    "dec_cross_layers": "cross-attention layers per feature stage",
+    "dropout": "dropout probability", "downsample": "encoder frame-rate reduction (power of 2)",
+    "zero_mode": "zero-token rule: weight x s (prob) or logit x s (score)",
+    "zero_scale": "zero-token scale s", "rotary_mode": "F0 -> theta mapping",
+    "curriculum_steps": "enable feature stage k from step k * N (0: all from the start)",
+    "max_decode_len": "longest greedy hypothesis, characters",
+    "backend": "attention backend (default: automatic)",
+    "silence_top_db": "frames this many dB below the loudest are zero tokens",
+    "ctc_weight": "joint CTC/attention weight of the CTC loss (0: no CTC head)",
+    "label_smoothing": "decoder cross-entropy label smoothing",
+    "conv_kernel": "Conformer convolution kernel in every encoder layer (0: none)",
+    "ctc_input": "what the CTC head reads: sum of the encoders, or one feature",
+}
+_MODEL_CHOICES = {"zero_mode": ["prob", "score"], "rotary_mode": ["echo", "additive"],
+                  "backend": ["reference", "cpp", "triton", "cuda"],
+                  "ctc_input": ["sum", "spectrogram", "waveform", "pitch"]}
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
                        eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
@@ -68,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", help="feature cache (default: DATA/.features or TRAIN/../.features)")
     d.add_argument("--out", required=True, help="run folder: checkpoints, logs, results")
     d.add_argument("--config", help="JSON file with 'model' and 'train' sections")
-    m = p.add_argument_group("model (ModelConfig)")
+    m = p.add_argument_group("model (ModelConfig; see its docstring)")
+    model_defaults = ModelConfig()
     for name, typ in _MODEL_FLAGS.items():
-        m.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+        choices = _MODEL_CHOICES.get(name)
+        m.add_argument("--" + name.replace("_", "-"), type=typ, default=None, choices=choices,
+                       metavar=None if choices else typ.__name__.upper(),
+                       help=f"{_MODEL_HELP[name]} (default: "
+                            f"{getattr(model_defaults, name)})")
     m.add_argument("--feature-order", help="comma-separated, e.g. spectrogram,pitch,waveform")
     m.add_argument("--encoder-layers",
                    help="layers per feature encoder, e.g. spectrogram=4,pitch=1,waveform=1")
@@ -84,26 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cross-rotary", action="store_true")
     m.add_argument("--no-abs-pos", action="store_true",
                    help="no sinusoidal absolute positions (rotary only)")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--eval-batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--warmup", type=int)
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    t.add_argument("--time-budget", type=float, help="stop after this many seconds")
-    t.add_argument("--eval-every", type=int, help="evaluate every N steps (0: only at the end)")
-    t.add_argument("--ckpt-every", type=int)
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--eval-max", type=int, help="held-out utterances per evaluation")
-    t.add_argument("--samples", type=int, help="greedy samples printed per evaluation")
-    t.add_argument("--grad-clip", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--num-workers", type=int, help="DataLoader workers")
-    t.add_argument("--feature-workers", type=int, help="processes that fill the feature cache")
-    t.add_argument("--threads", type=int, help="torch CPU threads per process")
+    t = p.add_argument_group("training (defaults in brackets; --config's 'train' section "
+                             "and then these flags override them)")
+    td = _TRAIN_DEFAULTS
+
+    def train_flag(name, typ, text):
+        t.add_argument("--" + name.replace("_", "-"), type=typ,
+                       help=f"{text} [{td[name]}]")
+
+    train_flag("batch_size", int, "utterances per optimizer step (per rank)")
+    train_flag("eval_batch_size", int, "utterances per evaluation batch")
+    train_flag("lr", float, "peak AdamW learning rate")
+    train_flag("weight_decay", float, "AdamW weight decay")
+    train_flag("warmup", int, "linear warmup steps, then a cosine to 0 at the step or time limit")
+    train_flag("max_steps", int, "stop after this many optimizer steps")
+    train_flag("time_budget", float, "stop after this many seconds of training (evaluations "
+               "not counted)")
+    train_flag("eval_every", int, "evaluate every N steps (0: only at the end)")
+    train_flag("ckpt_every", int, "write OUT/last.pt every N steps (and on Ctrl-C / SIGTERM)")
+    train_flag("log_every", int, "log a line to OUT/log.jsonl every N steps")
+    train_flag("eval_max", int, "held-out utterances per periodic evaluation")
+    train_flag("samples", int, "greedy samples printed per evaluation")
+    train_flag("grad_clip", float, "gradient norm clip (0: none)")
+    train_flag("seed", int, "initial weights, batch order, dropout")
+    train_flag("num_workers", int, "DataLoader worker processes")
+    train_flag("feature_workers", int, "processes that fill the feature cache before training")
+    train_flag("threads", int, "torch CPU threads per process (default: torch's choice)")
     t.add_argument("--no-resume", action="store_true", help="ignore OUT/last.pt")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
+    t.add_argument("--no-final-eval", action="store_true",
+                   help="no evaluation after the last step (e.g. when zeromask-eval follows)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--save-rank-states", action="store_true",
                    help="DDP check: every rank writes OUT/rank<R>.pt with its final weights")
@@ -117,7 +158,7 @@ def resolve(args: argparse.Namespace):
         file_cfg = json.loads(Path(args.config).read_text())
         unknown = set(file_cfg) - {"model", "train"}
         if unknown:
-            raise SystemExit(f"zeromask-train: --config has unknown sections {sorted(unknown)}")
+            raise UsageError(f"--config has unknown sections {sorted(unknown)}")
     model_kw = dict(file_cfg.get("model", {}))
     for name in _MODEL_FLAGS:
         v = getattr(args, name)
@@ -131,7 +172,7 @@ def resolve(args: argparse.Namespace):
                 k.strip(): int(v) for k, v in (item.split("=") for item in
                                                args.encoder_layers.split(",") if item.strip())}
         except ValueError:
-            raise SystemExit("zeromask-train: --encoder-layers wants FEATURE=N[,FEATURE=N...], "
+            raise UsageError("--encoder-layers wants FEATURE=N[,FEATURE=N...], "
                              f"got {args.encoder_layers!r}")
     if args.spec_augment:
         if args.spec_augment.strip().lower() in ("off", "none", "0"):
@@ -142,7 +183,7 @@ def resolve(args: argparse.Namespace):
             except ValueError:
                 parts = []
             if len(parts) != 4:
-                raise SystemExit("zeromask-train: --spec-augment wants 4 comma-separated "
+                raise UsageError("--spec-augment wants 4 comma-separated "
                                  f"numbers or 'off', got {args.spec_augment!r}")
             model_kw["spec_augment"] = parts
     if args.no_zero_scaling:
@@ -158,14 +199,14 @@ def resolve(args: argparse.Namespace):
     train = dict(_TRAIN_DEFAULTS)
     unknown = set(file_cfg.get("train", {})) - set(train)
     if unknown:
-        raise SystemExit(f"zeromask-train: unknown train options in --config: {sorted(unknown)}")
+        raise UsageError(f"unknown train options in --config: {sorted(unknown)}")
     train.update(file_cfg.get("train", {}))
     for k in _TRAIN_DEFAULTS:
         v = getattr(args, k, None)
         if v is not None:
             train[k] = v
     if train["max_steps"] is None and train["time_budget"] is None:
-        raise SystemExit("zeromask-train: give --max-steps or --time-budget (or both)")
+        raise UsageError("give --max-steps or --time-budget (or both)")
     return model_kw, train
 
 
@@ -240,11 +281,41 @@ class ResumableBatches:
         return max(0, len(self.sampler) - self.skip)
 
 
+class _Interrupt:
+    """SIGINT / SIGTERM during training: remember it, so the loop stops after the current
+    step and saves ``last.pt``; a second signal interrupts at once (the default action)."""
+
+    def __init__(self, install: bool = True):
+        self.signum: Optional[int] = None
+        self._old = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
+              "(send it again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
 def _folders(args):
     train = args.train or (os.path.join(args.data, "train") if args.data else None)
     test = args.test or (os.path.join(args.data, "test") if args.data else None)
     if train is None:
-        raise SystemExit("zeromask-train: give --data DIR (with train/ and test/) or --train DIR")
+        raise UsageError("give --data DIR (with train/ and test/) or --train DIR")
     cache = args.cache_dir or os.path.join(args.data or os.path.dirname(os.path.abspath(train)),
                                            ".features")
     return train, test, cache
@@ -258,19 +329,21 @@ def print_samples(result: dict, n: int, file=None) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    model_kw, opt = resolve(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dist_env = Dist()
-    try:
-        return _train(args, model_kw, opt, dist_env)
-    finally:
-        dist_env.close()
+    with cli_errors("zeromask-train"):
+        model_kw, opt = resolve(args)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        dist_env = Dist()
+        try:
+            return _train(args, model_kw, opt, dist_env)
+        finally:
+            dist_env.close()
 
 
 def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..models import SpeechModel
-    from ..models.training import (BucketBatchSampler, evaluate, load_checkpoint, lr_factor,
+    from ..models.training import (BucketBatchSampler, CheckpointError, evaluate,
+                                   load_checkpoint, lr_factor,
                                    save_checkpoint, score_record, score_summary, to_device,
                                    utterance_frames)
 
@@ -282,7 +355,11 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     last = out / "last.pt"
     ckpt = None
     if last.exists() and not args.no_resume:
-        ckpt = load_checkpoint(last, map_location="cpu")
+        try:
+            ckpt = load_checkpoint(last, map_location="cpu")
+        except CheckpointError as exc:
+            raise UsageError(f"cannot resume: {exc}. To start over, pass --no-resume (or "
+                             f"move {last} away)") from None
         saved = ckpt["config"]
         # the saved architecture wins; flags may only change the backend on resume
         model_kw = dict(saved, **{k: v for k, v in model_kw.items() if k == "backend"})
@@ -290,7 +367,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     model_kw.setdefault("vocab_size", tokenizer.vocab_size)
     cfg = ModelConfig(**model_kw) if ckpt is None else ModelConfig.from_dict(model_kw)
     if cfg.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"zeromask-train: vocab_size {cfg.vocab_size} < tokenizer's "
+        raise UsageError(f"vocab_size {cfg.vocab_size} < tokenizer's "
                          f"{tokenizer.vocab_size}")
     seed = int(opt["seed"])
     random.seed(seed + de.rank)
@@ -301,23 +378,33 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                                               and not args.no_eval) else []
     train_ds = SpeechDataset(train_utts, tokenizer, cache_dir=cache_dir)
     test_ds = SpeechDataset(test_utts, tokenizer, cache_dir=cache_dir) if test_utts else None
+    def prepare(workers: int, progress: bool) -> None:
+        # unreadable files are skipped and named; too many of them end the run clearly
+        try:
+            for ds in (train_ds, test_ds):
+                if ds is not None:
+                    ds.prepare(num_workers=workers, progress=progress)
+        except RuntimeError as exc:
+            raise UsageError(f"{exc}") from None
+
     if de.main:
         out.mkdir(parents=True, exist_ok=True)
-        progress = not args.no_progress
-        train_ds.prepare(num_workers=int(opt["feature_workers"]), progress=progress)
-        if test_ds is not None:
-            test_ds.prepare(num_workers=int(opt["feature_workers"]), progress=progress)
+        prepare(int(opt["feature_workers"]), not args.no_progress)
         (out / "config.json").write_text(json.dumps(
             {"model": cfg.to_dict(), "train": opt, "data": {"train": train_dir, "test": test_dir,
                                                              "cache": cache_dir}}, indent=2))
     de.barrier()  # the cache is full before any rank reads it
+    if not de.main:  # cache hits: only the main rank's bad files are tried again, and dropped
+        prepare(0, False)
+    train_utts = train_ds.utterances
+    test_utts = test_ds.utterances if test_ds is not None else []
 
     fc = train_ds.config
     lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in train_utts]
     sampler = BucketBatchSampler(lengths, int(opt["batch_size"]), seed=seed, rank=de.rank,
                                  world=de.world)
     if len(sampler) == 0:
-        raise SystemExit(f"zeromask-train: {len(train_utts)} training utterances make no batch "
+        raise UsageError(f"{len(train_utts)} training utterances make no batch "
                          f"for {de.world} rank(s)")
     batches = ResumableBatches(sampler)
     # its own generator: a DataLoader iterator draws a base seed, which must not move the
@@ -399,8 +486,14 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                        progress=not args.no_progress)
         if tag != "final":  # evaluation does not count as training time (nor the budget)
             t0 += time.time() - t_eval
-        print(f"[{tag} step {step}] held-out {score_summary(res)} on {res['n']} utterances")
-        print_samples(res, int(opt["samples"]))
+        text = io.StringIO()
+        print(f"[{tag} step {step}] held-out {score_summary(res)} on {res['n']} utterances",
+              file=text)
+        print_samples(res, int(opt["samples"]), file=text)
+        if bar is not None and not bar.disable:
+            bar.write(text.getvalue().rstrip("\n"))  # above the bar, which stays whole
+        else:
+            print(text.getvalue(), end="")
         log(dict({"step": step, "eval": True, "n": res["n"], "elapsed": time.time() - t0},
                  **score_record(res)))
         if res["cer"] < best:
@@ -419,9 +512,24 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     budget = opt["time_budget"]
     max_steps = opt["max_steps"]
     bar = None
+    # the bar runs over the limit that ends the run: seconds with a time budget (its
+    # estimate is then right), else steps
+    timed_bar = budget is not None
     if de.main and not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        if timed_bar:
+            bar = tqdm(total=round(float(budget)), initial=min(round(elapsed0), round(float(budget))),
+                       desc="train", unit="s", dynamic_ncols=True,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                  "[{elapsed}<{remaining}{postfix}]")
+        else:
+            bar = tqdm(total=max_steps, initial=step, desc="train", unit="step",
+                       dynamic_ncols=True)
+    interrupted = _Interrupt()
+    if bar is not None:  # log lines (the backend choice) above the bar, not through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        redirect = logging_redirect_tqdm()
+        redirect.__enter__()
     model.train()
     stop = max_steps is not None and step >= max_steps
     if ckpt is not None and budget is not None and elapsed0 >= float(budget):
@@ -464,15 +572,19 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                 log(rec)
                 last_loss = mean_loss
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", it_s=f"{window_n / dt:.2f}",
+                    bar.set_postfix(step=step, loss=f"{mean_loss:.3f}", it_s=f"{window_n / dt:.2f}",
                                     utt_s=f"{window_utts / dt:.1f}",
                                     lr=f"{rec['lr']:.2e}")
                 window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
                 window_ctc = 0.0
             if bar is not None:
-                bar.update(1)
+                if timed_bar:
+                    bar.update(min(round(time.time() - t0), bar.total) - bar.n)
+                else:
+                    bar.update(1)
             out_of_time = budget is not None and time.time() - t0 >= float(budget)
-            stop = de.any(out_of_time or (max_steps is not None and step >= max_steps))
+            stop = de.any(out_of_time or (max_steps is not None and step >= max_steps)
+                          or interrupted.signum is not None)
             if de.main and int(opt["ckpt_every"]) and step % int(opt["ckpt_every"]) == 0:
                 checkpoint()
             if (de.main and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0
@@ -488,14 +600,24 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
             epoch += 1
             in_epoch = 0
     if bar is not None:
+        redirect.__exit__(None, None, None)
         bar.close()
+    interrupted.restore()
     elapsed = time.time() - t0
+    if interrupted.signum is not None:  # Ctrl-C / SIGTERM: save, say how to go on, stop
+        if de.main:
+            checkpoint()
+            print(f"interrupted ({interrupted.name}) at step {step}: {last} saved; rerun the "
+                  "same command to resume", file=sys.stderr)
+        if log_fh is not None:
+            log_fh.close()
+        return 128 + interrupted.signum
     if args.save_rank_states:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    out / f"rank{de.rank}.pt")
     if de.main:
         checkpoint()
-        res = run_eval("final")
+        res = None if args.no_final_eval else run_eval("final")
         results = {"step": step, "epoch": epoch, "elapsed_s": elapsed,
                    "this_invocation_s": elapsed - elapsed0, "last_loss": last_loss,
                    "parameters": n_params, "config": cfg.to_dict()}

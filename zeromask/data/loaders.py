@@ -46,12 +46,27 @@ def _audio_for(stem: Path) -> Optional[Path]:
     return None
 
 
+def _read_text(path: Path) -> Optional[str]:
+    """A transcript as UTF-8, or None (logged with the file's name) when it is not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        logger.warning("zeromask: skipping %s: not UTF-8 text (%s)", path, exc.reason)
+    except OSError as exc:
+        logger.warning("zeromask: skipping %s: %s", path, exc)
+    return None
+
+
 def load_librispeech(root: Union[str, os.PathLike]) -> List[Utterance]:
-    """Utterances of a LibriSpeech-style tree (``*.trans.txt`` + ``ID.flac``/``ID.wav``)."""
+    """Utterances of a LibriSpeech-style tree (``*.trans.txt`` + ``ID.flac``/``ID.wav``).
+    A transcript file that is not UTF-8 is skipped and named in a warning."""
     root = Path(root)
     out, missing = [], 0
     for trans in sorted(root.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        content = _read_text(trans)
+        if content is None:
+            continue
+        for line in content.splitlines():
             line = line.strip()
             if not line:
                 continue
@@ -67,7 +82,8 @@ def load_librispeech(root: Union[str, os.PathLike]) -> List[Utterance]:
 
 
 def load_folder(root: Union[str, os.PathLike]) -> List[Utterance]:
-    """Utterances of a folder of ``NAME.wav``/``NAME.flac`` + ``NAME.txt`` (recursive)."""
+    """Utterances of a folder of ``NAME.wav``/``NAME.flac`` + ``NAME.txt`` (recursive).
+    A transcript that is not UTF-8 is skipped and named in a warning."""
     root = Path(root)
     out, unlabelled = [], 0
     for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTS):
@@ -75,7 +91,10 @@ def load_folder(root: Union[str, os.PathLike]) -> List[Utterance]:
         if not txt.exists():
             unlabelled += 1
             continue
-        text = " ".join(txt.read_text(encoding="utf-8").split())
+        content = _read_text(txt)
+        if content is None:
+            continue
+        text = " ".join(content.split())
         uid = str(audio.relative_to(root).with_suffix("")).replace(os.sep, "/")
         out.append(Utterance(uid, str(audio), text))
     if unlabelled:
@@ -138,13 +157,42 @@ class SpeechDataset(torch.utils.data.Dataset):
                 "f0": torch.from_numpy(f["f0"]),
                 "tokens": torch.tensor(ids, dtype=torch.long)}
 
-    def prepare(self, num_workers: int = 0, progress: bool = False) -> None:
-        """Fill the feature cache for every utterance (multiprocess when asked)."""
-        if self.cache is None:
-            return
-        from ..audio import extract_batch
-        extract_batch([u.audio for u in self.utterances], self.cache.root, self.config,
-                      num_workers=num_workers, progress=progress)
+    def prepare(self, num_workers: int = 0, progress: bool = False,
+                max_bad_fraction: float = 0.1) -> Dict[str, str]:
+        """Fill the feature cache for every utterance (multiprocess when asked) and drop the
+        utterances whose audio cannot be read or featurised.
+
+        Each dropped file is named in a warning, with a count at the end; returns
+        ``{audio path: reason}``. Raises ``RuntimeError`` when more than
+        ``max_bad_fraction`` of the utterances (or all of them) fail: then the data, not
+        a file, is broken. Without a cache every file is read here once, to the same end.
+        """
+        from ..audio import cache_features, extract_features, load_audio
+        paths = [u.audio for u in self.utterances]
+        if self.cache is not None:
+            bad = cache_features(paths, self.cache.root, self.config, num_workers=num_workers,
+                                 progress=progress)
+        else:
+            bad = {}
+            for p in paths:
+                try:
+                    extract_features(load_audio(p, self.config.sample_rate),
+                                     self.config.sample_rate, self.config)
+                except (OSError, ValueError, RuntimeError, EOFError) as exc:
+                    bad[str(p)] = str(exc) if str(p) in str(exc) else f"{p}: {exc}"
+        if not bad:
+            return bad
+        for why in list(bad.values())[:20]:  # each reason names its file
+            logger.warning("zeromask: skipping %s", why)
+        n = len(self.utterances)
+        logger.warning("zeromask: %d of %d utterances skipped (unreadable audio)%s", len(bad),
+                       n, "; the first 20 are named above" if len(bad) > 20 else "")
+        if len(bad) == n or len(bad) > max_bad_fraction * n:
+            raise RuntimeError(f"{len(bad)} of {n} audio files could not be read (more than "
+                               f"{max_bad_fraction:.0%}): check the data; first: "
+                               f"{next(iter(bad.values()))}")
+        self.utterances = [u for u in self.utterances if str(u.audio) not in bad]
+        return bad
 
 
 def _pad(seqs: Sequence[torch.Tensor], length: int, value: float = 0.0) -> torch.Tensor:

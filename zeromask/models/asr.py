@@ -633,11 +633,19 @@ class SpeechModel(nn.Module):
         return self._greedy(memories, f0, spectrogram.shape[0], max_len, use_cache)
 
     def _greedy(self, memories, f0, B: int, max_len: Optional[int],
-                use_cache: bool = True) -> List[List[int]]:
+                use_cache: bool = True, limits: Optional[Tensor] = None,
+                unended: Optional[list] = None) -> List[List[int]]:
+        """Greedy ids per row; ``limits`` (B,) caps each row's length (else ``max_len``);
+        ``unended`` (a list) receives one bool per row: stopped by the cap, not by the end
+        token."""
         max_len = max_len or self.config.max_decode_len
         device = next(iter(memories.values()))[0].device
         ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        cap = torch.full((B,), max_len, dtype=torch.long, device=device)
+        if limits is not None:
+            cap = torch.minimum(cap, limits.to(device).clamp_min(1))
+        max_len = int(cap.max())
         if use_cache:
             step_fn = self._cached_stepper(memories, f0, B, device)
         for t in range(max_len):
@@ -647,12 +655,16 @@ class SpeechModel(nn.Module):
                 logits = self.decode(ids, memories, f0)[:, -1]
             nxt = logits.argmax(-1).masked_fill(done, 0)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == 0
+            done |= (nxt == 0) | (t + 1 >= cap)
             if bool(done.all()):
                 break
         out = []
-        for row in ids[:, 1:].tolist():
-            out.append(row[: row.index(0)] if 0 in row else row)
+        for b, row in enumerate(ids[:, 1:].tolist()):
+            row = row[: int(cap[b])]
+            ended = 0 in row
+            out.append(row[: row.index(0)] if ended else row)
+            if unended is not None:
+                unended.append(not ended)
         return out
 
     @torch.no_grad()
@@ -662,7 +674,9 @@ class SpeechModel(nn.Module):
                    ctc_weight: Optional[float] = None, **_ignored) -> Dict[str, List[List[int]]]:
         """Token ids per utterance from every decoder, on one encoding of the batch:
 
-        * ``"attention"``: the decoder's greedy output (:meth:`generate`);
+        * ``"attention"``: the decoder's greedy output (:meth:`generate`), each at most as
+          long as its encoder output (``"unended"``: one bool per utterance, True where that
+          cap, or ``max_len``, stopped it before the end token);
         * ``"ctc"``: best-path CTC (:func:`ctc_greedy`), when the model has a CTC head;
         * ``"joint"``: joint CTC/attention decoding by rescoring, with the score of Kim, Hori
           and Watanabe (2017): of the two outputs above, the one with the higher
@@ -674,12 +688,15 @@ class SpeechModel(nn.Module):
             frame_lengths = frame_lengths_of(spectrogram)
         memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
         B = spectrogram.shape[0]
-        att = self._greedy(memories, f0, B, max_len)
-        out = {"attention": att}
+        # no transcript is longer than the encoder has frames (CTC's own bound): a decoder
+        # that never emits the end token stops there, and is reported as unended
+        lengths = downsampled_lengths(frame_lengths, self.config.downsample)
+        unended: List[bool] = []
+        att = self._greedy(memories, f0, B, max_len, limits=lengths, unended=unended)
+        out = {"attention": att, "unended": unended}
         if self.config.ctc_weight <= 0:
             return out
         w = self.config.ctc_weight if ctc_weight is None else float(ctc_weight)
-        lengths = downsampled_lengths(frame_lengths, self.config.downsample)
         log_probs = self.ctc_log_probs(memories)
         ctc = ctc_greedy(log_probs, lengths)
         sa, sc = (self._joint_scores(memories, f0, log_probs, lengths, hyps, w).tolist()

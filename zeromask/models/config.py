@@ -73,7 +73,7 @@ class ModelConfig:
     cross_rotary: bool = False   # rotate text queries / audio keys in cross-attention too
     abs_pos: bool = True         # sinusoidal absolute positions on encoder and decoder inputs
     silence_top_db: Optional[float] = 50.0
-    silence_threshold_db: Optional[float] = None
+    silence_threshold_db: Optional[float] = -80.0  # absolute floor (zeromask.zero.from_audio)
     curriculum_steps: int = 0
     max_decode_len: int = 200
     backend: Optional[str] = None

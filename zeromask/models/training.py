@@ -125,10 +125,34 @@ def save_checkpoint(path: Union[str, os.PathLike], *, model: SpeechModel, optimi
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupt or not written by zeromask-train."""
+
+
+#: what every zeromask checkpoint holds (see :func:`save_checkpoint`)
+CHECKPOINT_KEYS = ("model", "config", "tokenizer", "step")
+
+
 def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> dict:
+    """A checkpoint written by :func:`save_checkpoint`.
+
+    Raises ``FileNotFoundError`` when there is no file and :class:`CheckpointError` (naming
+    the file and what is wrong) when it is truncated, corrupt or not a zeromask checkpoint.
+    """
+    import pickle
+    import zipfile
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, ModuleNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a zeromask checkpoint (no {', '.join(missing)})")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
@@ -154,7 +178,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     was_training = model.training
     model.eval()
     use_ctc = model.config.ctc_weight > 0
-    refs, hyps, ctc_hyps, joint_hyps, ids = [], [], [], [], []
+    refs, hyps, ctc_hyps, joint_hyps, ids, unended = [], [], [], [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
@@ -164,6 +188,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
         out = dec["attention"]
         ctc = dec.get("ctc", [[]] * len(out))
         joint = dec.get("joint", [[]] * len(out))
+        unended.extend(dec["unended"])
         for r, h, c, j, i in zip(batch["text"], out, ctc, joint, batch["id"]):
             refs.append(r)
             hyps.append(tokenizer.decode(h))
@@ -175,6 +200,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     if max_utts is not None:
         refs, hyps, ids = refs[:max_utts], hyps[:max_utts], ids[:max_utts]
         ctc_hyps, joint_hyps = ctc_hyps[:max_utts], joint_hyps[:max_utts]
+        unended = unended[:max_utts]
     model.train(was_training)
     keep = [k for k, r in enumerate(refs) if r.strip()]
     if not keep:
@@ -182,7 +208,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     r = [refs[k] for k in keep]
     h = [hyps[k] for k in keep]
     res = {"cer": float(jiwer.cer(r, h)), "wer": float(jiwer.wer(r, h)), "n": len(keep),
-           "refs": refs, "hyps": hyps, "ids": ids}
+           "refs": refs, "hyps": hyps, "ids": ids, "unended": sum(unended)}
     if use_ctc:
         c = [ctc_hyps[k] for k in keep]
         j = [joint_hyps[k] for k in keep]
@@ -196,14 +222,22 @@ DECODERS = (("", "attention greedy"), ("ctc_", "CTC greedy"), ("joint_", "joint 
 
 
 def score_summary(res: dict) -> str:
-    """One line of the CER/WER of every decoder in an :func:`evaluate` result."""
-    return "; ".join(f"{name} CER {res[p + 'cer']:.4f} WER {res[p + 'wer']:.4f}"
+    """One line of the CER/WER of every decoder in an :func:`evaluate` result, and how
+    many attention hypotheses never emitted the end token (their CER can exceed 1)."""
+    line = "; ".join(f"{name} CER {res[p + 'cer']:.4f} WER {res[p + 'wer']:.4f}"
                      for p, name in DECODERS if p + "cer" in res)
+    if res.get("unended"):
+        line += (f" ({res['unended']} attention hypotheses never emitted the end token and "
+                 "stopped at their encoder's length)")
+    return line
 
 
 def score_record(res: dict) -> dict:
     """The CER/WER numbers of an :func:`evaluate` result (for logs and JSON)."""
-    return {p + m: res[p + m] for p, _ in DECODERS for m in ("cer", "wer") if p + m in res}
+    rec = {p + m: res[p + m] for p, _ in DECODERS for m in ("cer", "wer") if p + m in res}
+    if "unended" in res:
+        rec["unended"] = res["unended"]
+    return rec
 
 
 __all__ = ["score_summary", "score_record", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
