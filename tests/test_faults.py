@@ -261,3 +261,70 @@ def test_module_refuses_a_scale_below_float32():
         zeromask.ZeroSoftAttention(16, 2, zero_scale=1e-40)
     s = zeromask.ZeroSoftAttention(16, 2, zero_scale=MIN_ZERO_SCALE).zero_scale.item()
     assert MIN_ZERO_SCALE <= s and math.isclose(s, MIN_ZERO_SCALE, rel_tol=0.02)
+
+
+# --------------------------------------------------------------------------------------
+# valid input accepted, invalid input refused naming the argument (items 6-7)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [1, 3, 7, 257])
+def test_odd_head_dims_without_rotary(backend, D):
+    case = _plain_case(B=2, Hq=2, Hkv=1, Lq=5, Lk=6, D=D, rotary=False)
+    why = dispatch.load(backend).supports("attention", q=case["q"].float())
+    if why is not None:
+        pytest.skip(why)
+    out, grads = _call(case, backend)
+    oracle, ograds = _call(case, "reference", torch.float64)
+    same, _ = _call(case, "reference", torch.float32)
+    assert_output_close("out", out, oracle, same, torch.float32)
+    for name in ("q", "k", "v"):
+        assert (grads[name].double() - ograds[name]).abs().max() < 1e-4
+
+
+def test_module_with_odd_head_dim_and_bad_sizes():
+    attn = zeromask.ZeroSoftAttention(21, 3, batch_first=True)  # head dim 7
+    x = torch.randn(2, 4, 21)
+    ref = torch.nn.MultiheadAttention(21, 3, batch_first=True)
+    ref.load_state_dict({k: v for k, v in attn.state_dict().items() if k in ref.state_dict()})
+    torch.testing.assert_close(attn(x, x, x)[0], ref(x, x, x, need_weights=False)[0],
+                               rtol=1e-5, atol=1e-5)
+    for kw, name in ((dict(embed_dim=64, num_heads=0), "num_heads"),
+                     (dict(embed_dim=0, num_heads=1), "embed_dim"),
+                     (dict(embed_dim=64, num_heads=4, num_kv_heads=0), "num_kv_heads")):
+        with pytest.raises(ValueError, match=name):
+            zeromask.ZeroSoftAttention(**kw)
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda q: zeromask.zero_soft_attention(q[..., :0], q[..., :0], q[..., :0]),
+     ValueError, "head dim >= 1"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, theta_q=1e300, theta_k=1e300),
+     ValueError, "theta_q must be a finite float in"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, theta_q=torch.full((2, 5), 1e300,
+                                                                        dtype=torch.float64)),
+     ValueError, "theta_q must be below"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, pos_q=torch.arange(5)),
+     ValueError, "pos_q was given but theta_q is None"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, theta_k=500.0, pos_k=torch.arange(5) > 2),
+     TypeError, "pos_k must be an int offset or an integer/float tensor"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, theta_q=500.0, theta_k=500.0,
+                                            radius=torch.ones(4, dtype=torch.int64)),
+     TypeError, "radius must be a floating tensor"),
+    (lambda q: zeromask.zero_soft_attention(q, q, q, rotary_dim=4),
+     ValueError, "rotary_dim was given but no theta"),
+    (lambda q: zeromask.f0_rotary(q, 1e300), ValueError, "theta must be a finite float in"),
+])
+def test_bad_input_is_refused_naming_the_argument(make, exc, match):
+    q = torch.randn(2, 2, 5, 8)
+    with pytest.raises(exc, match=match):
+        make(q)
+
+
+def test_f0_rotary_module_edge_lengths():
+    rot = zeromask.F0Rotary()
+    assert rot(torch.full((2, 9), 120.0), length=0).shape == (2, 0)
+    assert rot(None, length=0, batch=3).shape == (3, 0)
+    with pytest.raises(ValueError, match="empty contour"):
+        rot(torch.zeros(2, 0), length=5)
+    with pytest.raises(ValueError, match="length must be an int >= 0"):
+        rot(None, length=-1)

@@ -91,6 +91,8 @@ class F0Rotary(nn.Module):
         if f0 is None:
             if length is None:
                 raise ValueError("F0Rotary needs an f0 contour or a length")
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"length must be an int >= 0, got {length!r}")
             base = self.theta_base.clamp_min(1.0 + 1e-3)
             return base.expand(batch, length)
         if not torch.is_tensor(f0) or not f0.is_floating_point():
@@ -101,7 +103,14 @@ class F0Rotary(nn.Module):
             raise ValueError(f"f0 must be (B, T) or (T,), got shape {tuple(f0.shape)}")
         if not torch.compiler.is_compiling() and bool(torch.isinf(f0).any()):
             raise ValueError("f0 contains inf; use 0 or NaN for unvoiced frames")
-        f0 = resample_contour(f0.float(), length if length is not None else f0.shape[-1])
+        n = length if length is not None else f0.shape[-1]
+        if n == 0:
+            return torch.empty(f0.shape[0], 0, device=f0.device)
+        if f0.shape[-1] == 0:
+            raise ValueError(f"f0 is an empty contour (shape {tuple(f0.shape)}) but {n} "
+                             "positions were asked for: pass at least one frame, or no f0 "
+                             "for the constant theta_base")
+        f0 = resample_contour(f0.float(), n)
         voiced = f0 > 0
         if self.mode == "echo":
             f = f0.clamp(self.fmin, self.fmax)
@@ -142,6 +151,11 @@ class ZeroSoftAttention(nn.Module):
                              "apply dropout to its output instead")
         if add_bias_kv or add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported")
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("kdim", kdim), ("vdim", vdim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
                              f"({num_heads})")

@@ -82,9 +82,11 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
         return None
     if isinstance(theta, bool):
         raise TypeError(f"{name} must be a float or a tensor, got bool")
+    big = torch.finfo(dtype).max
     if isinstance(theta, numbers.Real):
-        if not math.isfinite(theta) or theta <= 1.0:
-            raise ValueError(f"{name} must be a finite float > 1, got {theta}")
+        if not math.isfinite(theta) or theta <= 1.0 or theta >= big:
+            raise ValueError(f"{name} must be a finite float in (1, {big:.3g}) (the rotary "
+                             f"runs in {dtype}), got {theta}")
         return torch.full((batch, length), float(theta), device=device, dtype=dtype)
     _check_tensor(name, theta)
     if not theta.is_floating_point():
@@ -97,6 +99,9 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
     _check_finite(name, theta)
     if not _compiling() and bool((theta <= 1.0).any()):
         raise ValueError(f"{name} must be > 1 everywhere (min is {theta.min().item():g})")
+    if not _compiling() and theta.dtype != dtype and bool((theta.detach() >= big).any()):
+        raise ValueError(f"{name} must be below {big:.3g} (the rotary runs in {dtype}), "
+                         f"max is {theta.max().item():g}")
     if theta.dim() < 2:
         theta = theta.reshape(1, -1) if theta.dim() == 1 else theta.reshape(1, 1)
     return theta.to(dtype).expand(batch, length).contiguous()
@@ -109,6 +114,9 @@ def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: i
         return (torch.arange(length, device=device, dtype=dtype) + start).expand(
             batch, length).contiguous()
     _check_tensor(name, pos)
+    if pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name} must be an int offset or an integer/float tensor, "
+                        f"got {pos.dtype}")
     _check_device(name, pos, device)
     if pos.dim() not in (1, 2) or pos.shape[-1] != length or (
             pos.dim() == 2 and pos.shape[0] not in (1, batch)):
@@ -123,6 +131,8 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
     if radius is None:
         return None
     _check_tensor("radius", radius, 1)
+    if not radius.is_floating_point():
+        raise TypeError(f"radius must be a floating tensor, got {radius.dtype}")
     _check_device("radius", radius, device)
     if radius.shape[0] != rotary_dim // 2:
         raise ValueError(f"radius must have shape ({rotary_dim // 2},) = rotary_dim/2, "
@@ -197,6 +207,8 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
     _check_qkv(q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, _, Lq, D = q.shape
+    if D == 0:
+        raise ValueError(f"q, k and v must have a head dim >= 1, got shape {tuple(q.shape)}")
     Lk = k.shape[2]
     dev = q.device
     cdt = compute_dtype(q.dtype)
@@ -229,7 +241,16 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
             raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
         seqlens_k = seqlens_k.to(torch.int32).contiguous()
     rotary = theta_q is not None or theta_k is not None
-    R = _rotary_dim(rotary_dim, D)
+    for name, given, theta_name in (("pos_q", pos_q, "theta_q"), ("pos_k", pos_k, "theta_k")):
+        if given is not None and (theta_q if theta_name == "theta_q" else theta_k) is None:
+            raise ValueError(f"{name} was given but {theta_name} is None: positions only "
+                             "mean something to a rotary")
+    if rotary:
+        R = _rotary_dim(rotary_dim, D)
+    elif rotary_dim is not None:
+        raise ValueError("rotary_dim was given but no theta_q/theta_k: there is no rotary")
+    else:  # no rotary: any head dim (the kernels take the largest even part, unused)
+        R = D - D % 2
     tq = _theta("theta_q", theta_q, B, Lq, dev, cdt)
     tk = _theta("theta_k", theta_k, B, Lk, dev, cdt)
     pq = _positions("pos_q", pos_q, B, Lq, dev, cdt, offset=(Lk - Lq) if causal else 0) \

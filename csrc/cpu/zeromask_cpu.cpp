@@ -604,7 +604,10 @@ static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(a.Hkv > 0 && a.Hq % a.Hkv == 0, "zeromask: Hq must be a multiple of Hkv");
   a.grp = a.Hq / a.Hkv;
   a.R = rotary_dim;
-  TORCH_CHECK(a.R % 2 == 0 && a.R <= a.D && a.R > 0, "zeromask: bad rotary_dim");
+  // R = 0 only without rotary (head dim 1); tables are built only where a theta is given
+  TORCH_CHECK(a.R % 2 == 0 && a.R <= a.D && (a.R > 0 || !(theta_q.has_value() ||
+                                                           theta_k.has_value())),
+              "zeromask: bad rotary_dim");
   a.Dp = round_up(a.D, VL);
   a.Lkp = round_up(std::max<int64_t>(a.Lk, 1), VL);
   a.ldt = transposed_pitch(a.Lkp);

@@ -69,8 +69,8 @@ def new_output(shape, *, dtype, device) -> torch.Tensor:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def common_support(name: str, op: str, call: dict,
-                   max_head_dim: Optional[int] = None) -> Optional[str]:
+def common_support(name: str, op: str, call: dict, max_head_dim: Optional[int] = None,
+                   min_head_dim: Optional[int] = None) -> Optional[str]:
     """The ``supports`` checks compiled backends share: an input to judge by, a dtype the
     kernels take, and an optional head-dim limit. None when they pass, else the reason."""
     x = call.get("q") if op == "attention" else call.get("x")
@@ -81,6 +81,8 @@ def common_support(name: str, op: str, call: dict,
                 "(float64 runs on the reference backend)")
     if max_head_dim is not None and x.shape[-1] > max_head_dim:
         return f"{name} kernels support head dims up to {max_head_dim}, got {x.shape[-1]}"
+    if min_head_dim is not None and x.shape[-1] < min_head_dim:
+        return f"{name} kernels need a head dim of at least {min_head_dim}, got {x.shape[-1]}"
     return None
 
 

@@ -39,7 +39,8 @@ def available() -> Optional[str]:
 
 def supports(op: str, **call) -> Optional[str]:
     return common_support("cuda", op, call,
-                          max_head_dim=MAX_HEAD_DIM if op == "attention" else None)
+                          max_head_dim=MAX_HEAD_DIM if op == "attention" else None,
+                          min_head_dim=2)
 
 
 def _stream(t: torch.Tensor) -> int:

@@ -54,7 +54,7 @@ def _supports(op: str, **call) -> Optional[str]:
     why = _device_reason(x)
     if why is not None:
         return why
-    why = common_support("triton", op, call, max_head_dim=MAX_HEAD_DIM)
+    why = common_support("triton", op, call, max_head_dim=MAX_HEAD_DIM, min_head_dim=2)
     if why is not None:
         return why
     for name in names:

@@ -174,7 +174,8 @@ class Attention(nn.Module):
         """One query token at position ``pos`` against cached (unrotated) k/v."""
         q = self.project_q(x)
         tq, tk = self.thetas(x.shape[0], 1, k.shape[2], None, key_f0)
-        return self._out(self.attend(q, k, v, key_zero, False, tq, tk, pos_q=pos))
+        return self._out(self.attend(q, k, v, key_zero, False, tq, tk,
+                                     pos_q=pos if tq is not None else None))
 
 
 def sinusoid(length: int, dim: int, offset: int = 0, device=None,
