@@ -21,7 +21,7 @@ THREADS=${THREADS:-2}
 BUDGET=${BUDGET:-900}
 [ -f "$DATA/manifest.jsonl" ] || "$VENV/bin/zeromask-make-data" --out "$DATA" --n "${N:-2400}"
 "$VENV/bin/zeromask-train" --data "$DATA" --out "$RUN" --config scripts/asr_demo.json \
-  --time-budget "$BUDGET" --threads "$THREADS" "$@"
+  --time-budget "$BUDGET" --threads "$THREADS" --no-final-eval "$@"
 for split in test shifted; do
   if [ -d "$DATA/$split" ]; then
     "$VENV/bin/zeromask-eval" --checkpoint "$RUN/last.pt" --data "$DATA/$split" \
