@@ -328,3 +328,37 @@ def test_f0_rotary_module_edge_lengths():
         rot(torch.zeros(2, 0), length=5)
     with pytest.raises(ValueError, match="length must be an int >= 0"):
         rot(None, length=-1)
+
+
+# --------------------------------------------------------------------------------------
+# GPU readiness: value checks never synchronise with a device unless asked (item 17)
+# --------------------------------------------------------------------------------------
+def test_value_checks_run_on_cpu_tensors_and_on_device_tensors_only_on_request():
+    from zeromask import ops
+    cpu, meta = torch.empty(2), torch.empty(2, device="meta")  # meta: any non-CPU device
+    assert ops._check_values(cpu) and not ops._check_values(meta)
+    try:
+        zeromask.set_value_checks(True)
+        assert ops._check_values(meta)
+    finally:
+        zeromask.set_value_checks(False)
+    assert not ops._check_values(meta)
+    with pytest.raises(ValueError, match="theta_q must be > 1"):  # CPU: still checked
+        q = torch.randn(1, 1, 3, 8)
+        zeromask.zero_soft_attention(q, q, q, theta_q=torch.full((1, 3), 0.5), theta_k=500.0)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_module_forward_on_cuda_never_synchronises():
+    attn = zeromask.ZeroSoftAttention(64, 4, batch_first=True, learnable_zero_scale=True,
+                                      rotary=zeromask.F0Rotary()).cuda()
+    x = torch.randn(2, 50, 64, device="cuda")
+    zero = torch.rand(2, 50, device="cuda") < 0.2
+    f0 = 100 + 100 * torch.rand(2, 50, device="cuda")
+    attn(x, x, x, key_padding_mask=zero, f0=f0)  # warm-up: backend choice, compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attn(x, x, x, key_padding_mask=zero, f0=f0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -12,13 +12,14 @@ Public API::
 from . import dispatch, reference, zero
 from .dispatch import BackendError, available_backends
 from .modules import F0Rotary, ZeroSoftAttention
-from .ops import f0_rotary, zero_soft_attention
+from .ops import f0_rotary, set_value_checks, zero_soft_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "zero_soft_attention",
     "f0_rotary",
+    "set_value_checks",
     "ZeroSoftAttention",
     "F0Rotary",
     "zero",

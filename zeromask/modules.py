@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .ops import MIN_ZERO_SCALE, ZERO_MODES, zero_soft_attention, zero_soft_attention_weights
+from .ops import (MIN_ZERO_SCALE, ZERO_MODES, _check_values, zero_soft_attention,
+                  zero_soft_attention_weights)
 
 # the clamp of a learnable log zero scale: 1% above float32's smallest normal (exp rounds)
 _LOG_MIN_ZERO_SCALE = math.log(MIN_ZERO_SCALE * 1.01)
@@ -101,7 +102,7 @@ class F0Rotary(nn.Module):
             f0 = f0.unsqueeze(0)
         if f0.dim() != 2:
             raise ValueError(f"f0 must be (B, T) or (T,), got shape {tuple(f0.shape)}")
-        if not torch.compiler.is_compiling() and bool(torch.isinf(f0).any()):
+        if _check_values(f0) and bool(torch.isinf(f0).any()):
             raise ValueError("f0 contains inf; use 0 or NaN for unvoiced frames")
         n = length if length is not None else f0.shape[-1]
         if n == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -29,6 +30,28 @@ ZERO_MODES = ("prob", "score")
 # --------------------------------------------------------------------------------------
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+_DEBUG_CHECKS = os.environ.get("ZEROMASK_CHECK_VALUES", "0") == "1"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Check the *values* of device tensors too (NaN theta, theta <= 1, seqlens_k range,
+    zero_scale range, ...), not only those of CPU tensors.
+
+    Such a check reads the tensor back to the host, which on a GPU waits for all queued
+    work (a synchronisation per check): off by default for CUDA tensors, on for CPU ones
+    (where it costs no wait). Also set by the environment: ``ZEROMASK_CHECK_VALUES=1``.
+    Shapes, dtypes and devices are always checked.
+    """
+    global _DEBUG_CHECKS
+    _DEBUG_CHECKS = bool(enabled)
+
+
+def _check_values(t: Tensor) -> bool:
+    """Whether to check ``t``'s values here: never while tracing; CPU tensors always; other
+    devices only with :func:`set_value_checks` (a host read is a device synchronisation)."""
+    return not _compiling() and (t.device.type == "cpu" or _DEBUG_CHECKS)
 
 
 def _check_tensor(name: str, t, ndim: Optional[int] = None) -> Tensor:
@@ -50,7 +73,7 @@ def _check_device(name: str, t: Tensor, device: torch.device) -> None:
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if not _compiling() and not bool(torch.isfinite(t).all()):
+    if _check_values(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf; for an F0 contour use "
                          "zeromask.F0Rotary, which maps unvoiced (0/NaN) frames to theta_base")
 
@@ -97,9 +120,9 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
         raise ValueError(f"{name} must be a float or have shape ({batch}, {length}) or "
                          f"({length},), got {tuple(theta.shape)}")
     _check_finite(name, theta)
-    if not _compiling() and bool((theta <= 1.0).any()):
+    if _check_values(theta) and bool((theta <= 1.0).any()):
         raise ValueError(f"{name} must be > 1 everywhere (min is {theta.min().item():g})")
-    if not _compiling() and theta.dtype != dtype and bool((theta.detach() >= big).any()):
+    if _check_values(theta) and theta.dtype != dtype and bool((theta.detach() >= big).any()):
         raise ValueError(f"{name} must be below {big:.3g} (the rotary runs in {dtype}), "
                          f"max is {theta.max().item():g}")
     if theta.dim() < 2:
@@ -138,7 +161,7 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
         raise ValueError(f"radius must have shape ({rotary_dim // 2},) = rotary_dim/2, "
                          f"got {tuple(radius.shape)}")
     _check_finite("radius", radius)
-    if not _compiling() and bool((radius <= 0).any()):
+    if _check_values(radius) and bool((radius <= 0).any()):
         raise ValueError("radius must be > 0 everywhere")
     return radius.to(dtype).contiguous()
 
@@ -172,7 +195,7 @@ def _zero_scale(zero_scale, device, dtype) -> Tensor:
                          f"{tuple(zero_scale.shape)}")
     if not zero_scale.is_floating_point():
         raise TypeError(f"zero_scale must be floating, got {zero_scale.dtype}")
-    if not _compiling():
+    if _check_values(zero_scale):
         value = float(zero_scale.detach().reshape(()).item())
         err = _zero_scale_range_error(value)
         if err:
@@ -237,7 +260,7 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
         if seqlens_k.shape[0] != B:
             raise ValueError(f"seqlens_k must have shape ({B},), got {tuple(seqlens_k.shape)}")
         _check_device("seqlens_k", seqlens_k, dev)
-        if not _compiling() and bool(((seqlens_k < 0) | (seqlens_k > Lk)).any()):
+        if _check_values(seqlens_k) and bool(((seqlens_k < 0) | (seqlens_k > Lk)).any()):
             raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
         seqlens_k = seqlens_k.to(torch.int32).contiguous()
     rotary = theta_q is not None or theta_k is not None

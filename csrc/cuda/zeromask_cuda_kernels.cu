@@ -121,15 +121,18 @@ __device__ __forceinline__ int key_len(const AttnParams& p, int b) {
 }
 
 // Block-cooperative: rows [r0, r0 + TK) of k (rotated, score-scaled: K' = g * rot(k)) and
-// optionally v into shared tiles with stride SD.  Rows past Lk are zero.
+// optionally v into shared tiles with stride SD.  Rows past the batch row's length
+// (seqlens_k, or Lk) are zero: those slots are garbage by contract and never read, so a
+// NaN there cannot reach a product with a masked P = 0.
 template <typename T>
 __device__ void load_key_tile(const AttnParams& p, int b, int hk, int j0, float* Ks, float* Vs) {
   const T* kp = static_cast<const T*>(p.k);
   const T* vp = static_cast<const T*>(p.v);
   const int D = p.D;
+  const int klen = key_len(p, b);
   for (int idx = threadIdx.x; idx < TK * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D, j = j0 + r;
-    const bool ok = j < p.Lk;
+    const bool ok = j < klen;
     Ks[r * SD + d] = ok ? ld(kp + b * p.ks0 + hk * p.ks1 + j * p.ks2 + d) : 0.f;
     if (Vs) Vs[r * SD + d] = ok ? ld(vp + b * p.vs0 + hk * p.vs1 + j * p.vs2 + d) : 0.f;
   }
@@ -279,13 +282,20 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(AttnParams p) {
   if (row_ok) {
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i;
     T* op = static_cast<T*>(p.out) + row * D;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // l > 0: a normal row.  l = 0 with no key left (every key hard-masked): an empty row,
+    // out 0 / lse -inf.  Otherwise the row is NaN: a NaN score (fmaxf drops it from m,
+    // expf keeps it in l), +inf (inf - inf), or logits that all overflowed to -inf although
+    // the row has keys.  A kernel never hides a NaN.
+    const int row_keys = p.causal ? min(klen, max(0, i + off + 1)) : klen;
+    const bool empty = l == 0.f && row_keys == 0;
+    const bool bad = !(l > 0.f) && !empty;
+    const float inv = l > 0.f ? 1.f / l : (bad ? __int_as_float(0x7fc00000) : 0.f);
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
       const int d = lane + 32 * c;
-      if (d < D) st(op + d, o[c] * inv);
+      if (d < D) st(op + d, bad ? inv : o[c] * inv);
     }
-    if (lane == 0) p.lse[row] = l > 0.f ? m + logf(l) : neg_inf();
+    if (lane == 0) p.lse[row] = l > 0.f ? m + logf(l) : (bad ? inv : neg_inf());
   }
 }
 
@@ -376,7 +386,9 @@ __global__ void __launch_bounds__(THREADS) dq_kernel(AttnParams p) {
   }
   if (zsum) {  // each row's dS' sums to 0: use the side with less probability mass
     zs_ = warp_sum(zs_); ns_ = warp_sum(ns_); zp_ = warp_sum(zp_); np_ = warp_sum(np_);
-    if (row_ok && lane == 0) atomicAdd(p.dzs, (zp_ <= np_ ? zs_ : -ns_) / p.zs);
+    // (a row with no zero-key terms adds nothing, even a NaN row)
+    if (row_ok && lane == 0 && (zs_ != 0.f || zp_ != 0.f))
+      atomicAdd(p.dzs, (zp_ <= np_ ? zs_ : -ns_) / p.zs);
   }
   // dq = rot^T(sm_scale * dQs)
   __syncwarp();
@@ -420,8 +432,9 @@ __global__ void __launch_bounds__(THREADS) dkv_kernel(AttnParams p) {
   const T* vp = static_cast<const T*>(p.v);
   float* kw = Kw[warp];
   float* vw = Vw[warp];
-  load_row(kp, b * p.ks0 + hk * p.ks1 + static_cast<int64_t>(j) * p.ks2, key_ok, kw, D, lane, 32);
-  load_row(vp, b * p.vs0 + hk * p.vs1 + static_cast<int64_t>(j) * p.vs2, key_ok, vw, D, lane, 32);
+  // slots past seqlens_k are never read (loaded as 0): their dk, dv, dtheta_k are exactly 0
+  load_row(kp, b * p.ks0 + hk * p.ks1 + static_cast<int64_t>(j) * p.ks2, live, kw, D, lane, 32);
+  load_row(vp, b * p.vs0 + hk * p.vs1 + static_cast<int64_t>(j) * p.vs2, live, vw, D, lane, 32);
   __syncwarp();
   if (p.theta_k && key_ok)
     rotate_row(kw, D, p.R, p.interleaved, p.theta_k[b * p.Lk + j], p.pos_k[b * p.Lk + j],
@@ -488,7 +501,7 @@ __global__ void __launch_bounds__(THREADS) dkv_kernel(AttnParams p) {
     const int d = lane + 32 * c;
     if (d < D) kw[d] = g * dkv[c];
   }
-  load_row(kp, b * p.ks0 + hk * p.ks1 + static_cast<int64_t>(j) * p.ks2, key_ok, vw, D, lane, 32);
+  load_row(kp, b * p.ks0 + hk * p.ks1 + static_cast<int64_t>(j) * p.ks2, live, vw, D, lane, 32);
   __syncwarp();
   if (p.theta_k && key_ok) {
     const float dth = rotate_row_bwd(vw, kw, D, p.R, p.interleaved, p.theta_k[b * p.Lk + j],
