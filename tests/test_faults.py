@@ -362,3 +362,30 @@ def test_module_forward_on_cuda_never_synchronises():
         attn(x, x, x, key_padding_mask=zero, f0=f0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------
+# determinism: results independent of the thread count (item 8)
+# --------------------------------------------------------------------------------------
+@pytest.mark.skipif(dispatch.available_backends().get("cpp") is not None,
+                    reason="the cpp backend is not built")
+@pytest.mark.parametrize("kw", [dict(Hq=8, Hkv=1), dict(B=1, Hq=4, Hkv=2, causal=True)],
+                         ids=["mqa", "gqa_causal"])
+def test_cpp_is_bitwise_independent_of_threads_when_deterministic(kw):
+    case = _plain_case(**dict(dict(B=1, Lq=70, Lk=70, D=32), **kw))
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_call(case, "cpp"))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+    (out0, g0), rest = runs[0], runs[1:]
+    for out, g in rest:
+        assert torch.equal(out, out0)
+        for name in g0:
+            assert torch.equal(g[name], g0[name]), name

@@ -1237,7 +1237,11 @@ std::vector<at::Tensor> attention_bwd(
   Attn a;
   setup_attn(a, q, k, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
              score, causal, sm_scale, rotary_dim, interleaved, true);
-  const int64_t nsplit = bwd_splits(a.B, a.Hkv, a.grp);
+  // torch.use_deterministic_algorithms(True): never slice a GQA group across threads, so
+  // every sum runs in one fixed order and the gradients are bitwise the same for any
+  // thread count (slices are summed in phase 2 in an order that depends on nsplit)
+  const int64_t nsplit = at::globalContext().deterministicAlgorithms()
+                             ? 1 : bwd_splits(a.B, a.Hkv, a.grp);
   const int64_t nrows = a.B * a.Hkv * nsplit + a.B * a.Hkv;
   auto f32 = q.options().dtype(at::kFloat);
   auto f64 = q.options().dtype(at::kDouble);
