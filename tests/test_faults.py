@@ -313,6 +313,9 @@ def test_module_with_odd_head_dim_and_bad_sizes():
     (lambda q: zeromask.zero_soft_attention(q, q, q, rotary_dim=4),
      ValueError, "rotary_dim was given but no theta"),
     (lambda q: zeromask.f0_rotary(q, 1e300), ValueError, "theta must be a finite float in"),
+    (lambda q: zeromask.f0_rotary(q, 500.0, positions=torch.full((5,), 1e18)),
+     ValueError, "positions must be within"),
+    (lambda q: zeromask.f0_rotary(q, 500.0, positions=2 ** 24 - 3), ValueError, "exceed"),
 ])
 def test_bad_input_is_refused_naming_the_argument(make, exc, match):
     q = torch.randn(2, 2, 5, 8)

@@ -130,10 +130,19 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
     return theta.to(dtype).expand(batch, length).contiguous()
 
 
+#: the largest rotary position (in magnitude) the kernels take: float32 represents every
+#: integer only up to 2**24, and positions past it would be rotated by rounded angles
+MAX_POSITION = 2 ** 24
+
+
 def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: int = 0) -> Tensor:
     """None / int offset / (L,) / (B, L) -> float (B, L) positions."""
     if pos is None or (isinstance(pos, numbers.Integral) and not isinstance(pos, bool)):
         start = offset if pos is None else int(pos)
+        if abs(start) + length - 1 > MAX_POSITION:
+            raise ValueError(f"{name}: positions up to {abs(start) + length - 1:,} exceed "
+                             f"{MAX_POSITION:,} (2**24: float32 holds every integer only up "
+                             "to there)")
         return (torch.arange(length, device=device, dtype=dtype) + start).expand(
             batch, length).contiguous()
     _check_tensor(name, pos)
@@ -147,6 +156,9 @@ def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: i
                          f"or ({length},), got {tuple(pos.shape)}")
     if pos.is_floating_point():
         _check_finite(name, pos)
+    if _check_values(pos) and pos.numel() and bool((pos.abs() > MAX_POSITION).any()):
+        raise ValueError(f"{name} must be within +-{MAX_POSITION:,} (2**24: float32 holds "
+                         f"every integer only up to there), got {pos.abs().max().item():g}")
     return pos.to(dtype).reshape(-1, length).expand(batch, length).contiguous()
 
 

@@ -2,7 +2,8 @@
 
 Runs a suite of shapes for the attention op and the rotary op, forward and forward+backward,
 over every *provider* (one way of computing the op), prints a markdown table and writes,
-under ``benchmarks/results/<device-slug>/``::
+under ``runs/bench/<device-slug>/`` (git-ignored; ``--out benchmarks/results/<device-slug>``
+publishes a run into the repository, a deliberate step)::
 
     <suite>.md                      the table (device, versions, date, commit in its header)
     <suite>.json                    every raw number
@@ -1304,7 +1305,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zeromask-bench",
         description="Benchmark zeromask's attention and rotary against SDPA, SDPA+bias+rope, "
                     "FlexAttention+rope and the naive reference; print a markdown table and "
-                    "write it with PNG plots and raw JSON under benchmarks/results/<device>/.")
+                    "write it with PNG plots and raw JSON under runs/bench/<device>/.")
     p.add_argument("--suite", choices=sorted(SUITES), default=None,
                    help="shape set (default: gpu when CUDA is available, else cpu); cpu: "
                         "L 256..2048, D 64/128, fp32; cpu-quick: L 256/512, D 64; gpu: "
@@ -1339,8 +1340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the check of each forward against the float64 reference")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: benchmarks/results/<device-slug>/ of the "
-                        "repository, or of the current directory)")
+                   help="output folder (default: runs/bench/<device-slug>/ of the "
+                        "repository, or of the current directory: never a tracked file; "
+                        "publish with --out benchmarks/results/<device-slug>)")
     p.add_argument("--note", default=None, help="a line added to the report header")
     p.add_argument("--update-readme", type=Path, nargs="?", default=None, metavar="README",
                    const=Path("benchmarks") / "README.md",
@@ -1388,8 +1390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out_dir = args.out
     if out_dir is None:
+        # a user's run writes where nothing is tracked (runs/ is git-ignored); publishing
+        # into benchmarks/results/ is a deliberate --out
         root = repo_root() or Path.cwd()
-        out_dir = root / "benchmarks" / "results" / device_slug(cfg.device)
+        out_dir = root / "runs" / "bench" / device_slug(cfg.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
