@@ -579,7 +579,7 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
                 window_ctc = 0.0
             if bar is not None:
                 if timed_bar:
-                    bar.update(min(round(time.time() - t0), bar.total) - bar.n)
+                    bar.update(max(0, min(round(time.time() - t0), bar.total) - bar.n))
                 else:
                     bar.update(1)
             out_of_time = budget is not None and time.time() - t0 >= float(budget)
