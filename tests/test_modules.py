@@ -110,7 +110,7 @@ def test_module_rejects_bad_arguments():
     zsa = ZeroSoftAttention(16, 2)
     x = torch.randn(4, 1, 16)
     with pytest.raises(TypeError, match="key_padding_mask must be bool"):
-        zsa(x, x, x, key_padding_mask=torch.zeros(1, 4))
+        zsa(x, x, x, key_padding_mask=torch.zeros(1, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, Lk\)"):
         zsa(x, x, x, key_padding_mask=torch.zeros(4, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask"):

@@ -257,17 +257,18 @@ class ZeroSoftAttention(nn.Module):
                           lk: int) -> bool:
         if attn_mask is None:
             return bool(is_causal)
-        if is_causal:  # as in MHA: the hint says attn_mask is the causal mask
-            return True
+        # with or without the is_causal hint, MHA applies attn_mask itself: accept it only
+        # where it is the kernels' (bottom-right) causal mask, never substitute that for it
         want = reference.hard_mask(1, lq, lk, True, None, attn_mask.device)[0, 0]
         if attn_mask.shape == (lq, lk):
             got = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
             finite_ok = attn_mask.dtype == torch.bool or bool((attn_mask[~got] == 0).all())
             if finite_ok and torch.equal(got, want):
                 return True
-        raise ValueError("attn_mask: ZeroSoftAttention accepts only a causal mask (or "
-                         "is_causal=True); mark zero tokens with key_padding_mask and hard "
-                         "lengths with seqlens_k")
+        raise ValueError("attn_mask: ZeroSoftAttention accepts only the causal mask (query i "
+                         "sees keys j <= i + Lk - Lq; for Lq == Lk that is MHA's causal mask), "
+                         "or is_causal=True without a mask; mark zero tokens with "
+                         "key_padding_mask and hard lengths with seqlens_k")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
@@ -287,13 +288,15 @@ class ZeroSoftAttention(nn.Module):
             if not torch.is_tensor(t):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         unbatched = query.dim() == 2
-        if unbatched:
+        if unbatched:  # (L, E) whatever batch_first says, as in MHA: one sequence
+            if key.dim() != 2 or value.dim() != 2:
+                raise ValueError("an unbatched (L, E) query needs unbatched key and value")
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
+            if key_padding_mask is not None and key_padding_mask.dim() == 1:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError("query, key and value must be 3-D (batched) or 2-D (unbatched)")
-        if self.batch_first:
+        if self.batch_first and not unbatched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         # now (L, B, E), as MHA's internal layout
         Lq, B, E = query.shape
@@ -304,9 +307,18 @@ class ZeroSoftAttention(nn.Module):
             raise ValueError(f"key and value must share (L, B), got {tuple(key.shape)} and "
                              f"{tuple(value.shape)}")
         if key_padding_mask is not None:
+            if key_padding_mask.is_floating_point():
+                # MHA's float form: -inf = padding, 0 = attend; other values are additive
+                # biases, which zero-soft attention has no way to apply
+                pad = torch.isneginf(key_padding_mask)
+                if bool((key_padding_mask[~pad] != 0).any()):
+                    raise ValueError("key_padding_mask: a float mask may hold only 0 "
+                                     "(attend) and -inf (zero token); other additive "
+                                     "biases are not supported")
+                key_padding_mask = pad
             if key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be bool (True = zero token); a float "
-                                "additive mask has no soft meaning here")
+                raise TypeError("key_padding_mask must be bool (True = zero token) or float "
+                                f"(0 / -inf), got {key_padding_mask.dtype}")
             if tuple(key_padding_mask.shape) != (B, Lk):
                 raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
                                  f"{tuple(key_padding_mask.shape)}")
@@ -338,10 +350,10 @@ class ZeroSoftAttention(nn.Module):
                 weights = weights.mean(dim=1)
             if unbatched:
                 weights = weights.squeeze(0)
-        if self.batch_first:
-            out = out.transpose(0, 1)
         if unbatched:
             out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
         return out, weights
 
 
