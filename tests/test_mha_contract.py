@@ -80,3 +80,62 @@ def test_float_key_padding_mask_with_other_biases_is_refused():
     x = torch.randn(2, 4, 16)
     with pytest.raises(ValueError, match="only 0 .attend. and -inf"):
         zsa(x, x, x, key_padding_mask=torch.tensor([[0.0, -1.0, 0.0, 0.0]] * 2))
+
+
+# --------------------------------------------------------------------------------------
+# swap_attention: every nn.MultiheadAttention of a model, inside torch's Transformer layers
+# --------------------------------------------------------------------------------------
+def _encoder_layer():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+
+
+def test_swap_in_an_encoder_layer_matches_mha_and_is_never_bypassed():
+    layer = _encoder_layer().eval()
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[:, 6:] = True
+    with torch.no_grad():
+        want = layer(x, src_key_padding_mask=pad)      # torch's fused fast path
+    swapped = zeromask.swap_attention(_encoder_layer(), zero_scale=TINY_SCALE,
+                                      backend="reference").eval()
+    assert isinstance(swapped.self_attn, zeromask.ZeroSoftAttention)
+    with torch.no_grad():
+        got = swapped(x, src_key_padding_mask=pad)
+    _close(got[:, :6], want[:, :6])
+    # soft zero tokens must be what runs in eval mode too: the fused fast path (which would
+    # run plain MHA on the weights) may not take over
+    soft = zeromask.swap_attention(_encoder_layer(), zero_scale=0.5, backend="reference")
+    with torch.no_grad():
+        eval_out = soft.eval()(x, src_key_padding_mask=pad)
+        train_out = soft.train()(x, src_key_padding_mask=pad)  # dropout 0: same function
+    _close(eval_out, train_out)
+    assert (eval_out[:, :6] - want[:, :6]).abs().max() > 1e-3
+
+
+def test_swap_in_a_decoder_layer_with_causal_and_memory_masks():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    tgt, mem = torch.randn(2, 5, 32), torch.randn(2, 8, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    mpad = torch.zeros(2, 8, dtype=torch.bool)
+    mpad[1, 6:] = True
+    want = dec(tgt, mem, tgt_mask=causal, memory_key_padding_mask=mpad, tgt_is_causal=True)
+    zeromask.swap_attention(dec, zero_scale=TINY_SCALE, backend="reference")
+    assert len(dec.zeromask_report) == 2
+    got = dec(tgt, mem, tgt_mask=causal, memory_key_padding_mask=mpad, tgt_is_causal=True)
+    _close(got, want)
+
+
+def test_swap_report_and_errors():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no nn.MultiheadAttention"):
+        zeromask.swap_attention(model)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)  # dropout 0.1
+    with pytest.raises(ValueError, match="drop_attention_dropout=True"):
+        zeromask.swap_attention(layer)
+    zeromask.swap_attention(layer, drop_attention_dropout=True)
+    assert layer.zeromask_report == [
+        "self_attn: nn.MultiheadAttention(16, 2, batch_first=True) -> ZeroSoftAttention, "
+        "attention dropout 0.1 dropped"]

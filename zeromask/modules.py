@@ -202,6 +202,10 @@ class ZeroSoftAttention(nn.Module):
         else:
             self.register_buffer("zero_scale_log", log_s, persistent=False)
         self.learnable_zero_scale = learnable_zero_scale
+        # nn.TransformerEncoderLayer's inference fast path reads an attention module's
+        # weights and runs plain MHA itself, bypassing this module (and so the zero tokens):
+        # it is skipped whenever a submodule has a hook, so this one has a no-op hook
+        self.register_forward_pre_hook(_no_fast_path, with_kwargs=True)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:  # as nn.MultiheadAttention
@@ -357,4 +361,55 @@ class ZeroSoftAttention(nn.Module):
         return out, weights
 
 
-__all__ = ["F0Rotary", "ZeroSoftAttention", "resample_contour"]
+def _no_fast_path(module, args, kwargs):
+    """A no-op forward pre-hook (see :class:`ZeroSoftAttention`'s constructor)."""
+    return None
+
+
+def swap_attention(model: nn.Module, *, drop_attention_dropout: bool = False,
+                   **options) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`ZeroSoftAttention`
+    with its configuration and a copy of its weights (:meth:`ZeroSoftAttention.from_module`).
+
+    ``options`` go to every new module (``zero_scale``, ``learnable_zero_scale``,
+    ``zero_mode``, ``rotary``, ``backend``; a ``rotary`` module instance is shared). Works
+    inside ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` and
+    ``nn.Transformer``, whose calls (``key_padding_mask``, the causal ``attn_mask``,
+    ``need_weights=False``) the module takes. ``ZeroSoftAttention`` has no attention
+    dropout: a module with some raises ``ValueError`` unless ``drop_attention_dropout=True``,
+    which drops it and says so in the report.
+
+    Returns ``model`` itself (changed in place), with ``model.zeromask_report``: one line per
+    replaced module (its name, dims, heads, layout), also logged at INFO (logger
+    ``zeromask``). Raises ``ValueError`` when there is nothing to replace.
+    """
+    import logging
+    report = []
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.MultiheadAttention)]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no nn.MultiheadAttention to replace")
+    for name, mha in targets:
+        note = ""
+        if mha.dropout:
+            if not drop_attention_dropout:
+                raise ValueError(f"{name}: attention dropout {mha.dropout}; ZeroSoftAttention "
+                                 "has none: pass drop_attention_dropout=True to drop it")
+            note = f", attention dropout {mha.dropout} dropped"
+            mha.dropout = 0.0
+        new = ZeroSoftAttention.from_module(mha, **options)
+        parent = model
+        *path, leaf = name.split(".")
+        for part in path:
+            parent = getattr(parent, part)
+        setattr(parent, leaf, new)
+        report.append(f"{name}: nn.MultiheadAttention({mha.embed_dim}, {mha.num_heads}, "
+                      f"batch_first={mha.batch_first}) -> ZeroSoftAttention{note}")
+    model.zeromask_report = report
+    log = logging.getLogger("zeromask")
+    for line in report:
+        log.info("zeromask: swapped %s", line)
+    return model
+
+
+__all__ = ["F0Rotary", "ZeroSoftAttention", "resample_contour", "swap_attention"]
