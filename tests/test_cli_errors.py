@@ -168,3 +168,19 @@ def test_unended_hypotheses_are_capped_and_reported(data, tmp_path, capsys):
     for hyp, T in zip(res["hyps"], frames):
         assert len(hyp) <= -(-T // 4)  # at most the encoder's frames, not 500
     assert "3 attention hypotheses never emitted the end token" in score_summary(res)
+
+
+def test_signal_handlers_are_restored_even_when_training_fails(data, tmp_path, monkeypatch):
+    """A bug inside the training loop keeps its traceback, and the caller's SIGINT/SIGTERM
+    handlers come back (an in-process caller such as a notebook keeps its Ctrl-C)."""
+    from zeromask.models import training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(training, "to_device", broken)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        train_cli.main(["--data", str(data), "--out", str(tmp_path / "r"), "--batch-size",
+                        "2", "--max-steps", "2", "--no-eval"] + TINY)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

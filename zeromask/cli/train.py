@@ -285,12 +285,20 @@ class _Interrupt:
     """SIGINT / SIGTERM during training: remember it, so the loop stops after the current
     step and saves ``last.pt``; a second signal interrupts at once (the default action)."""
 
+    _active: list = []  # installed and not yet restored (restore_all on any way out)
+
     def __init__(self, install: bool = True):
         self.signum: Optional[int] = None
         self._old = {}
         if install and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
+            _Interrupt._active.append(self)
+
+    @classmethod
+    def restore_all(cls) -> None:
+        for handler in list(cls._active):
+            handler.restore()
 
     @property
     def name(self) -> str:
@@ -309,6 +317,8 @@ class _Interrupt:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self in _Interrupt._active:
+            _Interrupt._active.remove(self)
 
 
 def _folders(args):
@@ -336,6 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return _train(args, model_kw, opt, dist_env)
         finally:
+            _Interrupt.restore_all()  # the caller's handlers back, even after an error
             dist_env.close()
 
 
