@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,15 +16,11 @@ sf = pytest.importorskip("soundfile")
 pytest.importorskip("librosa")
 pytest.importorskip("jiwer")
 
-from zeromask.cli import eval as eval_cli  # noqa: E402
 from zeromask.cli import train as train_cli  # noqa: E402
 from zeromask.models.training import CheckpointError, load_checkpoint  # noqa: E402
 
-from tones import write_tone_set  # noqa: E402
+from tones import TINY, write_tone_set  # noqa: E402
 
-TINY = ["--d-model", "16", "--num-heads", "2", "--enc-layers", "1", "--dec-self-layers", "1",
-        "--ffn-mult", "2", "--downsample", "4", "--no-progress", "--threads", "1",
-        "--samples", "1", "--max-decode-len", "12"]
 
 
 @pytest.fixture(scope="module")

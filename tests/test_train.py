@@ -18,11 +18,8 @@ from zeromask.cli import make_data as make_data_cli  # noqa: E402
 from zeromask.cli import train as train_cli  # noqa: E402
 from zeromask.models.training import BucketBatchSampler, load_checkpoint, lr_lambda  # noqa: E402
 
-from tones import write_tone_set  # noqa: E402
+from tones import TINY, write_tone_set  # noqa: E402
 
-TINY = ["--d-model", "16", "--num-heads", "2", "--enc-layers", "1", "--dec-self-layers", "1",
-        "--ffn-mult", "2", "--downsample", "4", "--no-progress", "--threads", "1",
-        "--samples", "1", "--max-decode-len", "12"]
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
 
 

@@ -2,6 +2,11 @@
 import numpy as np
 
 SR = 16000
+
+#: zeromask-train flags for a model small and fast enough for the CLI tests
+TINY = ["--d-model", "16", "--num-heads", "2", "--enc-layers", "1", "--dec-self-layers", "1",
+        "--ffn-mult", "2", "--downsample", "4", "--no-progress", "--threads", "1",
+        "--samples", "1", "--max-decode-len", "12"]
 FREQS = {"ab": 140.0, "ba": 190.0, "cab": 240.0, "bad": 300.0}
 
 

@@ -276,9 +276,9 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
             raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
         seqlens_k = seqlens_k.to(torch.int32).contiguous()
     rotary = theta_q is not None or theta_k is not None
-    for name, given, theta_name in (("pos_q", pos_q, "theta_q"), ("pos_k", pos_k, "theta_k")):
-        if given is not None and (theta_q if theta_name == "theta_q" else theta_k) is None:
-            raise ValueError(f"{name} was given but {theta_name} is None: positions only "
+    for side, pos, theta in (("q", pos_q, theta_q), ("k", pos_k, theta_k)):
+        if pos is not None and theta is None:
+            raise ValueError(f"pos_{side} was given but theta_{side} is None: positions only "
                              "mean something to a rotary")
     if rotary:
         R = _rotary_dim(rotary_dim, D)

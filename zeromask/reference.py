@@ -172,11 +172,15 @@ def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[T
     Only those rows are empty (out 0, lse -inf). A row whose unmasked logits are all -inf
     because ``q . k`` overflowed float32 is not empty: its softmax is NaN (README, "NaN, lengths and limits").
     """
-    mask = hard_mask(batch, lq, lk, causal, seqlens_k, device)
-    if mask is None:
+    if not causal and seqlens_k is None:
         return None if lk > 0 else torch.ones(batch, 1, lq, 1, dtype=torch.bool,
                                               device=device)
-    return mask.all(dim=-1, keepdim=True)
+    # row i keeps keys [0, min(length, i + Lk - Lq + 1)): empty when that is <= 0
+    keys = torch.full((batch, 1), lk, device=device) if seqlens_k is None else \
+        seqlens_k.to(device).view(batch, 1)
+    if causal:
+        keys = torch.minimum(keys, torch.arange(lq, device=device).view(1, lq) + (lk - lq) + 1)
+    return (keys <= 0).expand(batch, lq).reshape(batch, 1, lq, 1)
 
 
 def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:

@@ -329,13 +329,22 @@ class FeatureCache:
         return feats
 
 
+#: what reading or featurising a broken audio file raises (corrupt, truncated, NaN samples)
+AUDIO_ERRORS = (OSError, ValueError, RuntimeError, EOFError)
+
+
+def audio_failure(path, exc: BaseException) -> str:
+    """The reason a file failed, naming the file once."""
+    return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+
+
 def _cache_one(args):
-    """Fill the cache for one file; (path, None) or (path, "ErrorType: message")."""
+    """Fill the cache for one file; (path, None) or (path, the reason it failed)."""
     root, cfg, path = args
     try:
         FeatureCache(root, cfg).get(path)
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:  # unreadable / broken audio
-        return path, str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    except AUDIO_ERRORS as exc:
+        return path, audio_failure(path, exc)
     return path, None
 
 

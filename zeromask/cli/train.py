@@ -78,6 +78,27 @@ _MODEL_HELP = {
 _MODEL_CHOICES = {"zero_mode": ["prob", "score"], "rotary_mode": ["echo", "additive"],
                   "backend": ["reference", "cpp", "triton", "cuda"],
                   "ctc_input": ["sum", "spectrogram", "waveform", "pitch"]}
+# training flag -> (type, help); the defaults are in _TRAIN_DEFAULTS
+_TRAIN_FLAGS = {
+    "batch_size": (int, "utterances per optimizer step (per rank)"),
+    "eval_batch_size": (int, "utterances per evaluation batch"),
+    "lr": (float, "peak AdamW learning rate"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "warmup": (int, "linear warmup steps, then a cosine to 0 at the step or time limit"),
+    "max_steps": (int, "stop after this many optimizer steps"),
+    "time_budget": (float, "stop after this many seconds of training (evaluations not "
+                           "counted)"),
+    "eval_every": (int, "evaluate every N steps (0: only at the end)"),
+    "ckpt_every": (int, "write OUT/last.pt every N steps (and on Ctrl-C / SIGTERM)"),
+    "log_every": (int, "log a line to OUT/log.jsonl every N steps"),
+    "eval_max": (int, "held-out utterances per periodic evaluation"),
+    "samples": (int, "greedy samples printed per evaluation"),
+    "grad_clip": (float, "gradient norm clip (0: none)"),
+    "seed": (int, "initial weights, batch order, dropout"),
+    "num_workers": (int, "DataLoader worker processes"),
+    "feature_workers": (int, "processes that fill the feature cache before training"),
+    "threads": (int, "torch CPU threads per process (default: torch's choice)"),
+}
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
                        eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
@@ -117,30 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no sinusoidal absolute positions (rotary only)")
     t = p.add_argument_group("training (defaults in brackets; --config's 'train' section "
                              "and then these flags override them)")
-    td = _TRAIN_DEFAULTS
-
-    def train_flag(name, typ, text):
+    for name, (typ, text) in _TRAIN_FLAGS.items():
         t.add_argument("--" + name.replace("_", "-"), type=typ,
-                       help=f"{text} [{td[name]}]")
-
-    train_flag("batch_size", int, "utterances per optimizer step (per rank)")
-    train_flag("eval_batch_size", int, "utterances per evaluation batch")
-    train_flag("lr", float, "peak AdamW learning rate")
-    train_flag("weight_decay", float, "AdamW weight decay")
-    train_flag("warmup", int, "linear warmup steps, then a cosine to 0 at the step or time limit")
-    train_flag("max_steps", int, "stop after this many optimizer steps")
-    train_flag("time_budget", float, "stop after this many seconds of training (evaluations "
-               "not counted)")
-    train_flag("eval_every", int, "evaluate every N steps (0: only at the end)")
-    train_flag("ckpt_every", int, "write OUT/last.pt every N steps (and on Ctrl-C / SIGTERM)")
-    train_flag("log_every", int, "log a line to OUT/log.jsonl every N steps")
-    train_flag("eval_max", int, "held-out utterances per periodic evaluation")
-    train_flag("samples", int, "greedy samples printed per evaluation")
-    train_flag("grad_clip", float, "gradient norm clip (0: none)")
-    train_flag("seed", int, "initial weights, batch order, dropout")
-    train_flag("num_workers", int, "DataLoader worker processes")
-    train_flag("feature_workers", int, "processes that fill the feature cache before training")
-    train_flag("threads", int, "torch CPU threads per process (default: torch's choice)")
+                       help=f"{text} [{_TRAIN_DEFAULTS[name]}]")
     t.add_argument("--no-resume", action="store_true", help="ignore OUT/last.pt")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
     t.add_argument("--no-final-eval", action="store_true",
@@ -287,10 +287,10 @@ class _Interrupt:
 
     _active: list = []  # installed and not yet restored (restore_all on any way out)
 
-    def __init__(self, install: bool = True):
+    def __init__(self):
         self.signum: Optional[int] = None
         self._old = {}
-        if install and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
             _Interrupt._active.append(self)

@@ -168,6 +168,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         a file, is broken. Without a cache every file is read here once, to the same end.
         """
         from ..audio import cache_features, extract_features, load_audio
+        from ..audio.features import AUDIO_ERRORS, audio_failure
         paths = [u.audio for u in self.utterances]
         if self.cache is not None:
             bad = cache_features(paths, self.cache.root, self.config, num_workers=num_workers,
@@ -178,8 +179,8 @@ class SpeechDataset(torch.utils.data.Dataset):
                 try:
                     extract_features(load_audio(p, self.config.sample_rate),
                                      self.config.sample_rate, self.config)
-                except (OSError, ValueError, RuntimeError, EOFError) as exc:
-                    bad[str(p)] = str(exc) if str(p) in str(exc) else f"{p}: {exc}"
+                except AUDIO_ERRORS as exc:
+                    bad[str(p)] = audio_failure(p, exc)
         if not bad:
             return bad
         for why in list(bad.values())[:20]:  # each reason names its file

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 
 from ..audio.features import FEATURES
 from ..ops import ZERO_MODES
+from ..zero import SILENCE_FLOOR_DB
 
 
 @dataclasses.dataclass
@@ -73,7 +74,7 @@ class ModelConfig:
     cross_rotary: bool = False   # rotate text queries / audio keys in cross-attention too
     abs_pos: bool = True         # sinusoidal absolute positions on encoder and decoder inputs
     silence_top_db: Optional[float] = 50.0
-    silence_threshold_db: Optional[float] = -80.0  # absolute floor (zeromask.zero.from_audio)
+    silence_threshold_db: Optional[float] = SILENCE_FLOOR_DB  # absolute floor (zero.from_audio)
     curriculum_steps: int = 0
     max_decode_len: int = 200
     backend: Optional[str] = None
