@@ -411,3 +411,58 @@ def test_transcribe_gives_every_decoder_and_joint_picks_the_higher_joint_score()
     torch.testing.assert_close(m._joint_scores(mem, b["f0"], lp, lengths, out["attention"],
                                                0.0)[0], want, rtol=1e-5, atol=1e-5)
     assert "ctc" not in make(ctc_weight=0.0).eval().transcribe(**b, max_len=4)
+
+
+# ----------------------------------------------------------------------- input scaling
+def test_utterance_norm_takes_out_loudness_and_keeps_padding_zero():
+    """CMVN / RMS normalisation: a louder copy of an utterance (+12 dB on the log-mel, x4 on
+    the waveform, x16 on the frame energy) gives the same scaled input; padding stays 0; the
+    valid frames of each channel have mean 0 and variance 1."""
+    from zeromask.models import FrontEnd, frame_lengths_of
+    b = tiny_batch()
+    lengths = frame_lengths_of(b["spectrogram"])
+    cfg = tiny_config(input_norm="utterance")
+    louder = {"spectrogram": b["spectrogram"] + 12.0, "waveform": b["waveform"] * 4.0,
+              "pitch": b["pitch"] * torch.tensor([1.0, 16.0, 1.0])}
+    for row in range(2):  # padding stays exactly zero in the louder copy as well
+        for x in louder.values():
+            x[row, int(lengths[row]):] = 0.0
+    for f in ("spectrogram", "waveform", "pitch"):
+        fe = FrontEnd(f, cfg)
+        x = fe.scale(b[f], lengths)
+        tol = 5e-3 if f == "pitch" else 1e-4  # log(energy + 1e-4): nearly scale-free
+        torch.testing.assert_close(fe.scale(louder[f], lengths), x, atol=tol, rtol=tol)
+        assert (x[1, int(lengths[1]):] == 0).all()
+        v = x[1, : int(lengths[1])]
+        if f == "waveform":
+            torch.testing.assert_close(v.pow(2).mean(), torch.tensor(1.0))
+        else:
+            torch.testing.assert_close(v.mean(0), torch.zeros(v.shape[1]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(v.var(0, unbiased=False), torch.ones(v.shape[1]),
+                                       atol=1e-3, rtol=1e-3)
+    fixed = FrontEnd("spectrogram", tiny_config())
+    assert (fixed.scale(louder["spectrogram"], lengths)
+            - fixed.scale(b["spectrogram"], lengths)).abs().max() > 0.3
+    with pytest.raises(ValueError, match="input_norm"):
+        tiny_config(input_norm="global")
+
+
+@pytest.mark.parametrize("downsample", [1, 2, 4])
+def test_conv_frontend_subsamples_like_the_projecting_one(downsample):
+    """Both front-ends give T / downsample frames; the conv one has no full-rate layer of
+    width d_model, and the model trains through it (every parameter gets a gradient)."""
+    b = tiny_batch()
+    outs = {}
+    for kind in ("project", "conv"):
+        m = make(frontend=kind, downsample=downsample, input_norm="utterance")
+        out = m(**b)
+        out["loss"].backward()
+        assert [n for n, p in m.named_parameters() if p.grad is None] == []
+        outs[kind] = m.encoders["pitch"].front
+        assert out["ctc_log_probs"].shape[1] == math.ceil(24 / downsample)
+    conv = outs["conv"]
+    assert (conv.proj is None) == (downsample > 1)
+    if downsample > 1:
+        assert conv.convs[0].in_channels == 3  # pitch: f0, energy, periodicity
+    with pytest.raises(ValueError, match="frontend"):
+        tiny_config(frontend="conv2d")

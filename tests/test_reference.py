@@ -213,3 +213,30 @@ def test_float32_and_half_inputs_keep_their_dtype():
         out = reference.zero_soft_attention(q, q, q, theta_q=100.0, theta_k=100.0,
                                             key_zero=torch.tensor([[True, False, False, True]]))
         assert out.dtype == dt and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("zero_fraction", [1.0, 0.9, 0.5, 0.1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_zero_scale_gradient_is_the_float64_one(zero_fraction, causal):
+    """The spec's d/d zero_scale in float32 (issue 12, item 5). At s = 1e-6 the direct
+    softmax's sum over zero keys of dS, divided by s, turned float32 rounding into 1.43 where
+    the exact value is 0 (every key a zero token) and 1-2% errors elsewhere. The reference
+    now forms softmax(S + ln s) as a mixture whose d/d ln s has no cancellation."""
+    g = torch.Generator().manual_seed(int(zero_fraction * 10) + 2 * causal)
+    q, k, v, do = (torch.randn(2, 3, 24, 8, generator=g, dtype=torch.float64)
+                   for _ in range(4))
+    key_zero = torch.rand(2, 24, generator=g) < zero_fraction
+    if zero_fraction == 1.0:
+        key_zero[:] = True
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        zs = torch.tensor(1e-6, dtype=dtype, requires_grad=True)
+        out = reference.zero_soft_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                            key_zero=key_zero, zero_scale=zs, causal=causal)
+        (out * do.to(dtype)).sum().backward()
+        grads[dtype] = zs.grad.double()
+    exact = grads[torch.float64]
+    if zero_fraction == 1.0:  # softmax(S + ln s) does not depend on s at all
+        assert exact == 0 and grads[torch.float32] == 0
+    else:
+        torch.testing.assert_close(grads[torch.float32], exact, rtol=2e-5, atol=0)

@@ -13,6 +13,7 @@ import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 ThetaLike = Union[Tensor, float, None]
@@ -115,25 +116,12 @@ def keys_within_length(x: Tensor, seqlens_k: Optional[Tensor]) -> Tensor:
     return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def zero_soft_scores(
-    q: Tensor,
-    k: Tensor,
-    *,
-    key_zero: Optional[Tensor] = None,
-    zero_scale: Union[float, Tensor] = 1e-6,
-    zero_mode: str = "prob",
-    causal: bool = False,
-    sm_scale: Optional[float] = None,
-    seqlens_k: Optional[Tensor] = None,
-    theta_q: ThetaLike = None,
-    theta_k: ThetaLike = None,
-    pos_q=None,
-    pos_k=None,
-    rotary_dim: Optional[int] = None,
-    interleaved: bool = False,
-    radius: Optional[Tensor] = None,
-) -> Tensor:
-    """The masked logits S' of DESIGN.md 3.3, shape (B, Hq, Lq, Lk), -inf where hard-masked."""
+def _scores(q: Tensor, k: Tensor, *, key_zero=None, zero_scale=1e-6, zero_mode="prob",
+            causal=False, sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None,
+            pos_q=None, pos_k=None, rotary_dim=None, interleaved=False, radius=None):
+    """(S, zero, ln_s, hard): the logits with score mode applied and -inf where hard-masked,
+    but prob mode's ``+ ln(s)`` on zero keys left out; ``zero`` (B, 1, 1, Lk) bool and
+    ``ln_s`` (0-dim) where prob mode applies, else None; ``hard`` the :func:`hard_mask`."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     compute = q.dtype if q.dtype == torch.float64 else torch.float32
@@ -147,22 +135,81 @@ def zero_soft_scores(
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
     s = scale * torch.matmul(q, k.transpose(-1, -2))
+    zero = ln_s = None
     if key_zero is not None:
+        if zero_mode not in ("prob", "score"):
+            raise ValueError(f"zero_mode must be 'prob' or 'score', got {zero_mode!r}")
         zero = key_zero.view(B, 1, 1, Lk)
         if torch.is_tensor(zero_scale):
             zs = zero_scale.to(device=s.device, dtype=compute)
         else:
             zs = torch.tensor(float(zero_scale), device=s.device, dtype=compute)
-        if zero_mode == "prob":
-            s = s + torch.where(zero, torch.log(zs), torch.zeros((), dtype=compute, device=s.device))
-        elif zero_mode == "score":
+        if zero_mode == "score":
             s = torch.where(zero, s * zs, s)
+            zero = None
         else:
-            raise ValueError(f"zero_mode must be 'prob' or 'score', got {zero_mode!r}")
+            ln_s = torch.log(zs)
     mask = hard_mask(B, Lq, Lk, causal, seqlens_k, s.device)
     if mask is not None:
         s = s.masked_fill(mask, float("-inf"))
+    return s, zero, ln_s, mask
+
+
+def zero_soft_scores(q: Tensor, k: Tensor, **kwargs) -> Tensor:
+    """The masked logits S' of DESIGN.md 3.3, shape (B, Hq, Lq, Lk), -inf where hard-masked.
+
+    Keyword arguments: ``key_zero``, ``zero_scale`` (float or 0-dim tensor), ``zero_mode``,
+    ``causal``, ``sm_scale``, ``seqlens_k``, ``theta_q``, ``theta_k``, ``pos_q``, ``pos_k``,
+    ``rotary_dim``, ``interleaved``, ``radius`` (as :func:`zeromask.zero_soft_attention`).
+    """
+    s, zero, ln_s, _ = _scores(q, k, **kwargs)
+    if zero is not None:
+        s = s + torch.where(zero, ln_s, torch.zeros((), dtype=s.dtype, device=s.device))
     return s
+
+
+def _logsumexp_or_neginf(x: Tensor):
+    """(row logsumexp (..., 1), dead (..., 1)): -inf where every entry is -inf, with finite
+    gradients there (logsumexp's own is NaN on such a row)."""
+    dead = torch.isneginf(x).all(-1, keepdim=True)
+    lse = torch.logsumexp(x.masked_fill(dead, 0.0), -1, keepdim=True)
+    return lse.masked_fill(dead, float("-inf")), dead
+
+
+def _prob_mode_softmax(s: Tensor, zero: Tensor, ln_s: Tensor,
+                       hard: Optional[Tensor]) -> Tensor:
+    """softmax(S + ln(s) on zero keys), written as the mixture it is.
+
+    With N the non-zero keys and Z the zero keys of a row, the zero keys hold the mass
+    ``z = sigmoid(ln s + lse_Z(S) - lse_N(S))`` and the rest ``1 - z = sigmoid(-(...))``;
+    inside each group the weights are that group's softmax of S. The value is the softmax's,
+    but ``ln s`` enters through one sigmoid only, so autograd's d/d ln(s) is
+    ``z (1 - z) (sum_Z P_Z dP - sum_N P_N dP)`` (a product of accurate terms): exactly 0 when a row's keys are all zero
+    tokens (z = 1), and no difference of two nearly equal sums anywhere (the direct
+    softmax's ``sum_Z dS`` is one, and divided by s = 1e-6 its float32 rounding gave 1.43
+    for an exact 0: issue 12). The kernels sum the same quantity from the side with less
+    mass. A row with every logit -inf is NaN, as the plain softmax; a row with no zero key
+    (``hard``: the hard mask, True = -inf) adds nothing to d/d ln(s), even a NaN row.
+    """
+    neg = float("-inf")
+    s_n, s_z = s.masked_fill(zero, neg), s.masked_fill(~zero, neg)
+    lse_n, dead_n = _logsumexp_or_neginf(s_n)
+    lse_z, dead_z = _logsumexp_or_neginf(s_z)
+    p_n = torch.exp(s_n.masked_fill(dead_n, 0.0) - lse_n.masked_fill(dead_n, 0.0))
+    p_z = torch.exp(s_z.masked_fill(dead_z, 0.0) - lse_z.masked_fill(dead_z, 0.0))
+    keys = zero if hard is None else zero & ~hard
+    has_z = keys.any(-1, keepdim=True)
+    has_n = (~zero if hard is None else ~zero & ~hard).any(-1, keepdim=True)
+    # a row without zero keys holds no mass there whatever its other logits (NaN included),
+    # one without other keys holds all of it; otherwise -inf - -inf (every logit overflowed
+    # to -inf) is NaN, as the plain softmax gives
+    inf = torch.full((), float("inf"), dtype=s.dtype, device=s.device)
+    logit = torch.where(~has_z, -inf, torch.where(~has_n, inf, ln_s + lse_z - lse_n))
+    # exp(log sigmoid(x)), not sigmoid(x): sigmoid's backward forms y (1 - y), which loses
+    # all but a digit of 1 - y in float32 when y is 1 - 1e-6 (log sigmoid's does not)
+    mass_z = torch.exp(F.logsigmoid(logit))
+    mass_n = torch.exp(F.logsigmoid(-logit))
+    return torch.where(zero, mass_z * p_z, mass_n * p_n)
 
 
 def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[Tensor],
@@ -185,16 +232,15 @@ def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[T
 
 def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     """Attention probabilities P (B, Hq, Lq, Lk); rows with every key hard-masked are 0."""
-    s = zero_soft_scores(q, k, **kwargs)
+    s, zero, ln_s, hard = _scores(q, k, **kwargs)
     empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
                        kwargs.get("seqlens_k"), s.device)
-    if empty is None:
-        return torch.softmax(s, dim=-1)
-    # Softmax over a row of -inf is NaN (and so is its gradient): give such rows finite
-    # logits, then zero their probabilities.
-    s = s.masked_fill(empty, 0.0)
-    p = torch.softmax(s, dim=-1)
-    return p.masked_fill(empty, 0.0)
+    if empty is not None:
+        # Softmax over a row of -inf is NaN (and so is its gradient): give such rows finite
+        # logits, then zero their probabilities.
+        s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1) if zero is None else _prob_mode_softmax(s, zero, ln_s, hard)
+    return p if empty is None else p.masked_fill(empty, 0.0)
 
 
 def _masked_matmul(p: Tensor, v: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..models.config import ModelConfig
+from ..models.config import FRONTENDS, INPUT_NORMS, ModelConfig
 from . import UsageError, cli_errors
 
 logger = logging.getLogger("zeromask")
@@ -54,7 +54,8 @@ _MODEL_FLAGS = {
     "dec_self_layers": int, "dec_cross_layers": int, "dropout": float, "downsample": int,
     "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
     "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
-    "label_smoothing": float, "conv_kernel": int, "ctc_input": str,
+    "label_smoothing": float, "conv_kernel": int, "ctc_input": str, "input_norm": str,
+    "frontend": str,
 }
 _MODEL_HELP = {
     "d_model": "model width", "num_heads": "attention heads",
@@ -74,10 +75,13 @@ _MODEL_HELP = {
     "label_smoothing": "decoder cross-entropy label smoothing",
     "conv_kernel": "Conformer convolution kernel in every encoder layer (0: none)",
     "ctc_input": "what the CTC head reads: sum of the encoders, or one feature",
+    "input_norm": "input scaling: fixed, or per-utterance (CMVN / RMS) on top",
+    "frontend": "subsampling: linear layer + convolutions (project) or convolutions (conv)",
 }
 _MODEL_CHOICES = {"zero_mode": ["prob", "score"], "rotary_mode": ["echo", "additive"],
                   "backend": ["reference", "cpp", "triton", "cuda"],
-                  "ctc_input": ["sum", "spectrogram", "waveform", "pitch"]}
+                  "ctc_input": ["sum", "spectrogram", "waveform", "pitch"],
+                  "input_norm": list(INPUT_NORMS), "frontend": list(FRONTENDS)}
 # training flag -> (type, help); the defaults are in _TRAIN_DEFAULTS
 _TRAIN_FLAGS = {
     "batch_size": (int, "utterances per optimizer step (per rank)"),

@@ -261,31 +261,68 @@ class EncoderLayer(nn.Module):
 
 
 class FrontEnd(nn.Module):
-    """Fixed input scaling, per-frame linear layer, stride-2 convolutions."""
+    """Input scaling, then subsampling to ``T / downsample`` frames of width ``d_model``.
+
+    Scaling: fixed (``input_norm="fixed"``: dB to about [-2, 1.5], waveform x 4, pitch
+    log-compressed), then with ``input_norm="utterance"`` each utterance normalised over
+    its valid frames: per-channel mean and variance (CMVN) of the spectrogram and pitch,
+    RMS of the waveform; so loudness, microphone tilt and a speaker's pitch range are
+    taken out before the model sees them.
+
+    Subsampling (``frontend``): ``"project"``, a per-frame linear layer then stride-2
+    convolutions of width ``d_model``; ``"conv"``, stride-2 convolutions (kernel 3) straight
+    on the input features (ESPnet's Conv1dSubsampling), no full-rate layer of width
+    ``d_model``, about half the cost.
+    """
 
     def __init__(self, feature: str, cfg: ModelConfig):
         super().__init__()
         self.feature = feature
+        self.input_norm = cfg.input_norm
         in_dim = {"spectrogram": cfg.n_mels, "waveform": cfg.hop_length, "pitch": 3}[feature]
         d = cfg.d_model
-        self.proj = nn.Linear(in_dim, d)
         n_down = int(round(math.log2(cfg.downsample)))
-        self.convs = nn.ModuleList(nn.Conv1d(d, d, 3, stride=2, padding=1)
-                                   for _ in range(n_down))
+        if cfg.frontend == "project" or n_down == 0:
+            self.proj = nn.Linear(in_dim, d)
+            widths = [d] * (n_down + 1)
+        else:
+            self.proj = None
+            widths = [in_dim] + [d] * n_down
+        self.convs = nn.ModuleList(nn.Conv1d(widths[i], d, 3, stride=2, padding=1)
+                                   for i in range(n_down))
         self.norm = nn.LayerNorm(d)
 
-    def scale(self, x: Tensor) -> Tensor:
+    def scale(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """Scaled input ``(B, T, C)``; ``lengths`` ``(B,)`` valid frames (``input_norm``
+        ``"utterance"``; default: all frames). Padding frames stay 0."""
         if self.feature == "spectrogram":  # dB, floor -100: roughly [-2, 1.5]
-            return (x + 40.0) / 30.0
+            x = (x + 40.0) / 30.0
+        elif self.feature == "waveform":
+            x = x * 4.0
+        else:
+            f0, energy, per = x.unbind(-1)
+            f0n = torch.log1p(f0.clamp_min(0) / 700.0) / math.log1p(600.0 / 700.0)
+            en = (torch.log(energy.clamp_min(0) + 1e-4) + 5.0) / 4.0
+            x = torch.stack([f0n, en, per], dim=-1)
+        if self.input_norm != "utterance":
+            return x
+        B, T = x.shape[:2]
+        if lengths is None:
+            lengths = torch.full((B,), T, device=x.device)
+        valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]
+        n = lengths.clamp_min(1).to(x.dtype)[:, None, None]
         if self.feature == "waveform":
-            return x * 4.0
-        f0, energy, per = x.unbind(-1)
-        f0n = torch.log1p(f0.clamp_min(0) / 700.0) / math.log1p(600.0 / 700.0)
-        en = (torch.log(energy.clamp_min(0) + 1e-4) + 5.0) / 4.0
-        return torch.stack([f0n, en, per], dim=-1)
+            rms = ((x * x * valid).sum((1, 2), keepdim=True) / (n * x.shape[2])).sqrt()
+            return x * valid / rms.clamp_min(1e-4)
+        mean = (x * valid).sum(1, keepdim=True) / n
+        var = (((x - mean) ** 2) * valid).sum(1, keepdim=True) / n
+        return (x - mean) * valid / var.sqrt().clamp_min(0.05)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.proj(self.scale(x)))
+    def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """``(B, T, C)`` features, ``lengths`` ``(B,)`` valid frames -> ``(B, T', d)``."""
+        h = self.scale(x, lengths)
+        if self.proj is not None:
+            h = F.gelu(self.proj(h))
         h = h.transpose(1, 2)
         for conv in self.convs:
             h = F.gelu(conv(h))
@@ -311,9 +348,11 @@ class FeatureEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: Tensor, zero_mask: Tensor, f0: Optional[Tensor],
-                lengths: Optional[Tensor] = None) -> Tensor:
-        """``lengths`` ``(B,)``: valid frames after downsampling (for the conv modules)."""
-        h = self.front(x)
+                lengths: Optional[Tensor] = None,
+                frame_lengths: Optional[Tensor] = None) -> Tensor:
+        """``lengths`` ``(B,)``: valid frames after downsampling (for the conv modules);
+        ``frame_lengths`` ``(B,)``: valid input frames (for ``input_norm``)."""
+        h = self.front(x, frame_lengths)
         if self.abs_pos:
             h = h + sinusoid(h.shape[1], h.shape[2], device=h.device, dtype=h.dtype)
         valid = None
@@ -498,7 +537,7 @@ class SpeechModel(nn.Module):
             x = inputs[f]
             if x is None:
                 raise ValueError(f"feature {f!r} is in feature_order but was not given")
-            mem = self.encoders[f](x, mask, contour, lengths)
+            mem = self.encoders[f](x, mask, contour, lengths, frame_lengths)
             if mem.shape[1] != mask.shape[1]:  # an internal invariant of the front-end
                 raise RuntimeError(f"{f} encoder gave {mem.shape[1]} frames, mask has "
                                    f"{mask.shape[1]}")

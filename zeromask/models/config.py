@@ -10,6 +10,12 @@ from ..ops import ZERO_MODES
 from ..zero import SILENCE_FLOOR_DB
 
 
+#: ``ModelConfig.input_norm``: fixed input scaling, or per-utterance normalisation on top
+INPUT_NORMS = ("fixed", "utterance")
+#: ``ModelConfig.frontend``: how each feature is subsampled (see ``FrontEnd``)
+FRONTENDS = ("project", "conv")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Everything that shapes :class:`zeromask.models.SpeechModel`.
@@ -49,6 +55,11 @@ class ModelConfig:
                         (odd); 0: none.
     ``ctc_input``       what the CTC head reads: ``"sum"`` of the feature encoders' outputs,
                         or one feature's encoder (e.g. ``"spectrogram"``).
+    ``input_norm``      ``"fixed"`` input scaling, or ``"utterance"``: each utterance's
+                        features normalised over its valid frames (CMVN of spectrogram and
+                        pitch, RMS of the waveform), see :class:`zeromask.models.FrontEnd`.
+    ``frontend``        ``"project"`` (per-frame linear layer, then stride-2 convolutions) or
+                        ``"conv"`` (stride-2 convolutions straight on the input features).
     ``encoder_layers``  layers per feature encoder, e.g. ``{"spectrogram": 4, "pitch": 1}``;
                         a feature not named gets ``enc_layers``.
     """
@@ -84,6 +95,8 @@ class ModelConfig:
     encoder_layers: Optional[Dict[str, int]] = None
     conv_kernel: int = 0
     ctc_input: str = "sum"
+    input_norm: str = "fixed"
+    frontend: str = "project"
 
     def __post_init__(self):
         self.feature_order = tuple(self.feature_order)
@@ -114,6 +127,10 @@ class ModelConfig:
                 raise ValueError("spec_augment must be (freq_masks, freq_width, time_masks, "
                                  f"time_width_fraction < 1), all >= 0; got {self.spec_augment}")
             self.spec_augment = (int(sa[0]), int(sa[1]), int(sa[2]), float(sa[3]))
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
         if self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
             raise ValueError(f"conv_kernel must be 0 or odd, got {self.conv_kernel}")
         if self.ctc_input != "sum" and self.ctc_input not in self.feature_order:
