@@ -74,6 +74,8 @@ def attention_case(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=32, *, rotary=True, zero_fr
     return case
 
 
+#: backends whose kernels form rotary angles in float32 (DESIGN.md 3.1's rule allows it)
+FLOAT32_ANGLES = ("triton", "cuda")
 _DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")
 
 
@@ -141,6 +143,8 @@ def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") 
     happen to be far below its typical size. So the reference also runs with v's features
     reversed (every P V and dO V^T sum in another order) and, where the key order is free
     (not causal, no seqlens_k), with the keys reversed; the yardstick is the largest error.
+    For the backends that form rotary angles in float32 (``FLOAT32_ANGLES``, as the
+    precision rule of DESIGN.md 3.1 allows) the reference with float32 angles is one more.
     """
     oracle_out, oracle_g = _run(case, torch.float64, "cpu", "reference")
     same_out, same_g = _run(case, dtype, device, "reference")
@@ -151,6 +155,11 @@ def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") 
         rev_out, rev_g = _run(rev, dtype, device, "reference")
         same_outs.append(rev_out.cpu())
         same_gs.append(_unreverse(rev_g))
+    if backend in FLOAT32_ANGLES and dtype != torch.float64:
+        with reference.float32_angles():
+            f32_out, f32_g = _run(case, dtype, device, "reference")
+        same_outs.append(f32_out.cpu())
+        same_gs.append(f32_g)
     out, grads = _run(case, dtype, device, backend)
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert_output_close("out", out.cpu(), oracle_out, same_outs, dtype)

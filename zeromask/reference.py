@@ -9,6 +9,7 @@ validate and normalise arguments before any backend (this one included) sees the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Union
 
@@ -38,6 +39,21 @@ def rotary_angles(theta: Tensor, positions: Tensor, rotary_dim: int) -> Tensor:
     return positions.unsqueeze(-1) * w
 
 
+_ANGLE_DTYPE = [torch.float64]
+
+
+@contextlib.contextmanager
+def float32_angles():
+    """Inside this block, form the rotary angles in float32 as the ``triton`` and ``cuda``
+    kernels do: the precision rule allows it, and the kernel tests use it as one more
+    same-dtype yardstick for those backends (``tests/cases.py``)."""
+    _ANGLE_DTYPE.append(torch.float32)
+    try:
+        yield
+    finally:
+        _ANGLE_DTYPE.pop()
+
+
 def f0_rotary(
     x: Tensor,
     theta: ThetaLike,
@@ -48,6 +64,11 @@ def f0_rotary(
 ) -> Tensor:
     """Rotate x (B, H, L, D) by per-position angles (DESIGN.md 3.1).
 
+    The angles ``phi = pos * theta ** (-2i/R)`` and their cos/sin are formed in float64 (on
+    MPS, which has none, float32) and rounded once to x's compute dtype: the precision rule
+    every backend meets is a relative angle error of at most 2**-22 (float32's rounding of
+    ``w`` and of the product); this one's is about 1e-16.
+
     theta: float, (L,) or (B, L); positions: None (arange(L)), an int offset, (L,) or (B, L);
     interleaved pairs dims (2i, 2i+1), otherwise (i, i + R/2); radius (R/2,) scales each pair.
     Dims >= rotary_dim pass through unchanged.
@@ -56,13 +77,18 @@ def f0_rotary(
     R = D if rotary_dim is None else rotary_dim
     compute = x.dtype if x.dtype == torch.float64 else torch.float32
     ref = x.to(compute)
-    theta_bl = _as_bl(theta, B, L, ref)
+    # the angles in float64 whatever x's dtype (DESIGN.md 3.1's precision rule: the spec
+    # at least as accurate as any kernel); MPS has no float64
+    angle = torch.float32 if x.device.type == "mps" or compute == torch.float32 and \
+        _ANGLE_DTYPE[-1] == torch.float32 else torch.float64
+    like = ref.new_empty((), dtype=angle)
+    theta_bl = _as_bl(theta, B, L, like)
     if positions is None or isinstance(positions, int):
         offset = 0 if positions is None else positions
-        positions = torch.arange(L, device=x.device, dtype=compute) + offset
-    pos_bl = _as_bl(positions, B, L, ref)
+        positions = torch.arange(L, device=x.device, dtype=angle) + offset
+    pos_bl = _as_bl(positions, B, L, like)
     phi = rotary_angles(theta_bl, pos_bl, R).unsqueeze(1)  # (B, 1, L, R/2)
-    cos, sin = torch.cos(phi), torch.sin(phi)
+    cos, sin = torch.cos(phi).to(compute), torch.sin(phi).to(compute)
     xr, rest = ref[..., :R], ref[..., R:]
     if interleaved:
         xa, xb = xr[..., 0::2], xr[..., 1::2]
@@ -297,4 +323,5 @@ __all__ = [
     "zero_soft_attention",
     "zero_soft_attention_lse",
     "sdpa_equivalent_mask",
+    "float32_angles",
 ]
