@@ -11,7 +11,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["zeromask", "zeromask.backends", "zeromask.audio", "zeromask.models",
-            "zeromask.data", "zeromask.cli", "zeromask.kernels"]
+            "zeromask.data", "zeromask.cli", "zeromask.kernels", "zeromask.integrations"]
 
 
 def extensions():
@@ -67,8 +67,9 @@ setup(
         "audio": ["librosa", "soundfile", "praat-parselmouth"],
         "train": ["tqdm", "jiwer", "librosa", "soundfile", "praat-parselmouth"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "hf": ["transformers>=5"],
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "triton",
-                 "librosa", "soundfile", "jiwer", "praat-parselmouth"],
+                 "librosa", "soundfile", "jiwer", "praat-parselmouth", "transformers>=5"],
     },
     entry_points={"console_scripts": [
         "zeromask-bench = zeromask.cli.bench:main",
