@@ -466,3 +466,31 @@ def test_conv_frontend_subsamples_like_the_projecting_one(downsample):
         assert conv.convs[0].in_channels == 3  # pitch: f0, energy, periodicity
     with pytest.raises(ValueError, match="frontend"):
         tiny_config(frontend="conv2d")
+
+
+def test_vtlp_warps_the_mel_axis_and_keeps_padding_and_the_ends():
+    """alpha = 1 is the identity; a formant at bin f moves to about f / alpha below the
+    boundary; bins 0 and M - 1 map onto themselves; padding frames stay 0; the model trains
+    with it on (and eval mode leaves the input alone)."""
+    from zeromask.models import vtlp_warp
+    M, T = 40, 6
+    spec = torch.full((3, T, M), -60.0)
+    spec[:, :, 10] = 0.0                              # one "formant" at bin 10
+    spec[2, 4:] = 0.0                                 # padding of row 2
+    lengths = torch.tensor([T, T, 4])
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(vtlp_warp(spec, lengths, 0.0, generator=g), spec)
+    g = torch.Generator().manual_seed(0)
+    alpha = 1 + 0.2 * (2 * torch.rand(3, 1, generator=g) - 1)
+    out = vtlp_warp(spec, lengths, 0.2, generator=torch.Generator().manual_seed(0))
+    for b in range(3):
+        peak = out[b, 0].argmax().item()
+        assert abs(peak - 10 / alpha[b].item()) <= 1.0, (peak, alpha[b])
+        assert out[b, 0, 0] == -60.0 and out[b, 0, M - 1] == -60.0
+    assert (out[2, 4:] == 0).all()
+    m = make(vtlp=0.1)
+    b = tiny_batch()
+    m.train()
+    m(**b)["loss"].backward()
+    with pytest.raises(ValueError, match="vtlp"):
+        tiny_config(vtlp=0.7)

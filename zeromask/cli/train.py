@@ -55,7 +55,7 @@ _MODEL_FLAGS = {
     "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
     "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
     "label_smoothing": float, "conv_kernel": int, "ctc_input": str, "input_norm": str,
-    "frontend": str,
+    "frontend": str, "vtlp": float,
 }
 _MODEL_HELP = {
     "d_model": "model width", "num_heads": "attention heads",
@@ -77,6 +77,7 @@ _MODEL_HELP = {
     "ctc_input": "what the CTC head reads: sum of the encoders, or one feature",
     "input_norm": "input scaling: fixed, or per-utterance (CMVN / RMS) on top",
     "frontend": "subsampling: linear layer + convolutions (project) or convolutions (conv)",
+    "vtlp": "vocal tract length perturbation: mel-axis warp factors in [1 - x, 1 + x] (0: off)",
 }
 _MODEL_CHOICES = {"zero_mode": ["prob", "score"], "rotary_mode": ["echo", "additive"],
                   "backend": ["reference", "cpp", "triton", "cuda"],

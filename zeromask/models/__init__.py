@@ -2,9 +2,9 @@
 joint CTC/attention training."""
 from .asr import (Attention, CrossStage, FeatureEncoder, FrontEnd, SpeechModel, ctc_greedy,
                   ctc_targets, downsample_mask, downsampled_lengths, frame_lengths_of,
-                  spec_augment)
+                  spec_augment, vtlp_warp)
 from .config import ModelConfig
 
 __all__ = ["ModelConfig", "SpeechModel", "Attention", "FeatureEncoder", "FrontEnd",
-           "CrossStage", "downsample_mask", "spec_augment", "ctc_greedy", "ctc_targets",
+           "CrossStage", "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
            "downsampled_lengths", "frame_lengths_of"]

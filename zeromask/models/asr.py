@@ -430,6 +430,35 @@ def spec_augment(spec: Tensor, lengths: Tensor, freq_masks: int, freq_width: int
     return out
 
 
+def vtlp_warp(spec: Tensor, lengths: Tensor, max_warp: float, boundary: float = 0.8,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Vocal tract length perturbation (Jaitly and Hinton 2013) on a log-mel ``(B, T, M)``.
+
+    Each utterance draws ``alpha`` uniformly in ``[1 - max_warp, 1 + max_warp]`` and its mel
+    axis is warped piecewise-linearly: bin ``f`` reads bin ``alpha f`` up to the boundary
+    ``f_b = boundary (M - 1) min(alpha, 1) / alpha``, then a straight line that maps the top
+    bin onto itself (so no band leaves the axis); values between bins are linearly
+    interpolated. Speakers differ mostly in vocal tract length, which scales the formants:
+    the model sees the same text with other formants every epoch. Padding frames (past
+    ``lengths``) stay exactly 0. Returns a new tensor.
+    """
+    B, T, M = spec.shape
+    dev = spec.device
+    alpha = 1 + max_warp * (2 * torch.rand(B, 1, device=dev, generator=generator) - 1)
+    top = float(M - 1)
+    f = torch.arange(M, device=dev, dtype=spec.dtype)[None, :]                # (1, M)
+    fb = boundary * top * torch.minimum(alpha, torch.ones_like(alpha)) / alpha  # (B, 1)
+    low = f * alpha
+    high = alpha * fb + (top - alpha * fb) * (f - fb) / (top - fb)
+    src = torch.where(f <= fb, low, high).clamp(0, top)                       # (B, M)
+    i0 = src.floor().long().clamp_max(M - 2)
+    w = (src - i0)[:, None, :]
+    idx0 = i0[:, None, :].expand(B, T, M)
+    out = spec.gather(2, idx0) * (1 - w) + spec.gather(2, idx0 + 1) * w
+    valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+    return out * valid[..., None]
+
+
 def frame_lengths_of(x: Tensor) -> Tensor:
     """(B,) valid frames of a zero-padded ``(B, T, ...)`` batch: trailing all-zero frames are
     padding (the :func:`zeromask.data.collate` convention)."""
@@ -519,13 +548,16 @@ class SpeechModel(nn.Module):
 
         The spectrogram is always needed, even when it is not in ``feature_order``: the zero
         tokens of every stream come from its log-mel energy (one hop rate for all). In
-        training mode the spectrogram stream gets SpecAugment (``config.spec_augment``)
+        training mode the spectrogram stream gets VTLP (``config.vtlp``) and SpecAugment
+        (``config.spec_augment``)
         after the zero tokens are taken, so a mask never turns speech into zero tokens.
         """
         feats = list(features) if features is not None else self.active_features()
         if frame_lengths is None:  # every caller (training, decoding) sees the same lengths
             frame_lengths = frame_lengths_of(spectrogram)
         zero_mask = self.zero_mask(spectrogram)
+        if self.training and self.config.vtlp > 0:
+            spectrogram = vtlp_warp(spectrogram, frame_lengths, self.config.vtlp)
         if self.training and self.config.spec_augment is not None:
             spectrogram = spec_augment(spectrogram, frame_lengths, *self.config.spec_augment)
         inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
@@ -807,5 +839,5 @@ class SpeechModel(nn.Module):
 
 
 __all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
-           "downsample_mask", "spec_augment", "ctc_greedy", "ctc_targets",
+           "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
            "downsampled_lengths", "frame_lengths_of"]

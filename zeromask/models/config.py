@@ -55,6 +55,9 @@ class ModelConfig:
                         (odd); 0: none.
     ``ctc_input``       what the CTC head reads: ``"sum"`` of the feature encoders' outputs,
                         or one feature's encoder (e.g. ``"spectrogram"``).
+    ``vtlp``            > 0: vocal tract length perturbation of the log-mel input while
+                        training, warp factors in ``[1 - vtlp, 1 + vtlp]`` (Jaitly and Hinton
+                        2013; see :func:`zeromask.models.vtlp_warp`); 0: off.
     ``input_norm``      ``"fixed"`` input scaling, or ``"utterance"``: each utterance's
                         features normalised over its valid frames (CMVN of spectrogram and
                         pitch, RMS of the waveform), see :class:`zeromask.models.FrontEnd`.
@@ -96,6 +99,7 @@ class ModelConfig:
     conv_kernel: int = 0
     ctc_input: str = "sum"
     input_norm: str = "fixed"
+    vtlp: float = 0.0
     frontend: str = "project"
 
     def __post_init__(self):
@@ -127,6 +131,8 @@ class ModelConfig:
                 raise ValueError("spec_augment must be (freq_masks, freq_width, time_masks, "
                                  f"time_width_fraction < 1), all >= 0; got {self.spec_augment}")
             self.spec_augment = (int(sa[0]), int(sa[1]), int(sa[2]), float(sa[3]))
+        if not 0.0 <= self.vtlp < 0.5:
+            raise ValueError(f"vtlp must be in [0, 0.5), got {self.vtlp}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if self.frontend not in FRONTENDS:
