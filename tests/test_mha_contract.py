@@ -61,18 +61,77 @@ def test_unbatched_with_batch_first_is_one_sequence_not_many():
     _close(zsa(x, x, x)[0], zsa(x[None], x[None], x[None])[0][0])
 
 
-def test_a_causal_mask_that_is_not_the_kernels_is_refused_not_replaced():
+def test_a_causal_mask_that_is_not_the_kernels_is_applied_as_given_not_replaced():
     """MHA applies attn_mask as given (is_causal is only a hint): with Lq != Lk its top-left
-    causal mask is not the kernels' bottom-right one, so it must not be swapped for it."""
+    causal mask is not the kernels' bottom-right one, so it must not be swapped for it; it
+    goes through the reference, the bottom-right one through the kernels."""
     mha, zsa = _pair(batch_first=True)
+    zsa.backend = None  # the automatic choice: a kernel where one applies
     q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     top_left = torch.triu(torch.ones(3, 5, dtype=torch.bool), diagonal=1)
     for is_causal in (False, True):
-        with pytest.raises(ValueError, match="accepts only the causal mask"):
-            zsa(q, kv, kv, attn_mask=top_left, is_causal=is_causal)
+        _close(zsa(q, kv, kv, attn_mask=top_left, is_causal=is_causal)[0],
+               mha(q, kv, kv, attn_mask=top_left, is_causal=is_causal, need_weights=False)[0])
     bottom_right = torch.triu(torch.ones(3, 5, dtype=torch.bool), diagonal=1 + 5 - 3)
     _close(zsa(q, kv, kv, attn_mask=bottom_right)[0],
            mha(q, kv, kv, attn_mask=bottom_right, need_weights=False)[0])
+
+
+def _mha_masks(kind, B, H, Lq, Lk, g):
+    """An arbitrary attn_mask of one of MHA's forms, every row keeping at least one key."""
+    shape = (Lq, Lk) if kind.endswith("2d") else (B * H, Lq, Lk)
+    allowed = torch.rand(shape, generator=g) < 0.6
+    allowed[..., 0] = True
+    if kind.startswith("bool"):
+        return ~allowed
+    bias = torch.randn(shape, generator=g)  # finite additive biases, -inf where masked
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # MHA's own
+@pytest.mark.parametrize("kind", ["bool2d", "bool3d", "float2d", "float3d"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("lq,lk", [(6, 6), (4, 7)])
+def test_arbitrary_attn_masks_match_mha(kind, batch_first, lq, lk):
+    """2-D and 3-D, bool and float (additive) masks, self- and cross-attention shapes, with
+    key padding (zero tokens at a vanishing scale) and need_weights: MHA's outputs and
+    weights, and gradients flow to the inputs."""
+    mha, zsa = _pair(batch_first)
+    g = torch.Generator().manual_seed(2)
+    B = 3
+    mask = _mha_masks(kind, B, 4, lq, lk, g)
+    q = torch.randn((B, lq, 16) if batch_first else (lq, B, 16), generator=g)
+    kv = torch.randn((B, lk, 16) if batch_first else (lk, B, 16), generator=g)
+    kpm = torch.zeros(B, lk, dtype=torch.bool)
+    kpm[1, -2:] = True
+    want, want_w = mha(q, kv, kv, attn_mask=mask, key_padding_mask=kpm, need_weights=True)
+    qg = q.clone().requires_grad_(True)
+    got, got_w = zsa(qg, kv, kv, attn_mask=mask, key_padding_mask=kpm, need_weights=True)
+    _close(got, want)
+    _close(got_w, want_w)
+    got.sum().backward()
+    assert torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+
+
+def test_a_row_with_every_key_masked_is_zero_not_nan():
+    _, zsa = _pair(batch_first=True)
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[2] = True  # query 2 may see nothing
+    mask[0, 1] = True
+    out, w = zsa(x, x, x, attn_mask=mask, need_weights=True)
+    assert torch.isfinite(out).all() and (w[:, 2] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_attn_masks_are_refused_naming_the_argument():
+    _, zsa = _pair(batch_first=True)
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        zsa(x, x, x, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        zsa(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.int64))
 
 
 def test_float_key_padding_mask_with_other_biases_is_refused():
@@ -111,6 +170,18 @@ def test_swap_in_an_encoder_layer_matches_mha_and_is_never_bypassed():
         train_out = soft.train()(x, src_key_padding_mask=pad)  # dropout 0: same function
     _close(eval_out, train_out)
     assert (eval_out[:, :6] - want[:, :6]).abs().max() > 1e-3
+
+
+def test_swap_in_an_encoder_layer_with_an_arbitrary_src_mask():
+    """A windowed bool src_mask (each frame sees +-2 neighbours): not causal, so it runs
+    through the reference, with the layer's result."""
+    layer = _encoder_layer()
+    x = torch.randn(2, 9, 32)
+    i = torch.arange(9)
+    window = (i[:, None] - i[None, :]).abs() > 2
+    want = layer(x, src_mask=window)
+    zeromask.swap_attention(layer, zero_scale=TINY_SCALE)
+    _close(layer(x, src_mask=window), want)
 
 
 def test_swap_in_a_decoder_layer_with_causal_and_memory_masks():

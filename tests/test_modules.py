@@ -113,8 +113,8 @@ def test_module_rejects_bad_arguments():
         zsa(x, x, x, key_padding_mask=torch.zeros(1, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, Lk\)"):
         zsa(x, x, x, key_padding_mask=torch.zeros(4, 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="attn_mask"):
-        zsa(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        zsa(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="embed dim"):
         zsa(torch.randn(4, 1, 8), x, x)
     with pytest.raises(ValueError, match="dropout"):

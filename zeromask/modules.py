@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +135,12 @@ class ZeroSoftAttention(nn.Module):
     ``rotary`` (an :class:`F0Rotary` or None) and ``backend``.
 
     Differences from MHA: ``need_weights`` defaults to False (weights need the L x L matrix
-    the kernels avoid); ``attn_mask`` may only be a causal mask (arbitrary masks would need
-    that matrix too); ``dropout``, ``add_bias_kv`` and ``add_zero_attn`` are not supported.
+    the kernels avoid); ``attn_mask``, bool (True = not allowed) or float (added to the
+    logits), ``(Lq, Lk)`` or ``(B * num_heads, Lq, Lk)`` as in MHA: the causal pattern (query
+    i sees keys ``j <= i + Lk - Lq``) runs on the kernels in O(L) memory, any other pattern
+    through :mod:`zeromask.reference` (Lq x Lk, as MHA itself); a query row whose every key is
+    masked returns 0, not NaN; ``dropout``, ``add_bias_kv`` and ``add_zero_attn`` are not
+    supported.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -257,22 +261,40 @@ class ZeroSoftAttention(nn.Module):
             return self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
-    def _causal_from_mask(self, attn_mask: Optional[Tensor], is_causal: bool, lq: int,
-                          lk: int) -> bool:
+    def _read_attn_mask(self, attn_mask: Optional[Tensor], is_causal: bool, B: int, lq: int,
+                        lk: int) -> Tuple[bool, Optional[Tensor]]:
+        """``(causal, bias)`` from MHA's ``attn_mask`` / ``is_causal``.
+
+        No mask: ``is_causal``. The kernels' causal mask (query i sees keys ``j <= i + Lk -
+        Lq``; MHA's causal mask when ``Lq == Lk``), bool or float: the kernels' causal flag,
+        O(L). Any other mask, with or without the ``is_causal`` hint (MHA applies the mask as
+        given): an additive ``(1 or B, 1 or H, Lq, Lk)`` float bias (bool True = not
+        allowed -> -inf), computed by the reference (it materialises Lq x Lk, as MHA does).
+        """
         if attn_mask is None:
-            return bool(is_causal)
-        # with or without the is_causal hint, MHA applies attn_mask itself: accept it only
-        # where it is the kernels' (bottom-right) causal mask, never substitute that for it
-        want = reference.hard_mask(1, lq, lk, True, None, attn_mask.device)[0, 0]
-        if attn_mask.shape == (lq, lk):
+            return bool(is_causal), None
+        if not torch.is_tensor(attn_mask):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        H = self.num_heads
+        shapes = ((lq, lk), (B * H, lq, lk))
+        if tuple(attn_mask.shape) not in shapes:
+            raise ValueError(f"attn_mask must have shape (Lq, Lk) = ({lq}, {lk}) or "
+                             f"(B * num_heads, Lq, Lk) = ({B * H}, {lq}, {lk}), got "
+                             f"{tuple(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = not allowed) or float (added to "
+                            f"the logits), got {attn_mask.dtype}")
+        if attn_mask.dim() == 2:
+            want = reference.hard_mask(1, lq, lk, True, None, attn_mask.device)[0, 0]
             got = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
             finite_ok = attn_mask.dtype == torch.bool or bool((attn_mask[~got] == 0).all())
             if finite_ok and torch.equal(got, want):
-                return True
-        raise ValueError("attn_mask: ZeroSoftAttention accepts only the causal mask (query i "
-                         "sees keys j <= i + Lk - Lq; for Lq == Lk that is MHA's causal mask), "
-                         "or is_causal=True without a mask; mark zero tokens with "
-                         "key_padding_mask and hard lengths with seqlens_k")
+                return True, None
+        bias = attn_mask.view(-1 if attn_mask.dim() == 3 else 1, H if attn_mask.dim() == 3
+                              else 1, lq, lk)
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, device=bias.device).masked_fill(bias, float("-inf"))
+        return False, bias
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
@@ -326,7 +348,7 @@ class ZeroSoftAttention(nn.Module):
             if tuple(key_padding_mask.shape) != (B, Lk):
                 raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
                                  f"{tuple(key_padding_mask.shape)}")
-        causal = self._causal_from_mask(attn_mask, is_causal, Lq, Lk)
+        causal, bias = self._read_attn_mask(attn_mask, is_causal, B, Lq, Lk)
         wq, wk, wv = self._projections()
         bq = bk = bv = None
         if self.in_proj_bias is not None:
@@ -344,12 +366,16 @@ class ZeroSoftAttention(nn.Module):
             kw.update(theta_q=self.rotary(qf, Lq, B), theta_k=self.rotary(kf, Lk, B),
                       pos_q=query_pos, pos_k=key_pos, rotary_dim=self.rotary.rotary_dim,
                       interleaved=self.rotary.interleaved, radius=self.rotary.radius)
-        out = zero_soft_attention(q, k, v, backend=self.backend, **kw)  # (B, Hq, Lq, Dh)
+        if bias is None:
+            out = zero_soft_attention(q, k, v, backend=self.backend, **kw)  # (B, Hq, Lq, Dh)
+        else:  # an arbitrary mask: the spec reads it (the kernels have no L x L input)
+            out = reference.zero_soft_attention(q, k, v, attn_bias=bias, **kw)
         out = out.permute(2, 0, 1, 3).reshape(Lq, B, E)
         out = self.out_proj(out)
         weights = None
         if need_weights:
-            weights = zero_soft_attention_weights(q, k, **kw)
+            weights = (zero_soft_attention_weights(q, k, **kw) if bias is None else
+                       reference.zero_soft_attention_weights(q, k, attn_bias=bias, **kw))
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:

@@ -256,11 +256,25 @@ def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[T
     return (keys <= 0).expand(batch, lq).reshape(batch, 1, lq, 1)
 
 
-def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
-    """Attention probabilities P (B, Hq, Lq, Lk); rows with every key hard-masked are 0."""
+def zero_soft_attention_weights(q: Tensor, k: Tensor, *, attn_bias: Optional[Tensor] = None,
+                                **kwargs) -> Tensor:
+    """Attention probabilities P (B, Hq, Lq, Lk); rows with every key hard-masked are 0.
+
+    ``attn_bias`` (float, broadcastable to (B, Hq, Lq, Lk)): an arbitrary additive mask on
+    the logits (-inf = the key is hard-masked for that query), as ``nn.MultiheadAttention``'s
+    float ``attn_mask``; the kernels have no such input (it costs an Lq x Lk tensor), so
+    :class:`zeromask.ZeroSoftAttention` computes such calls here.
+    """
     s, zero, ln_s, hard = _scores(q, k, **kwargs)
     empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
                        kwargs.get("seqlens_k"), s.device)
+    if attn_bias is not None:
+        bias = attn_bias.to(device=s.device, dtype=s.dtype)
+        s = s + bias
+        masked = torch.isneginf(bias)
+        hard = masked if hard is None else hard | masked
+        biased_empty = hard.expand_as(s).all(-1, keepdim=True)
+        empty = biased_empty if empty is None else empty | biased_empty
     if empty is not None:
         # Softmax over a row of -inf is NaN (and so is its gradient): give such rows finite
         # logits, then zero their probabilities.
@@ -287,7 +301,7 @@ def _masked_matmul(p: Tensor, v: Tensor) -> Tensor:
 
 def zero_soft_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """O = softmax(S') V (DESIGN.md 3.3); same kwargs as :func:`zero_soft_scores`."""
-    p = zero_soft_attention_weights(q, k, **kwargs)
+    p = zero_soft_attention_weights(q, k, **kwargs)  # attn_bias too
     v = keys_within_length(v, kwargs.get("seqlens_k"))
     Hq, Hkv = q.shape[1], v.shape[1]
     if Hq != Hkv:
