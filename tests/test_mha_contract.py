@@ -210,3 +210,46 @@ def test_swap_report_and_errors():
     assert layer.zeromask_report == [
         "self_attn: nn.MultiheadAttention(16, 2, batch_first=True) -> ZeroSoftAttention, "
         "attention dropout 0.1 dropped"]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # MHA's own
+def test_the_mha_grid_has_no_silent_mismatch():
+    """Issue 13's grid, every dimension covered: embed dim and heads, bias, kdim/vdim,
+    batch_first, unbatched input, no mask / causal / arbitrary bool 2-D / additive 3-D
+    attn_mask, key padding, need_weights. Every call runs and equals MHA."""
+    g = torch.Generator().manual_seed(5)
+    n = 0
+    for (E, H), bias, kdim, batch_first, unbatched, mask, need_weights in itertools.product(
+            [(16, 4), (24, 3)], [True, False], [None, 10], [False, True], [False, True],
+            ["none", "causal", "bool2d", "float3d"], [False, True]):
+        torch.manual_seed(n)
+        mha = nn.MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=kdim,
+                                    batch_first=batch_first)
+        zsa = zeromask.ZeroSoftAttention.from_module(mha, zero_scale=TINY_SCALE)
+        B, Lq = (1 if unbatched else 2), 5
+        Lk = Lq if kdim is None else 7
+        def make(L, F):
+            if unbatched:
+                return torch.randn(L, F, generator=g)
+            return torch.randn((B, L, F) if batch_first else (L, B, F), generator=g)
+        q = make(Lq, E)
+        kv = q if kdim is None else make(Lk, kdim)
+        kw = {"need_weights": need_weights}
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[-1, -1] = True
+        kw["key_padding_mask"] = kpm[0] if unbatched else kpm
+        if mask == "causal" and Lq == Lk:
+            kw.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(Lq),
+                      is_causal=True)
+        elif mask in ("bool2d", "float3d"):
+            kw["attn_mask"] = _mha_masks(mask, B, H, Lq, Lk, g)
+        want, want_w = mha(q, kv, kv, **kw)
+        got, got_w = zsa(q, kv, kv, **kw)
+        case = (E, H, bias, kdim, batch_first, unbatched, mask, need_weights)
+        assert got.shape == want.shape, case
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case}: {m}")
+        if need_weights:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{case} weights: {m}")
+        n += 1
+    assert n == 256
