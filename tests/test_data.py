@@ -535,3 +535,51 @@ def test_make_data_small_set_lines_up(tmp_path, capsys):
     first = [mm for mm in manifest if mm["file"] == f"test/{utts[0].id}"][0]
     n_lead = int(first["lead_s"] * SR) // 160
     assert z[0, : max(1, n_lead - 3)].all() and not z[0].all()
+
+
+def test_change_tempo_resamples_every_stream_in_time():
+    """Twice as fast: half the frames, each reading the input at 2t; a linear ramp in the
+    log-mel stays a ramp; waveform frames are copies of input frames; unvoiced f0 frames are
+    never blended into voiced ones; factor 1 is the identity."""
+    import torch
+    from zeromask.data import change_tempo
+    T = 41
+    ramp = torch.arange(T, dtype=torch.float32)
+    streams = {"spectrogram": ramp[:, None].repeat(1, 4), "waveform": torch.randn(T, 8),
+               "pitch": torch.rand(T, 3), "f0": torch.where(ramp % 4 < 2, 120.0, 0.0)}
+    same = change_tempo(streams, 1.0)
+    for k in streams:
+        assert torch.equal(same[k], streams[k]), k
+    fast = change_tempo(streams, 2.0)
+    assert all(v.shape[0] == 20 or v.shape[0] == 21 for v in fast.values())
+    n = fast["spectrogram"].shape[0]
+    want = torch.arange(n, dtype=torch.float32) * (T - 1) / (n - 1)
+    torch.testing.assert_close(fast["spectrogram"][:, 0], want)
+    rows = {tuple(r.tolist()) for r in streams["waveform"]}
+    assert all(tuple(r.tolist()) in rows for r in fast["waveform"])
+    assert set(fast["f0"].unique().tolist()) <= {0.0, 120.0}
+    slow = change_tempo(streams, 0.5)
+    assert slow["spectrogram"].shape[0] == 82
+    with pytest.raises(ValueError, match="factor"):
+        change_tempo(streams, 0.0)
+
+
+def test_speed_perturbation_in_the_dataset_varies_the_length(tmp_path):
+    import torch
+    from zeromask.data import CharTokenizer, SpeechDataset
+    from zeromask.data.loaders import Utterance
+    import numpy as np
+    import soundfile as sf
+    wav = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype("float32")
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    u = Utterance("a", str(tmp_path / "a.wav"), "hi")
+    plain = SpeechDataset([u], CharTokenizer())
+    base = plain[0]["spectrogram"].shape[0]
+    ds = SpeechDataset([u], CharTokenizer(), speed_perturb=0.3)
+    torch.manual_seed(0)
+    lengths = {ds[0]["spectrogram"].shape[0] for _ in range(8)}
+    assert len(lengths) > 1 and all(base / 1.31 <= n <= base * 1.31 for n in lengths)
+    item = ds[0]
+    assert len({item[k].shape[0] for k in ("spectrogram", "waveform", "pitch", "f0")}) == 1
+    with pytest.raises(ValueError, match="speed_perturb"):
+        SpeechDataset([u], CharTokenizer(), speed_perturb=-1)

@@ -101,12 +101,14 @@ _TRAIN_FLAGS = {
     "grad_clip": (float, "gradient norm clip (0: none)"),
     "seed": (int, "initial weights, batch order, dropout"),
     "num_workers": (int, "DataLoader worker processes"),
+    "speed_perturb": (float, "speed perturbation: each training access changes the tempo by "
+                             "a factor in [1/(1+x), 1+x] (0: off)"),
     "feature_workers": (int, "processes that fill the feature cache before training"),
     "threads": (int, "torch CPU threads per process (default: torch's choice)"),
 }
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
-                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
+                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0, speed_perturb=0.0,
                        feature_workers=0, threads=None, eval_batch_size=32)
 
 
@@ -392,7 +394,8 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     train_utts = find_utterances(train_dir)
     test_utts = find_utterances(test_dir) if (test_dir and os.path.isdir(test_dir)
                                               and not args.no_eval) else []
-    train_ds = SpeechDataset(train_utts, tokenizer, cache_dir=cache_dir)
+    train_ds = SpeechDataset(train_utts, tokenizer, cache_dir=cache_dir,
+                             speed_perturb=float(opt["speed_perturb"]))
     test_ds = SpeechDataset(test_utts, tokenizer, cache_dir=cache_dir) if test_utts else None
     def prepare(workers: int, progress: bool) -> None:
         # unreadable files are skipped and named; too many of them end the run clearly

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -122,18 +123,24 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Utterances -> (features, token ids), featurised once through an on-disk cache.
 
     ``cache_dir=None`` extracts on every access (fine for tests; slow for training).
-    ``max_frames`` drops longer utterances (logged).
+    ``max_frames`` drops longer utterances (logged). ``speed_perturb = x > 0`` (training):
+    each access changes the utterance's tempo by a factor drawn log-uniformly in
+    ``[1 / (1 + x), 1 + x]`` from torch's global RNG (:func:`change_tempo`), so every epoch
+    hears other speaking rates (speed perturbation, Ko et al. 2015, on the features).
     """
 
     def __init__(self, utterances: Sequence[Utterance], tokenizer: CharTokenizer,
                  cache_dir: Optional[Union[str, os.PathLike]] = None, feature_config=None,
-                 max_frames: Optional[int] = None):
+                 max_frames: Optional[int] = None, speed_perturb: float = 0.0):
         from ..audio import FeatureCache, FeatureConfig
+        if not 0.0 <= speed_perturb < 2.0:
+            raise ValueError(f"speed_perturb must be in [0, 2), got {speed_perturb}")
         self.tokenizer = tokenizer
         self.config = feature_config or FeatureConfig()
         self.cache = FeatureCache(cache_dir, self.config) if cache_dir is not None else None
         self.utterances = list(utterances)
         self.max_frames = max_frames
+        self.speed_perturb = float(speed_perturb)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -150,11 +157,12 @@ class SpeechDataset(torch.utils.data.Dataset):
         u = self.utterances[i]
         f = self.features(i)
         ids = self.tokenizer.encode(u.text)
-        return {"id": u.id, "text": self.tokenizer.normalize(u.text),
-                "spectrogram": torch.from_numpy(f["spectrogram"]),
-                "waveform": torch.from_numpy(f["waveform"]),
-                "pitch": torch.from_numpy(f["pitch"]),
-                "f0": torch.from_numpy(f["f0"]),
+        streams = {k: torch.from_numpy(f[k]) for k in STREAMS}
+        if self.speed_perturb > 0:
+            span = math.log1p(self.speed_perturb)
+            factor = math.exp((2 * torch.rand(()).item() - 1) * span)
+            streams = change_tempo(streams, factor)
+        return {"id": u.id, "text": self.tokenizer.normalize(u.text), **streams,
                 "tokens": torch.tensor(ids, dtype=torch.long)}
 
     def prepare(self, num_workers: int = 0, progress: bool = False,
@@ -194,6 +202,36 @@ class SpeechDataset(torch.utils.data.Dataset):
                                f"{next(iter(bad.values()))}")
         self.utterances = [u for u in self.utterances if str(u.audio) not in bad]
         return bad
+
+
+#: the frame-rate streams of an item, time first
+STREAMS = ("spectrogram", "waveform", "pitch", "f0")
+
+
+def change_tempo(streams: Dict[str, torch.Tensor], factor: float) -> Dict[str, torch.Tensor]:
+    """The utterance spoken ``factor`` times as fast: every stream resampled in time to
+    ``round(T / factor)`` frames (at least 1). Output frame t reads input time ``t factor``:
+    the log-mel is linearly interpolated between frames; waveform frames, the pitch track and
+    f0 take the nearest frame (a waveform frame stays a real stretch of samples, and an
+    unvoiced frame is never blended into a voiced one). Pitch is unchanged, as for a tempo
+    change of the audio.
+    """
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    T = streams["spectrogram"].shape[0]
+    n = max(1, int(round(T / factor)))
+    pos = torch.arange(n, dtype=torch.float64) * (T - 1) / max(1, n - 1) if n > 1 else \
+        torch.zeros(1, dtype=torch.float64)
+    nearest = pos.round().long().clamp(0, T - 1)
+    i0 = pos.floor().long().clamp(0, max(0, T - 2))
+    w = (pos - i0).clamp(0, 1).to(streams["spectrogram"].dtype)[:, None]
+    out = {}
+    for k, x in streams.items():
+        if k == "spectrogram" and T > 1:
+            out[k] = x[i0] * (1 - w) + x[(i0 + 1).clamp_max(T - 1)] * w
+        else:
+            out[k] = x[nearest]
+    return out
 
 
 def _pad(seqs: Sequence[torch.Tensor], length: int, value: float = 0.0) -> torch.Tensor:
@@ -237,4 +275,4 @@ def collate(items: Sequence[dict], pad_multiple: int = 1) -> dict:
 
 
 __all__ = ["Utterance", "find_utterances", "load_folder", "load_librispeech", "SpeechDataset",
-           "collate", "IGNORE_INDEX", "AUDIO_EXTS"]
+           "collate", "change_tempo", "STREAMS", "IGNORE_INDEX", "AUDIO_EXTS"]
