@@ -6,7 +6,7 @@
 #   2. train for a 15-minute budget of training time (joint CTC/attention);
 #   3. evaluate the final checkpoint on both held-out sets (CER/WER, attention greedy and
 #      CTC greedy) and draw the CER-vs-time curve and the utterance figure.
-# Environment: N (utterances, 2400), BUDGET (training seconds, 900), DATA (data/synth),
+# Environment: N (utterances, 7200), BUDGET (training seconds, 900), DATA (data/synth-N),
 # RUN (runs/demo), THREADS (torch threads, 2). Extra arguments go to zeromask-train and
 # override the recipe (e.g. --zero-mode score, --no-f0-rotary, --ctc-weight 0).
 # Results: RUN/demo.json (all numbers), RUN/eval_test.json, RUN/eval_shifted.json,
@@ -15,11 +15,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ZEROMASK_VENV:-.venv}
 [ -x "$VENV/bin/zeromask-train" ] || bash scripts/setup.sh
-DATA=${DATA:-data/synth}
+N=${N:-7200}
+DATA=${DATA:-data/synth-$N}
 RUN=${RUN:-runs/demo}
 THREADS=${THREADS:-2}
 BUDGET=${BUDGET:-900}
-[ -f "$DATA/manifest.jsonl" ] || "$VENV/bin/zeromask-make-data" --out "$DATA" --n "${N:-2400}"
+[ -f "$DATA/manifest.jsonl" ] || "$VENV/bin/zeromask-make-data" --out "$DATA" --n "$N"
 "$VENV/bin/zeromask-train" --data "$DATA" --out "$RUN" --config scripts/asr_demo.json \
   --time-budget "$BUDGET" --threads "$THREADS" --no-final-eval "$@"
 for split in test shifted; do
