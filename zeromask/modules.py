@@ -290,8 +290,8 @@ class ZeroSoftAttention(nn.Module):
             finite_ok = attn_mask.dtype == torch.bool or bool((attn_mask[~got] == 0).all())
             if finite_ok and torch.equal(got, want):
                 return True, None
-        bias = attn_mask.view(-1 if attn_mask.dim() == 3 else 1, H if attn_mask.dim() == 3
-                              else 1, lq, lk)
+        # (B * H, Lq, Lk) -> (B, H, Lq, Lk); (Lq, Lk) -> (1, 1, Lq, Lk)
+        bias = attn_mask.view(B, H, lq, lk) if attn_mask.dim() == 3 else attn_mask[None, None]
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, device=bias.device).masked_fill(bias, float("-inf"))
         return False, bias

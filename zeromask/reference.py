@@ -79,8 +79,8 @@ def f0_rotary(
     ref = x.to(compute)
     # the angles in float64 whatever x's dtype (DESIGN.md 3.1's precision rule: the spec
     # at least as accurate as any kernel); MPS has no float64
-    angle = torch.float32 if x.device.type == "mps" or compute == torch.float32 and \
-        _ANGLE_DTYPE[-1] == torch.float32 else torch.float64
+    float32_asked = compute == torch.float32 and _ANGLE_DTYPE[-1] == torch.float32
+    angle = torch.float32 if (x.device.type == "mps" or float32_asked) else torch.float64
     like = ref.new_empty((), dtype=angle)
     theta_bl = _as_bl(theta, B, L, like)
     if positions is None or isinstance(positions, int):
@@ -210,8 +210,8 @@ def _prob_mode_softmax(s: Tensor, zero: Tensor, ln_s: Tensor,
     ``z = sigmoid(ln s + lse_Z(S) - lse_N(S))`` and the rest ``1 - z = sigmoid(-(...))``;
     inside each group the weights are that group's softmax of S. The value is the softmax's,
     but ``ln s`` enters through one sigmoid only, so autograd's d/d ln(s) is
-    ``z (1 - z) (sum_Z P_Z dP - sum_N P_N dP)`` (a product of accurate terms): exactly 0 when a row's keys are all zero
-    tokens (z = 1), and no difference of two nearly equal sums anywhere (the direct
+    ``z (1 - z) (sum_Z P_Z dP - sum_N P_N dP)`` (a product of accurate terms): exactly 0
+    when a row's keys are all zero tokens (z = 1), and no difference of two nearly equal sums anywhere (the direct
     softmax's ``sum_Z dS`` is one, and divided by s = 1e-6 its float32 rounding gave 1.43
     for an exact 0: issue 12). The kernels sum the same quantity from the side with less
     mass. A row with every logit -inf is NaN, as the plain softmax; a row with no zero key
@@ -223,9 +223,9 @@ def _prob_mode_softmax(s: Tensor, zero: Tensor, ln_s: Tensor,
     lse_z, dead_z = _logsumexp_or_neginf(s_z)
     p_n = torch.exp(s_n.masked_fill(dead_n, 0.0) - lse_n.masked_fill(dead_n, 0.0))
     p_z = torch.exp(s_z.masked_fill(dead_z, 0.0) - lse_z.masked_fill(dead_z, 0.0))
-    keys = zero if hard is None else zero & ~hard
-    has_z = keys.any(-1, keepdim=True)
-    has_n = (~zero if hard is None else ~zero & ~hard).any(-1, keepdim=True)
+    live = True if hard is None else ~hard
+    has_z = (zero & live).any(-1, keepdim=True)
+    has_n = (~zero & live).any(-1, keepdim=True)
     # a row without zero keys holds no mass there whatever its other logits (NaN included),
     # one without other keys holds all of it; otherwise -inf - -inf (every logit overflowed
     # to -inf) is NaN, as the plain softmax gives
@@ -273,8 +273,7 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, *, attn_bias: Optional[Ten
         s = s + bias
         masked = torch.isneginf(bias)
         hard = masked if hard is None else hard | masked
-        biased_empty = hard.expand_as(s).all(-1, keepdim=True)
-        empty = biased_empty if empty is None else empty | biased_empty
+        empty = hard.expand_as(s).all(-1, keepdim=True)  # the causal/length ones included
     if empty is not None:
         # Softmax over a row of -inf is NaN (and so is its gradient): give such rows finite
         # logits, then zero their probabilities.

@@ -108,8 +108,8 @@ _TRAIN_FLAGS = {
 }
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
-                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0, speed_perturb=0.0,
-                       feature_workers=0, threads=None, eval_batch_size=32)
+                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
+                       speed_perturb=0.0, feature_workers=0, threads=None, eval_batch_size=32)
 
 
 def build_parser() -> argparse.ArgumentParser:

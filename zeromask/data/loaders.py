@@ -210,8 +210,8 @@ STREAMS = ("spectrogram", "waveform", "pitch", "f0")
 
 def change_tempo(streams: Dict[str, torch.Tensor], factor: float) -> Dict[str, torch.Tensor]:
     """The utterance spoken ``factor`` times as fast: every stream resampled in time to
-    ``round(T / factor)`` frames (at least 1). Output frame t reads input time ``t factor``:
-    the log-mel is linearly interpolated between frames; waveform frames, the pitch track and
+    ``n = round(T / factor)`` frames (at least 1), spread evenly over the input (output frame
+    t reads input time ``t (T - 1) / (n - 1)``, about ``t factor``): the log-mel is linearly interpolated between frames; waveform frames, the pitch track and
     f0 take the nearest frame (a waveform frame stays a real stretch of samples, and an
     unvoiced frame is never blended into a voiced one). Pitch is unchanged, as for a tempo
     change of the audio.
@@ -220,15 +220,15 @@ def change_tempo(streams: Dict[str, torch.Tensor], factor: float) -> Dict[str, t
         raise ValueError(f"factor must be > 0, got {factor}")
     T = streams["spectrogram"].shape[0]
     n = max(1, int(round(T / factor)))
-    pos = torch.arange(n, dtype=torch.float64) * (T - 1) / max(1, n - 1) if n > 1 else \
+    pos = torch.arange(n, dtype=torch.float64) * (T - 1) / (n - 1) if n > 1 else \
         torch.zeros(1, dtype=torch.float64)
     nearest = pos.round().long().clamp(0, T - 1)
-    i0 = pos.floor().long().clamp(0, max(0, T - 2))
-    w = (pos - i0).clamp(0, 1).to(streams["spectrogram"].dtype)[:, None]
+    i0 = pos.floor().long().clamp(0, max(0, T - 2))  # so i0 + 1 <= T - 1 and w in [0, 1]
+    w = (pos - i0).to(streams["spectrogram"].dtype)[:, None]
     out = {}
     for k, x in streams.items():
         if k == "spectrogram" and T > 1:
-            out[k] = x[i0] * (1 - w) + x[(i0 + 1).clamp_max(T - 1)] * w
+            out[k] = x[i0] * (1 - w) + x[i0 + 1] * w
         else:
             out[k] = x[nearest]
     return out

@@ -101,7 +101,7 @@ def _seqlens_from_padding(mask: Tensor, batch: int, kv_length: int) -> Optional[
                          f"{kv_length}) padding mask, got shape {tuple(mask.shape)}; 4-D masks "
                          "(arbitrary patterns) are not supported by the kernels, use "
                          "attn_implementation='sdpa' for them")
-    keep = mask.bool() if mask.dtype != torch.bool else mask
+    keep = mask.bool()
     n = keep.sum(-1)
     if bool((n == kv_length).all()):
         return None
@@ -168,8 +168,8 @@ def zeromask_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     if attention_mask is None:
         return None
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    mask = mask[:, kv_offset:kv_offset + kv_length].bool()
-    if mask.shape[1] == kv_length and bool(mask.all()):
+    mask = mask[:, kv_offset:kv_offset + kv_length].bool()  # (B, kv_length): padded above
+    if bool(mask.all()):
         return None
     return mask
 
