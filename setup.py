@@ -72,7 +72,6 @@ setup(
                  "librosa", "soundfile", "jiwer", "praat-parselmouth", "transformers>=5"],
     },
     entry_points={"console_scripts": [
-        "zeromask-bench = zeromask.cli.bench:main",
         "zeromask-make-data = zeromask.cli.make_data:main",
         "zeromask-train = zeromask.cli.train:main",
         "zeromask-eval = zeromask.cli.eval:main",

@@ -1,23 +1,24 @@
 """Shared harness of the pytest-benchmark suites (see README.md in this folder).
 
-The suites reuse the providers, shapes and inputs of ``zeromask-bench``
-(:mod:`zeromask.cli.bench`); the shape set comes from environment variables:
-``ZEROMASK_BENCH_SUITE`` (cpu-quick | cpu | gpu; default gpu with CUDA, else cpu),
-``ZEROMASK_BENCH_FULL=1``, ``ZEROMASK_BENCH_LENGTHS=256,512``,
-``ZEROMASK_BENCH_HEAD_DIMS=64``.
+The suites reuse the providers, shapes and inputs of the benchmark command
+(``bench.py``: :mod:`runner` and the op files ``bench_attention.py``, ``bench_rotary.py``);
+the shape set comes from environment variables: ``ZEROMASK_BENCH_SUITE`` (cpu-quick | cpu |
+gpu | model; default gpu with CUDA, else cpu), ``ZEROMASK_BENCH_FULL=1``,
+``ZEROMASK_BENCH_LENGTHS=256,512``, ``ZEROMASK_BENCH_HEAD_DIMS=64``,
+``ZEROMASK_BENCH_SHAPES=encoder,decode`` (model suite).
 """
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from zeromask.cli import bench as zb
-
-if not torch.cuda.is_available():
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else (os.cpu_count() or 1))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runner as zb  # noqa: E402
 
 CONFIG = zb.suite_from_env()
+if not torch.cuda.is_available():
+    torch.set_num_threads(CONFIG.threads or zb.usable_cores())
 _MEM_BUDGET = zb.memory_budget(CONFIG.device, None)
 _inputs = {}
 
@@ -26,7 +27,7 @@ def cases(op):
     """(workload, provider) pairs of the suite for ``op``, providers varying fastest."""
     out = []
     for w in CONFIG.workloads(op):
-        for p in zb.providers(op, CONFIG.zero_mode):
+        for p in zb.select_providers(zb.providers(op, CONFIG.zero_mode), CONFIG.providers):
             out.append(pytest.param(w, p, id=f"{w}-{p.name}"))
     return out
 
@@ -43,9 +44,11 @@ def run_benchmark(benchmark, w, provider):
     except zb.Unavailable as exc:
         pytest.skip(f"{provider.name} unavailable: {exc}")
     del out
-    benchmark.group = f"{w.group} L={w.length}"
+    benchmark.group = (f"{w.op} {w.mode} {w.tag} {w.shape()}" if w.tag
+                       else f"{w.group} L={w.length}")
     benchmark.extra_info.update(provider=provider.name, op=w.op, mode=w.mode,
-                                length=w.length, head_dim=w.head_dim, first_call_s=first)
+                                length=w.length, length_k=w.lk, head_dim=w.head_dim,
+                                first_call_s=first)
     device = w.device
 
     def timed():

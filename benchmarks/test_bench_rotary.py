@@ -2,9 +2,9 @@
 
     pytest benchmarks/test_bench_rotary.py -rs --benchmark-group-by=group
 
-Providers: ``zeromask[<backend>]`` for every backend, ``rope-table`` (standard RoPE from a
-cos/sin table built outside the timing: the speed of light) and ``naive``
-(``zeromask.reference.f0_rotary``). ``extra_info`` holds the nominal bytes/s.
+Providers (``bench_rotary.py``): ``zeromask[<backend>]`` for every backend, ``rope-table``
+(standard RoPE from a cos/sin table built outside the timing: the speed of light) and
+``naive`` (``zeromask.reference.f0_rotary``). ``extra_info`` holds the nominal bytes/s.
 """
 import pytest
 from harness import cases, run_benchmark

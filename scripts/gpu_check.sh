@@ -8,7 +8,7 @@
 #   4. writes everything under OUT (default benchmarks/results/gpu-check-<date>/): env.txt
 #      (device, driver, versions, commit, date), build.log, tests.log, the benchmark's files.
 # Any wrong result fails the script loudly (non-zero exit, the failing step named last).
-# Environment: PYTHON (python3), OUT, BENCH_ARGS (extra zeromask-bench arguments).
+# Environment: PYTHON (python3), OUT, BENCH_ARGS (extra benchmarks/bench.py arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -42,7 +42,7 @@ env -u TRITON_INTERPRET "$PYTHON" -m pytest -x -q -p no:cacheprovider \
 grep -q " passed" "$OUT/tests.log"
 
 step "GPU benchmark suite"
-"$PYTHON" -m zeromask.cli.bench --suite gpu --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
+"$PYTHON" benchmarks/bench.py --suite gpu --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
   | tee "$OUT/bench.log"
 
 echo "gpu_check: all passed; results in $OUT"
