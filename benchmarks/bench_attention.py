@@ -159,7 +159,8 @@ def providers(zero_mode: str = "prob") -> List[Provider]:
                  "zero keys (speed of light; flash backend forced on CUDA fp16/bf16)",
                  _sdpa_plain, attention_reference_kwargs(None, False)),
         Provider("sdpa+bias+rope", "attention", "PyTorch f0 rotary on q and k, then SDPA with "
-                 "additive mask ln(s) on zero keys (== zero_mode='prob')",
+                 "additive mask ln(s) on zero keys (== zero_mode='prob'); no rotary where the "
+                 "shape has none (cross-attention)",
                  _sdpa_bias_rope, attention_reference_kwargs("prob", True)),
         Provider("flex+rope", "attention", "PyTorch f0 rotary on q and k, then "
                  "torch.compile(flex_attention) with score_mod s*score on zero keys "

@@ -355,6 +355,9 @@ def test_model_verdicts():
         == "meets: 1.00 ≤ 1.00"
     assert zr.model_verdict(row("zeromask[cpp]", "fwd", 24e-6, "overhead"), None) == \
         "meets: 24 us ≤ 25 us"
+    fast = row("zeromask[cpp]", "fwd", 30e-6, "overhead")
+    fast.min_s = 21e-6
+    assert zr.model_verdict(fast, None) == "misses: 30 us > 25 us (fastest call 21 us)"
     assert zr.model_verdict(row("zeromask[cpp]", "fwd+bwd", 130e-6, "overhead"), None) == \
         "misses: 130 us > 120 us"
     assert zr.model_verdict(None, row("sdpa", "fwd", 1.0)) == "no fused backend"
