@@ -743,6 +743,8 @@ def plot_model(rows: List[Row], what: str, path: Path, title: str) -> Optional[P
             ax.axhline(MODEL_TARGETS[mode], color="tab:red", linewidth=1, linestyle=":",
                        label=f"target ≤ {MODEL_TARGETS[mode]} (fused)")
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi * 6)  # headroom for the legend above the bars
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylabel("median time (ms)" if what == "time" else "time ÷ plain SDPA")

@@ -53,3 +53,34 @@ def test_cpu_benchmark_numbers_in_readme_match_the_results():
         ratio = f"**{cpp['median_s'] / sdpa['median_s']:.2f}x**"
         line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {mode} | {ms(cpp)} |"))
         assert f"| {ms(sdpa)} | {ratio} |" in line and line.rstrip().endswith(f"| {share} |")
+
+
+def test_model_shape_numbers_in_readme_match_the_results():
+    """The README's model-shape table quotes the committed `model` suite run: its commit,
+    and for every call the fused (cpp) and SDPA medians and their ratio, both modes."""
+    import json
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import runner
+    data = json.loads((ROOT / "benchmarks/results/cpu-amd-epyc-avx2-1t/model.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert f"commit {data['meta']['commit'][:7]}" in " ".join(readme.split())
+    assert data["meta"]["threads"] == 1 and data["meta"]["cpu"]["family"] == 23
+    rows = [runner.Row(**r) for r in data["rows"]]
+
+    def ms(s):
+        t = s * 1e3
+        return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+    shapes = list(dict.fromkeys((r.tag, r.shape()) for r in rows if r.tag != "head-dim"))
+    assert len(shapes) == 10
+    for tag, shape in shapes:
+        line = next(ln for ln in readme.splitlines() if ln.startswith(f"| {tag} | {shape} |"))
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")][2:]
+        want = []
+        for mode in ("fwd", "fwd+bwd"):
+            cpp, sdpa = (next(r for r in rows if r.provider == p and r.tag == tag
+                              and r.shape() == shape and r.mode == mode)
+                         for p in ("zeromask[cpp]", "sdpa"))
+            want += [ms(cpp.median_s), ms(sdpa.median_s), f"{cpp.median_s / sdpa.median_s:.2f}x"]
+        assert cells == want, (tag, shape)
