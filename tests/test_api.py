@@ -29,6 +29,15 @@ def glue_backend(monkeypatch):
     return "glue"
 
 
+@pytest.fixture(params=["eager", "custom_op"])
+def glue_path(request, monkeypatch):
+    """Both ways a kernel call runs: eagerly (``ops._EagerAttention``/``_EagerRotary``,
+    no dispatcher) and through the torch.library custom ops (what torch.compile traces)."""
+    if request.param == "custom_op":
+        monkeypatch.setattr(ops, "_eager", lambda t: False)
+    return request.param
+
+
 # ---------------------------------------------------------------- the custom-op glue
 @pytest.mark.parametrize("kw", [
     dict(),
@@ -36,11 +45,78 @@ def glue_backend(monkeypatch):
     dict(seqlens=True, radius=True, interleaved=True, rotary_dim=16, D=24),
     dict(rotary=False, Hkv=1),
 ])
-def test_custom_op_path_matches_reference(glue_backend, kw):
+def test_custom_op_path_matches_reference(glue_backend, glue_path, kw):
     check_attention(attention_case(**kw), torch.float32, glue_backend)
 
 
-def test_custom_op_rotary_matches_reference(glue_backend):
+def _attention_and_grads(backend):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).requires_grad_() for _ in range(3))
+    theta = (100 + 900 * torch.rand(2, 9, generator=g)).requires_grad_()
+    zs = torch.tensor(0.01, requires_grad=True)
+    key_zero = torch.rand(2, 9, generator=g) < 0.3
+    out = zeromask.zero_soft_attention(q, k, v, key_zero=key_zero, zero_scale=zs,
+                                       theta_q=theta, theta_k=theta, causal=True,
+                                       backend=backend)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), (q, k, v, theta, zs))
+    return (out.detach(),) + grads
+
+
+def test_eager_and_custom_op_paths_are_bitwise_equal(glue_backend, monkeypatch):
+    eager = _attention_and_grads(glue_backend)
+    monkeypatch.setattr(ops, "_eager", lambda t: False)
+    custom = _attention_and_grads(glue_backend)
+    for a, b in zip(eager, custom):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(dispatch.available_backends()["cpp"] is not None,
+                    reason="needs the cpp backend")
+def test_eager_calls_skip_the_custom_op_and_traced_calls_take_it(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def refuse(*args):
+        raise AssertionError("an eager call went through the custom op")
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_attention_fwd", refuse)
+        m.setattr(ops, "_rotary_fwd", refuse)
+        _attention_and_grads("cpp")
+        zeromask.f0_rotary(torch.randn(1, 2, 5, 8), 500.0, backend="cpp")
+    # under a dispatch mode (as under make_fx or FakeTensorMode) the custom ops are taken
+    with Recorder() as rec:
+        _attention_and_grads("cpp")
+        zeromask.f0_rotary(torch.randn(1, 2, 5, 8), 500.0, backend="cpp")
+    assert {"zeromask.attention_fwd.default", "zeromask.attention_bwd.default",
+            "zeromask.rotary_fwd.default"} <= rec.ops
+
+
+def test_cached_constant_inputs_survive_inference_mode(glue_backend):
+    """A float theta/zero_scale and the default positions are cached tensors; one made under
+    inference mode must not be reused where autograd saves it for a backward."""
+    q, k, v = qkv()
+    kw = dict(key_zero=torch.rand(2, 7) < 0.3, zero_scale=0.02, theta_q=321.0,
+              theta_k=321.0, backend=glue_backend)
+    with torch.inference_mode():
+        first = zeromask.zero_soft_attention(q, k, v, **kw)
+    qg = q.clone().requires_grad_()
+    out = zeromask.zero_soft_attention(qg, k, v, **kw)
+    out.sum().backward()
+    assert torch.equal(out.detach(), first) and torch.isfinite(qg.grad).all()
+    again = zeromask.zero_soft_attention(q, k, v, **dict(kw, theta_q=654.0, theta_k=654.0))
+    assert not torch.equal(again, first)  # a different float is a different constant
+
+
+def test_custom_op_rotary_matches_reference(glue_backend, glue_path):
     x = torch.randn(2, 3, 9, 16, dtype=torch.float64)
     theta = (torch.rand(2, 9, dtype=torch.float64) * 1000 + 50)
     radius = torch.rand(8, dtype=torch.float64) + 0.5

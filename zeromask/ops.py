@@ -72,10 +72,42 @@ def _check_device(name: str, t: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
 
 
-def _check_finite(name: str, t: Tensor) -> None:
-    if _check_values(t) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf; for an F0 contour use "
-                         "zeromask.F0Rotary, which maps unvoiced (0/NaN) frames to theta_base")
+def _not_finite(name: str) -> ValueError:
+    return ValueError(f"{name} contains NaN or inf; for an F0 contour use "
+                      "zeromask.F0Rotary, which maps unvoiced (0/NaN) frames to theta_base")
+
+
+def _value_range(t: Tensor) -> Optional[Tuple[float, float]]:
+    """``(min, max)`` of ``t``'s values in one pass (NaN anywhere makes both NaN), or None
+    where the values are not checked (:func:`_check_values`) or there are none. Every value
+    check of an argument reads these two numbers, so checking costs one reduction."""
+    if not _check_values(t) or t.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(t.detach())
+    return lo.item(), hi.item()
+
+
+def _finite(r: Tuple[float, float]) -> bool:
+    return math.isfinite(r[0]) and math.isfinite(r[1])
+
+
+#: tensors built from call-invariant arguments (default positions, a float theta or
+#: zero_scale), reused across calls; the kernels and the reference only read them
+_CONSTANTS: dict = {}
+
+
+def _constant(key: tuple, make) -> Tensor:
+    """``make()``, cached under ``key`` (+ inference mode, whose tensors cannot be saved for
+    a backward outside it); built fresh while tracing, where the graph builds it."""
+    if _compiling():
+        return make()
+    key = key + (torch.is_inference_mode_enabled(),)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = make()
+    return t
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -110,7 +142,9 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
         if not math.isfinite(theta) or theta <= 1.0 or theta >= big:
             raise ValueError(f"{name} must be a finite float in (1, {big:.3g}) (the rotary "
                              f"runs in {dtype}), got {theta}")
-        return torch.full((batch, length), float(theta), device=device, dtype=dtype)
+        return _constant(("theta", float(theta), batch, length, device, dtype),
+                         lambda: torch.full((batch, length), float(theta), device=device,
+                                            dtype=dtype))
     _check_tensor(name, theta)
     if not theta.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {theta.dtype}")
@@ -119,12 +153,15 @@ def _theta(name: str, theta, batch: int, length: int, device, dtype) -> Optional
             theta.dim() == 2 and theta.shape[0] not in (1, batch)):
         raise ValueError(f"{name} must be a float or have shape ({batch}, {length}) or "
                          f"({length},), got {tuple(theta.shape)}")
-    _check_finite(name, theta)
-    if _check_values(theta) and bool((theta <= 1.0).any()):
-        raise ValueError(f"{name} must be > 1 everywhere (min is {theta.min().item():g})")
-    if _check_values(theta) and theta.dtype != dtype and bool((theta.detach() >= big).any()):
-        raise ValueError(f"{name} must be below {big:.3g} (the rotary runs in {dtype}), "
-                         f"max is {theta.max().item():g}")
+    r = _value_range(theta)
+    if r is not None:
+        if not _finite(r):
+            raise _not_finite(name)
+        if r[0] <= 1.0:
+            raise ValueError(f"{name} must be > 1 everywhere (min is {r[0]:g})")
+        if theta.dtype != dtype and r[1] >= big:
+            raise ValueError(f"{name} must be below {big:.3g} (the rotary runs in {dtype}), "
+                             f"max is {r[1]:g}")
     if theta.dim() < 2:
         theta = theta.reshape(1, -1) if theta.dim() == 1 else theta.reshape(1, 1)
     return theta.to(dtype).expand(batch, length).contiguous()
@@ -143,8 +180,9 @@ def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: i
             raise ValueError(f"{name}: positions up to {abs(start) + length - 1:,} exceed "
                              f"{MAX_POSITION:,} (2**24: float32 holds every integer only up "
                              "to there)")
-        return (torch.arange(length, device=device, dtype=dtype) + start).expand(
-            batch, length).contiguous()
+        return _constant(("positions", start, batch, length, device, dtype),
+                         lambda: (torch.arange(length, device=device, dtype=dtype) + start
+                                  ).expand(batch, length).contiguous())
     _check_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_complex():
         raise TypeError(f"{name} must be an int offset or an integer/float tensor, "
@@ -154,11 +192,14 @@ def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: i
             pos.dim() == 2 and pos.shape[0] not in (1, batch)):
         raise ValueError(f"{name} must be an int offset or have shape ({batch}, {length}) "
                          f"or ({length},), got {tuple(pos.shape)}")
-    if pos.is_floating_point():
-        _check_finite(name, pos)
-    if _check_values(pos) and pos.numel() and bool((pos.abs() > MAX_POSITION).any()):
-        raise ValueError(f"{name} must be within +-{MAX_POSITION:,} (2**24: float32 holds "
-                         f"every integer only up to there), got {pos.abs().max().item():g}")
+    r = _value_range(pos)
+    if r is not None:
+        if pos.is_floating_point() and not _finite(r):
+            raise _not_finite(name)
+        if max(-r[0], r[1]) > MAX_POSITION:
+            raise ValueError(f"{name} must be within +-{MAX_POSITION:,} (2**24: float32 "
+                             "holds every integer only up to there), got "
+                             f"{max(-r[0], r[1]):g}")
     return pos.to(dtype).reshape(-1, length).expand(batch, length).contiguous()
 
 
@@ -172,8 +213,10 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
     if radius.shape[0] != rotary_dim // 2:
         raise ValueError(f"radius must have shape ({rotary_dim // 2},) = rotary_dim/2, "
                          f"got {tuple(radius.shape)}")
-    _check_finite("radius", radius)
-    if _check_values(radius) and bool((radius <= 0).any()):
+    r = _value_range(radius)
+    if r is not None and not _finite(r):
+        raise _not_finite("radius")
+    if r is not None and r[0] <= 0:
         raise ValueError("radius must be > 0 everywhere")
     return radius.to(dtype).contiguous()
 
@@ -200,7 +243,8 @@ def _zero_scale(zero_scale, device, dtype) -> Tensor:
         err = _zero_scale_range_error(float(zero_scale))
         if err:
             raise ValueError(err)
-        return torch.tensor(float(zero_scale), device=device, dtype=dtype)
+        return _constant(("zero_scale", float(zero_scale), device, dtype),
+                         lambda: torch.tensor(float(zero_scale), device=device, dtype=dtype))
     _check_tensor("zero_scale", zero_scale)
     if zero_scale.numel() != 1:
         raise ValueError(f"zero_scale must be a float or a 0-dim tensor, got shape "
@@ -272,7 +316,8 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
         if seqlens_k.shape[0] != B:
             raise ValueError(f"seqlens_k must have shape ({B},), got {tuple(seqlens_k.shape)}")
         _check_device("seqlens_k", seqlens_k, dev)
-        if _check_values(seqlens_k) and bool(((seqlens_k < 0) | (seqlens_k > Lk)).any()):
+        r = _value_range(seqlens_k)
+        if r is not None and (r[0] < 0 or r[1] > Lk):
             raise ValueError(f"seqlens_k values must be in [0, Lk={Lk}]")
         seqlens_k = seqlens_k.to(torch.int32).contiguous()
     rotary = theta_q is not None or theta_k is not None
@@ -287,7 +332,8 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
     else:  # no rotary: any head dim (the kernels take the largest even part, unused)
         R = D - D % 2
     tq = _theta("theta_q", theta_q, B, Lq, dev, cdt)
-    tk = _theta("theta_k", theta_k, B, Lk, dev, cdt)
+    # self-attention passes one theta for both sides: normalised (and checked) once
+    tk = tq if theta_k is theta_q and Lk == Lq else _theta("theta_k", theta_k, B, Lk, dev, cdt)
     pq = _positions("pos_q", pos_q, B, Lq, dev, cdt, offset=(Lk - Lq) if causal else 0) \
         if tq is not None else None
     pk = _positions("pos_k", pos_k, B, Lk, dev, cdt) if tk is not None else None
@@ -311,17 +357,35 @@ def _placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty((0,), dtype=torch.float32)
 
 
+def _attention_fwd_kernel(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k,
+                          radius, seqlens_k, zero_mode, causal, sm_scale, rotary_dim,
+                          interleaved, backend):
+    """The forward kernel of ``backend``: the body of ``zeromask::attention_fwd``."""
+    return dispatch.load(backend).attention_forward(
+        q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
+        zero_mode=zero_mode, causal=causal, sm_scale=sm_scale, rotary_dim=rotary_dim,
+        interleaved=interleaved)
+
+
+def _attention_bwd_kernel(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k,
+                          pos_q, pos_k, radius, seqlens_k, zero_mode, causal, sm_scale,
+                          rotary_dim, interleaved, backend):
+    """The backward kernel of ``backend``: the body of ``zeromask::attention_bwd``."""
+    return dispatch.load(backend).attention_backward(
+        do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+        seqlens_k, zero_mode=zero_mode, causal=causal, sm_scale=sm_scale,
+        rotary_dim=rotary_dim, interleaved=interleaved)
+
+
 @torch.library.custom_op("zeromask::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
                    zero_scale: Tensor, theta_q: Optional[Tensor], theta_k: Optional[Tensor],
                    pos_q: Optional[Tensor], pos_k: Optional[Tensor], radius: Optional[Tensor],
                    seqlens_k: Optional[Tensor], zero_mode: str, causal: bool, sm_scale: float,
                    rotary_dim: int, interleaved: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    b = dispatch.load(backend)
-    return b.attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k,
-                               radius, seqlens_k, zero_mode=zero_mode, causal=causal,
-                               sm_scale=sm_scale, rotary_dim=rotary_dim,
-                               interleaved=interleaved)
+    return _attention_fwd_kernel(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q,
+                                 pos_k, radius, seqlens_k, zero_mode, causal, sm_scale,
+                                 rotary_dim, interleaved, backend)
 
 
 @_attention_fwd.register_fake
@@ -338,11 +402,9 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    radius: Optional[Tensor], seqlens_k: Optional[Tensor], zero_mode: str,
                    causal: bool, sm_scale: float, rotary_dim: int, interleaved: bool,
                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    b = dispatch.load(backend)
-    dq, dk, dv, dtq, dtk, drad, dzs = b.attention_backward(
+    dq, dk, dv, dtq, dtk, drad, dzs = _attention_bwd_kernel(
         do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-        seqlens_k, zero_mode=zero_mode, causal=causal, sm_scale=sm_scale,
-        rotary_dim=rotary_dim, interleaved=interleaved)
+        seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
     return (dq, dk, dv, _placeholder(dtq, q), _placeholder(dtk, q), _placeholder(drad, q),
             _placeholder(dzs, q))
 
@@ -368,11 +430,14 @@ def _attention_setup(ctx, inputs, output):
     ctx.flags = (zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
 
 
-def _attention_backward(ctx, dout, dlse):
+def _attention_grads(ctx, dout, bwd):
+    """The attention's autograd formula: the gradients of every input of
+    ``zeromask::attention_fwd`` from ``dout``, through ``bwd`` (the custom op
+    ``_attention_bwd`` or, eagerly, its body ``_attention_bwd_kernel``)."""
     (q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
      seqlens_k) = ctx.saved_tensors
     zero_mode, causal, sm_scale, rotary_dim, interleaved, backend = ctx.flags
-    dq, dk, dv, dtq, dtk, drad, dzs = _attention_bwd(
+    dq, dk, dv, dtq, dtk, drad, dzs = bwd(
         dout.contiguous(), q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
         pos_k, radius, seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
     dtq = dtq if theta_q is not None else None
@@ -383,15 +448,56 @@ def _attention_backward(ctx, dout, dlse):
             None, None)
 
 
+def _attention_backward(ctx, dout, dlse):
+    return _attention_grads(ctx, dout, _attention_bwd)
+
+
 torch.library.register_autograd("zeromask::attention_fwd", _attention_backward,
                                 setup_context=_attention_setup)
+
+
+def _eager(t: Tensor) -> bool:
+    """Whether a call on ``t`` runs eagerly on a plain tensor: not traced by torch.compile
+    or export, not a fake/functional/functorch tensor, no dispatch mode active. Such a call
+    skips the custom ops' Python dispatcher (about 100 us a call, most of the op's cost at
+    the short sequences speech models run) and calls the same kernels directly."""
+    return (not _compiling() and type(t) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``zeromask::attention_fwd`` with its registered autograd formula, minus the custom
+    op's dispatcher: same kernels, same saved tensors, same gradients (:func:`_eager`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attention_fwd_kernel(*inputs)
+        _attention_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        return _attention_grads(ctx, dout, _attention_bwd_kernel)
+
+
+def _rotary_fwd_kernel(x, theta, positions, radius, rotary_dim, interleaved, backend):
+    """The rotary forward kernel of ``backend``: the body of ``zeromask::rotary_fwd``."""
+    return dispatch.load(backend).rotary_forward(x, theta, positions, radius,
+                                                 rotary_dim=rotary_dim, interleaved=interleaved)
+
+
+def _rotary_bwd_kernel(dy, x, theta, positions, radius, rotary_dim, interleaved, backend):
+    """The rotary backward kernel of ``backend``: the body of ``zeromask::rotary_bwd``."""
+    return dispatch.load(backend).rotary_backward(
+        dy, x, theta, positions, radius, rotary_dim=rotary_dim, interleaved=interleaved)
 
 
 @torch.library.custom_op("zeromask::rotary_fwd", mutates_args=())
 def _rotary_fwd(x: Tensor, theta: Tensor, positions: Tensor, radius: Optional[Tensor],
                 rotary_dim: int, interleaved: bool, backend: str) -> Tensor:
-    return dispatch.load(backend).rotary_forward(x, theta, positions, radius,
-                                                 rotary_dim=rotary_dim, interleaved=interleaved)
+    return _rotary_fwd_kernel(x, theta, positions, radius, rotary_dim, interleaved, backend)
 
 
 @_rotary_fwd.register_fake
@@ -403,8 +509,8 @@ def _(x, theta, positions, radius, rotary_dim, interleaved, backend):
 def _rotary_bwd(dy: Tensor, x: Tensor, theta: Tensor, positions: Tensor,
                 radius: Optional[Tensor], rotary_dim: int, interleaved: bool,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dtheta, drad = dispatch.load(backend).rotary_backward(
-        dy, x, theta, positions, radius, rotary_dim=rotary_dim, interleaved=interleaved)
+    dx, dtheta, drad = _rotary_bwd_kernel(dy, x, theta, positions, radius, rotary_dim,
+                                          interleaved, backend)
     return dx, dtheta, _placeholder(drad, x)
 
 
@@ -422,16 +528,37 @@ def _rotary_setup(ctx, inputs, output):
     ctx.flags = (rotary_dim, interleaved, backend)
 
 
-def _rotary_backward(ctx, dy):
+def _rotary_grads(ctx, dy, bwd):
+    """The rotary's autograd formula, through ``bwd`` (``_rotary_bwd`` or its body)."""
     x, theta, positions, radius = ctx.saved_tensors
     rotary_dim, interleaved, backend = ctx.flags
-    dx, dtheta, drad = _rotary_bwd(dy.contiguous(), x, theta, positions, radius, rotary_dim,
-                                   interleaved, backend)
+    dx, dtheta, drad = bwd(dy.contiguous(), x, theta, positions, radius, rotary_dim,
+                           interleaved, backend)
     return dx, dtheta, None, (drad if radius is not None else None), None, None, None
+
+
+def _rotary_backward(ctx, dy):
+    return _rotary_grads(ctx, dy, _rotary_bwd)
 
 
 torch.library.register_autograd("zeromask::rotary_fwd", _rotary_backward,
                                 setup_context=_rotary_setup)
+
+
+class _EagerRotary(torch.autograd.Function):
+    """``zeromask::rotary_fwd`` with its autograd formula, minus the custom op's
+    dispatcher (:func:`_eager`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = _rotary_fwd_kernel(*inputs)
+        _rotary_setup(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        return _rotary_grads(ctx, dy, _rotary_bwd_kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -480,11 +607,11 @@ def zero_soft_attention(
             seqlens_k=a["seqlens_k"], theta_q=a["theta_q"], theta_k=a["theta_k"],
             pos_q=a["pos_q"], pos_k=a["pos_k"], rotary_dim=a["rotary_dim"],
             interleaved=a["interleaved"], radius=a["radius"])
-    out, _ = _attention_fwd(a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(),
-                            _f32(a["theta_q"]), _f32(a["theta_k"]), _f32(a["pos_q"]),
-                            _f32(a["pos_k"]), _f32(a["radius"]), a["seqlens_k"],
-                            a["zero_mode"], a["causal"], a["sm_scale"], a["rotary_dim"],
-                            a["interleaved"], chosen.name)
+    run = _EagerAttention.apply if _eager(a["q"]) else _attention_fwd
+    out, _ = run(a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(),
+                 _f32(a["theta_q"]), _f32(a["theta_k"]), _f32(a["pos_q"]), _f32(a["pos_k"]),
+                 _f32(a["radius"]), a["seqlens_k"], a["zero_mode"], a["causal"],
+                 a["sm_scale"], a["rotary_dim"], a["interleaved"], chosen.name)
     return out
 
 
@@ -543,7 +670,8 @@ def f0_rotary(
                              radius=rad, rotary_dim=R, interleaved=bool(interleaved))
     if chosen.name == "reference":
         return reference.f0_rotary(x, th, pos, R, bool(interleaved), rad)
-    return _rotary_fwd(x, th.float(), pos.float(), _f32(rad), R, bool(interleaved), chosen.name)
+    run = _EagerRotary.apply if _eager(x) else _rotary_fwd
+    return run(x, th.float(), pos.float(), _f32(rad), R, bool(interleaved), chosen.name)
 
 
 __all__ = ["zero_soft_attention", "zero_soft_attention_weights", "f0_rotary", "ZERO_MODES", "compute_dtype"]

@@ -49,8 +49,6 @@ def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, po
 def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
                        pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
                        interleaved):
-    B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
     dev = q.device
     dq = new_output(q.shape, dtype=q.dtype, device=dev)
     dk = new_output(k.shape, dtype=k.dtype, device=dev)
@@ -60,19 +58,11 @@ def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, the
         do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), key_zero, zero_scale,
         theta_q, theta_k, pos_q, pos_k, radius, seqlens_k, zero_mode == "score", bool(causal),
         float(sm_scale), int(rotary_dim), bool(interleaved), dq, dk, dv)
-    dtq = dtk = drad = dzs = None
-    if theta_q is not None:
-        dtq = new_output((B, Lq), dtype=torch.float32, device=dev)
-        torch.sum(dtq_part, dim=1, out=dtq)
-    if theta_k is not None:
-        dtk = new_output((B, Lk), dtype=torch.float32, device=dev)
-        torch.sum(dtk_part, dim=1, out=dtk)
-    if radius is not None:
-        drad = new_output(radius.shape, dtype=torch.float32, device=dev)
-        drad.copy_(drad_part.sum(0))
-    if key_zero is not None:
-        dzs = new_output((), dtype=torch.float32, device=dev)
-        dzs.copy_(dzs_part.sum())
+    # (float32 head sums (B, H, L) for theta, float64 task sums for radius and zero_scale)
+    dtq = dtq_part.sum(1) if theta_q is not None else None
+    dtk = dtk_part.sum(1) if theta_k is not None else None
+    drad = drad_part.sum(0).float() if radius is not None else None
+    dzs = dzs_part.sum().float() if key_zero is not None else None
     return dq, dk, dv, dtq, dtk, drad, dzs
 
 
@@ -90,10 +80,7 @@ def rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved)
         if radius is not None else None
     _C.rotary_bwd(dy.contiguous(), x, theta, positions, radius, int(rotary_dim),
                   bool(interleaved), dx, dtheta, drad_part)
-    drad = None
-    if radius is not None:
-        drad = new_output(radius.shape, dtype=torch.float32, device=x.device)
-        drad.copy_(drad_part.sum(0))
+    drad = drad_part.sum(0).float() if radius is not None else None
     return dx, dtheta, drad
 
 
