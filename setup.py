@@ -34,7 +34,7 @@ def extensions():
         # it for a wheel that must run elsewhere.
         arch = [] if os.environ.get("ZEROMASK_PORTABLE", "0") == "1" else ["-march=native"]
         exts.append(cpp_extension.CppExtension(
-            "zeromask._C_cpu", cpu_sources,
+            "zeromask._C_cpu", cpu_sources, depends=sorted(glob.glob("csrc/cpu/*.h")),
             extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math",
                                         "-std=c++20"] + arch + openmp},
             extra_link_args=openmp))

@@ -8,7 +8,7 @@
 // fp32 FLOP/s of vector FMAs on every torch thread: each thread runs 12 independent FMA
 // chains in registers of the kernels' vector width (the widest the build targets, but 128
 // bits on CPUs with 128-bit FP units, which run as many FMA lanes a second with either; the
-// choice below is the one csrc/cpu/zeromask_cpu.cpp makes, ZM_VBYTES included) with no
+// choice of csrc/cpu/vector_width.h, which the kernels include, ZM_VBYTES included) with no
 // memory traffic, more chains than FMA latency x FMA pipes on current x86 cores, for
 // `iters` steps.  No kernel compiled with the same flags does fp32 arithmetic faster on
 // this machine.
@@ -21,21 +21,7 @@
 #include <stdexcept>
 #include <vector>
 
-#if defined(__AVX512F__)
-#if defined(ZM_VBYTES) && ZM_VBYTES != 64
-#error "zeromask: the AVX-512 paths need ZM_VBYTES=64"
-#endif
-#define ZM_VBYTES 64
-#elif !defined(ZM_VBYTES)
-#if defined(__AVX__) && !defined(__znver1__) && !defined(__bdver1__) && !defined(__bdver2__) && \
-    !defined(__bdver3__) && !defined(__bdver4__) && !defined(__btver2__)
-#define ZM_VBYTES 32
-#else
-#define ZM_VBYTES 16
-#endif
-#elif ZM_VBYTES != 16 && !(ZM_VBYTES == 32 && defined(__AVX__))
-#error "zeromask: ZM_VBYTES must be 16, or 32 with AVX, without AVX-512"
-#endif
+#include "../csrc/cpu/vector_width.h"  // the kernels' vector width (ZM_VBYTES)
 
 namespace {
 
