@@ -116,6 +116,18 @@ def test_cached_constant_inputs_survive_inference_mode(glue_backend):
     assert not torch.equal(again, first)  # a different float is a different constant
 
 
+def test_constant_cache_keeps_only_small_tensors():
+    ops._CONSTANTS.clear()
+    small = ops._positions("pos_q", None, 2, 7, torch.device("cpu"), torch.float32)
+    assert ops._positions("pos_q", None, 2, 7, torch.device("cpu"), torch.float32) is small
+    n = ops._CONSTANT_MAX_NUMEL + 1
+    big = ops._positions("pos_q", None, 1, n, torch.device("cpu"), torch.float32)
+    assert big.shape == (1, n) and len(ops._CONSTANTS) == 1
+    for length in range(1, 100):  # many shapes: the cache stays bounded
+        ops._positions("pos_q", None, 1, length, torch.device("cpu"), torch.float32)
+    assert len(ops._CONSTANTS) <= 64
+
+
 def test_custom_op_rotary_matches_reference(glue_backend, glue_path):
     x = torch.randn(2, 3, 9, 16, dtype=torch.float64)
     theta = (torch.rand(2, 9, dtype=torch.float64) * 1000 + 50)

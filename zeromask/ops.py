@@ -96,17 +96,25 @@ def _finite(r: Tuple[float, float]) -> bool:
 _CONSTANTS: dict = {}
 
 
+#: the largest constant kept (elements): the per-call cost it saves matters at small shapes,
+#: and a cache of large (B, L) tables would hold memory for nothing
+_CONSTANT_MAX_NUMEL = 1 << 16
+
+
 def _constant(key: tuple, make) -> Tensor:
     """``make()``, cached under ``key`` (+ inference mode, whose tensors cannot be saved for
-    a backward outside it); built fresh while tracing, where the graph builds it."""
+    a backward outside it) when it is small; built fresh while tracing, where the graph
+    builds it. At most 64 entries of at most ``_CONSTANT_MAX_NUMEL`` elements."""
     if _compiling():
         return make()
     key = key + (torch.is_inference_mode_enabled(),)
     t = _CONSTANTS.get(key)
     if t is None:
-        if len(_CONSTANTS) >= 256:
-            _CONSTANTS.clear()
-        t = _CONSTANTS[key] = make()
+        t = make()
+        if t.numel() <= _CONSTANT_MAX_NUMEL:
+            if len(_CONSTANTS) >= 64:
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = t
     return t
 
 
