@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -146,14 +145,8 @@ def _device_name(device: str, threads: int) -> str:
     if device.startswith("cuda"):
         import torch
         return torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from runner import cpu_name  # benchmarks/runner.py: /proc/cpuinfo's model name
+    model = cpu_name()
     short = "-".join(model.lower().replace("(r)", "").replace("(tm)", "").split()[:3])
     return f"cpu-{short}-{threads}t"
 
@@ -246,7 +239,7 @@ def main(argv=None) -> int:
              f"{summary['source']}. {args.rounds} rounds per backend, alternating, each a "
              f"fresh process: {args.warmup} warm-up + {args.steps} timed AdamW steps. "
              f"Median (min–max) over rounds. Load average {load0:.2f} before, {load1:.2f} "
-             "after (2 cores shared with other work: absolute numbers are noisy).", "",
+             "after.", "",
              f"| backend | steps/s | utts/s | ÷ {base} time | {mem[0]} | {mem[1]} | "
              "eval loss before training |", "|---|---|---|---|---|---|---|"]
     bsps = summary["backends"].get(base, {}).get("steps_per_s", {}).get("median")

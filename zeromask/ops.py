@@ -222,10 +222,11 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
         raise ValueError(f"radius must have shape ({rotary_dim // 2},) = rotary_dim/2, "
                          f"got {tuple(radius.shape)}")
     r = _value_range(radius)
-    if r is not None and not _finite(r):
-        raise _not_finite("radius")
-    if r is not None and r[0] <= 0:
-        raise ValueError("radius must be > 0 everywhere")
+    if r is not None:
+        if not _finite(r):
+            raise _not_finite("radius")
+        if r[0] <= 0:
+            raise ValueError("radius must be > 0 everywhere")
     return radius.to(dtype).contiguous()
 
 
