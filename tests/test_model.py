@@ -386,31 +386,111 @@ def test_encoder_layers_per_feature():
         tiny_config(encoder_layers={"speech": 2})
 
 
-def test_transcribe_gives_every_decoder_and_joint_picks_the_higher_joint_score():
-    from zeromask.models import downsampled_lengths, frame_lengths_of
+def _collapse(path):
+    out, prev = [], 0
+    for t in path:
+        if t != prev and t != 0:
+            out.append(t)
+        prev = t
+    return tuple(out)
+
+
+def _brute_force_ctc(lp, n, prefix, whole):
+    """log of the summed probability of every frame path over the first ``n`` frames whose
+    collapsed output is ``prefix`` (``whole``) or starts with it; -inf if none."""
+    import itertools
+    total = 0.0
+    for path in itertools.product(range(lp.shape[-1]), repeat=n):
+        y = _collapse(path)
+        if (y == tuple(prefix)) if whole else (y[:len(prefix)] == tuple(prefix)):
+            total += math.exp(sum(float(lp[t, c]) for t, c in enumerate(path)))
+    return math.log(total) if total > 0 else -math.inf
+
+
+def test_ctc_prefix_scores_are_the_enumerated_prefix_probabilities():
+    """Every id's score at every step equals log psi(g + c) - log psi(g) by enumerating all
+    V^T frame paths (psi = the probability that the output starts with the prefix; for the
+    end id, that it is the prefix); impossible prefixes (longer than the frames allow) score
+    -inf, and rows of different lengths are scored over their own frames."""
+    from zeromask.models import CTCPrefixScorer
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(2, 5, 3, generator=g).log_softmax(-1)
+    lengths, seqs = [5, 4], [[1, 2, 2], [2, 2, 1]]
+    scorer = CTCPrefixScorer(lp, torch.tensor(lengths))
+    for k in range(3):
+        got = scorer.score()
+        for b in range(2):
+            g_ = seqs[b][:k]
+            base = _brute_force_ctc(lp[b], lengths[b], g_, whole=False)
+            for c in range(3):
+                want = _brute_force_ctc(lp[b], lengths[b], g_ if c == 0 else g_ + [c],
+                                        whole=c == 0) - base
+                if want == -math.inf:
+                    assert got[b, c] == -math.inf, (k, b, c)
+                else:
+                    assert abs(float(got[b, c]) - want) < 1e-6, (k, b, c, float(got[b, c]), want)
+        scorer.advance(torch.tensor([seqs[0][k], seqs[1][k]]))
+    assert math.isinf(float(scorer.score()[1, 2]))  # 2 2 1 2 needs 5 frames; row 1 has 4
+
+
+def test_ctc_prefix_scores_sum_to_the_ctc_loss_and_frozen_rows_keep_their_state():
+    from zeromask.models import CTCPrefixScorer
+    g = torch.Generator().manual_seed(6)
+    B, T, V = 3, 30, 6
+    lp = torch.randn(B, T, V, generator=g).mul(3).log_softmax(-1)
+    lengths = torch.tensor([30, 17, 25])
+    seqs = [[1, 1, 4, 2, 5], [3, 3, 3], [5, 2, 1, 1]]
+    scorer = CTCPrefixScorer(lp, lengths)
+    total, ended = torch.zeros(B, dtype=torch.float64), {}
+    for k in range(6):  # each row: its ids, then its end score once, then frozen
+        step = scorer.score()
+        ids = torch.tensor([s[k] if k < len(s) else 0 for s in seqs])
+        for b, s_ in enumerate(seqs):
+            if k <= len(s_):
+                total[b] += step[b, int(ids[b])]
+            else:  # frozen after its end: the same end score as when it ended
+                assert float(step[b, 0]) == ended[b]
+            if k == len(s_):
+                ended[b] = float(step[b, 0])
+        scorer.advance(ids, keep=ids != 0)
+    targets = torch.tensor([c for s in seqs for c in s])
+    want = -torch.nn.functional.ctc_loss(lp.double().transpose(0, 1), targets, lengths,
+                                         torch.tensor([len(s) for s in seqs]), blank=0,
+                                         reduction="none")
+    torch.testing.assert_close(total, want, rtol=1e-9, atol=1e-9)
+
+
+def test_transcribe_gives_every_decoder_and_joint_takes_the_best_joint_step():
+    """``joint``: at every step the chosen id maximises (1 - w) log p_att (teacher-forced
+    through the full decoder, no cache) + w x the CTC prefix score; w = 0 is the attention
+    decoder's greedy output."""
+    from zeromask.models import CTCPrefixScorer, downsampled_lengths, frame_lengths_of
     b = tiny_batch()
     m = make(seed=3, ctc_weight=0.5).eval()
     out = m.transcribe(**b, max_len=6)
     assert out["attention"] == m.generate(**b, max_len=6)
     assert out["ctc"] == m.ctc_generate(**b)
-    mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
-    lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
-    lp = m.ctc_log_probs(mem)
-    for w in (0.0, 0.5, 1.0):
-        joint = m.transcribe(**b, max_len=6, ctc_weight=w)["joint"]
-        sa = m._joint_scores(mem, b["f0"], lp, lengths, out["attention"], w)
-        sc = m._joint_scores(mem, b["f0"], lp, lengths, out["ctc"], w)
-        for i in range(2):
-            assert joint[i] == (out["attention"][i] if sa[i] >= sc[i] else out["ctc"][i])
-    # the attention part of the score is the teacher-forced log-likelihood of y + end
-    y = out["attention"][0]
-    ids = torch.tensor([[0] + y])
-    logp = torch.log_softmax(m.decode(ids, {f: (mm[:1], z[:1]) for f, (mm, z) in mem.items()},
-                                      b["f0"][:1]), -1)[0]
-    want = sum(logp[t, tok] for t, tok in enumerate(y + [0]))
-    torch.testing.assert_close(m._joint_scores(mem, b["f0"], lp, lengths, out["attention"],
-                                               0.0)[0], want, rtol=1e-5, atol=1e-5)
+    assert m.transcribe(**b, max_len=6, ctc_weight=0.0)["joint"] == out["attention"]
+    with torch.no_grad():
+        mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+        lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
+        lp = m.ctc_log_probs(mem)
+        for w in (0.5, 1.0):
+            joint = m.transcribe(**b, max_len=6, ctc_weight=w)["joint"]
+            for i in range(2):
+                y = joint[i]
+                row = {f: (mm[i:i + 1], z[i:i + 1]) for f, (mm, z) in mem.items()}
+                att = torch.log_softmax(m.decode(torch.tensor([[0] + y]), row,
+                                                 b["f0"][i:i + 1]).double(), -1)[0]
+                scorer = CTCPrefixScorer(lp[i:i + 1], lengths[i:i + 1])
+                for t, tok in enumerate(y + ([0] if len(y) < min(6, int(lengths[i])) else [])):
+                    total = (1 - w) * att[t] + w * scorer.score()[0]
+                    assert int(total.argmax()) == tok, (w, i, t)
+                    if tok:
+                        scorer.advance(torch.tensor([tok]))
     assert "ctc" not in make(ctc_weight=0.0).eval().transcribe(**b, max_len=4)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        m.transcribe(**b, max_len=4, ctc_weight=1.5)
 
 
 # ----------------------------------------------------------------------- input scaling

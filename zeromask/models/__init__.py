@@ -1,10 +1,10 @@
 """The reference speech model: per-feature ZeroSoftAttention encoders, gated decoder,
 joint CTC/attention training."""
-from .asr import (Attention, CrossStage, FeatureEncoder, FrontEnd, SpeechModel, ctc_greedy,
+from .asr import (Attention, CTCPrefixScorer, CrossStage, FeatureEncoder, FrontEnd, SpeechModel, ctc_greedy,
                   ctc_targets, downsample_mask, downsampled_lengths, frame_lengths_of,
                   spec_augment, vtlp_warp)
 from .config import ModelConfig
 
 __all__ = ["ModelConfig", "SpeechModel", "Attention", "FeatureEncoder", "FrontEnd",
-           "CrossStage", "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
+           "CrossStage", "CTCPrefixScorer", "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
            "downsampled_lengths", "frame_lengths_of"]

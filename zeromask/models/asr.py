@@ -492,6 +492,89 @@ def ctc_greedy(log_probs: Tensor, lengths: Tensor, blank: int = 0) -> List[List[
     return out
 
 
+class CTCPrefixScorer:
+    """CTC prefix scores of one growing hypothesis per row, for joint CTC/attention decoding.
+
+    The prefix probability ``psi(h) = sum of P_ctc(y | x) over every label sequence y that
+    starts with h`` (Watanabe, Hori, Kim, Hershey and Hayashi 2017, "Hybrid CTC/attention
+    architecture for end-to-end speech recognition", Algorithm 2), from the forward variables
+    ``r_t^n(h)`` (paths over frames ``0..t`` that output ``h`` and end in its last label) and
+    ``r_t^b(h)`` (... and end in blank). Their recursions over frames,
+    ``r_t^n(h) = (r_{t-1}^n(h) + phi_{t-1}) y_t^c`` and
+    ``r_t^b(h) = (r_{t-1}^b(h) + r_{t-1}^n(h)) y_t^blank``, are linear, so they are solved in
+    closed form with cumulative sums and ``torch.logcumsumexp`` (float64, log domain): no
+    Python loop over frames.
+
+    Args:
+        log_probs: ``(B, T, V)`` CTC log-probabilities (any float dtype).
+        lengths: ``(B,)`` valid frames per row (clamped to ``1..T``).
+        blank: the blank id; it doubles as the end token (this model's id 0).
+
+    :meth:`score` gives, for every id ``c`` at once, ``log psi(g + c) - log psi(g)`` of the
+    current prefix ``g`` (for the end token: ``log P_ctc(g | x) - log psi(g)``, always finite
+    while ``psi(g)`` is); :meth:`advance` appends one id per row. Summed over a hypothesis and
+    its end token the scores give ``log P_ctc(y | x)`` (``-F.ctc_loss``, reduction="none").
+    """
+
+    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int = 0):
+        x = log_probs.detach().double().transpose(0, 1)               # (T, B, V)
+        T, B, _ = x.shape
+        self.x, self.blank = x, int(blank)
+        self.last_frame = (lengths.to(x.device).long().clamp(1, T) - 1)[None]   # (1, B)
+        self.invalid = torch.arange(T, device=x.device)[:, None] > self.last_frame  # (T, B)
+        self.cum_blank = x[:, :, self.blank].cumsum(0)                  # (T, B)
+        self.r_n = x.new_full((T, B), -math.inf)                         # prefix = nothing
+        self.r_b = self.cum_blank.clone()
+        self.log_psi = x.new_zeros(B)
+        self.last = torch.full((B,), -1, dtype=torch.long, device=x.device)
+        self.started = False
+
+    def _phi_and_first(self, xc: Tensor, ids: Tensor):
+        """phi (T, B, K): path mass that a new label ``ids`` (B, K) may follow (a repeat of
+        the prefix's last label must pass through a blank); the emission at frame 0."""
+        repeat = (ids == self.last[:, None])[None]
+        phi = torch.logaddexp(self.r_b[..., None],
+                              self.r_n[..., None].masked_fill(repeat, -math.inf))
+        first = torch.full_like(xc[0], -math.inf) if self.started else xc[0]
+        return phi, first
+
+    def _log_psi(self, xc: Tensor, phi: Tensor, first: Tensor) -> Tensor:
+        terms = torch.cat([first[None], phi[:-1] + xc[1:]], 0)
+        return terms.masked_fill(self.invalid[..., None], -math.inf).logsumexp(0)
+
+    def score(self) -> Tensor:
+        """``(B, V)`` float64: ``log psi(g + c) - log psi(g)`` for every id ``c`` (for the
+        blank/end id: ``log P_ctc(g | x) - log psi(g)``)."""
+        ids = torch.arange(self.x.shape[-1], device=self.x.device).expand(self.x.shape[1], -1)
+        phi, first = self._phi_and_first(self.x, ids)
+        log_psi = self._log_psi(self.x, phi, first)
+        end = torch.logaddexp(self.r_n, self.r_b).gather(0, self.last_frame)[0]
+        log_psi[:, self.blank] = end
+        return log_psi - self.log_psi[:, None]
+
+    def advance(self, ids: Tensor, keep: Optional[Tensor] = None) -> None:
+        """Append ``ids`` ``(B,)`` (never the blank/end id) to the rows where ``keep``
+        ``(B,)`` bool is True (default: all); the other rows stay as they are."""
+        T, B = self.x.shape[0], ids.shape[0]
+        keep = torch.ones(B, dtype=torch.bool, device=ids.device) if keep is None else keep
+        ids = ids.masked_fill(~keep, 0 if self.blank else 1)  # any non-blank id for frozen rows
+        xc = self.x.gather(2, ids[None, :, None].expand(T, B, 1))       # (T, B, 1)
+        phi, first = self._phi_and_first(xc, ids[:, None])
+        log_psi = self._log_psi(xc, phi, first)[:, 0]
+        xc, phi, first = xc[..., 0], phi[..., 0], first[:, 0]
+        cum = xc.cumsum(0)    # r_t^n = e^cum_t (r_0^n e^-cum_0 + sum_{s<=t} phi_{s-1} e^-cum_{s-1})
+        r_n = cum + torch.logcumsumexp(torch.cat([(first - cum[0])[None],
+                                                  phi[:-1] - cum[:-1]], 0), 0)
+        r_b = self.cum_blank + torch.logcumsumexp(     # r_t^b = sum_{s<=t} r_{s-1}^n y_s..t^b
+            torch.cat([torch.full_like(r_n[:1], -math.inf),
+                       r_n[:-1] - self.cum_blank[:-1]], 0), 0)
+        self.r_n = torch.where(keep[None], r_n, self.r_n)
+        self.r_b = torch.where(keep[None], r_b, self.r_b)
+        self.log_psi = torch.where(keep, log_psi, self.log_psi)
+        self.last = torch.where(keep, ids, self.last)
+        self.started = True
+
+
 def ctc_targets(labels: Tensor) -> Tuple[Tensor, Tensor]:
     """(concatenated targets, lengths) for :func:`F.ctc_loss` from decoder labels
     (text ids, then 0 = end, then -100 padding): the text ids only."""
@@ -750,12 +833,17 @@ class SpeechModel(nn.Module):
           long as its encoder output (``"unended"``: one bool per utterance, True where that
           cap, or ``max_len``, stopped it before the end token);
         * ``"ctc"``: best-path CTC (:func:`ctc_greedy`), when the model has a CTC head;
-        * ``"joint"``: joint CTC/attention decoding by rescoring, with the score of Kim, Hori
-          and Watanabe (2017): of the two outputs above, the one with the higher
-          ``(1 - w) * log P_att(y + end | x) + w * log P_ctc(y | x)`` (``w = ctc_weight``,
-          default ``config.ctc_weight``; both log-probabilities of the whole sequence, the
-          CTC one summed over every alignment).
+        * ``"joint"``: one-pass joint CTC/attention greedy decoding (:meth:`_joint_greedy`):
+          each step takes the id with the highest ``(1 - w) log p_att(c | g) + w (log psi(g +
+          c) - log psi(g))``, the score of Kim, Hori and Watanabe (2017) with CTC prefix
+          probabilities ``psi`` (:class:`CTCPrefixScorer`) and a beam of one; ``w =
+          ctc_weight`` in ``[0, 1]``, default ``config.ctc_weight``.
+
+        Raises:
+            ValueError: ``ctc_weight`` outside ``[0, 1]``.
         """
+        if ctc_weight is not None and not 0.0 <= float(ctc_weight) <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
         if frame_lengths is None:
             frame_lengths = frame_lengths_of(spectrogram)
         memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
@@ -771,33 +859,41 @@ class SpeechModel(nn.Module):
         w = self.config.ctc_weight if ctc_weight is None else float(ctc_weight)
         log_probs = self.ctc_log_probs(memories)
         ctc = ctc_greedy(log_probs, lengths)
-        sa, sc = (self._joint_scores(memories, f0, log_probs, lengths, hyps, w).tolist()
-                  for hyps in (att, ctc))
         out["ctc"] = ctc
-        out["joint"] = [a if x >= y else c for a, c, x, y in zip(att, ctc, sa, sc)]
+        out["joint"] = self._joint_greedy(memories, f0, log_probs, lengths, w, max_len)
         return out
 
-    def _joint_scores(self, memories, f0, log_probs: Tensor, lengths: Tensor,
-                      hyps: List[List[int]], w: float) -> Tensor:
-        """(B,) ``(1 - w) log P_att(y + [0]) + w log P_ctc(y)`` of one hypothesis each."""
-        B, device = len(hyps), log_probs.device
-        N = max(len(h) for h in hyps) + 1
-        inp = torch.zeros(B, N, dtype=torch.long, device=device)
-        lab = torch.full((B, N), -100, dtype=torch.long, device=device)
-        for i, h in enumerate(hyps):
-            t = torch.tensor(h, dtype=torch.long, device=device)
-            inp[i, 1:1 + len(h)] = t
-            lab[i, :len(h)] = t
-            lab[i, len(h)] = 0
-        logp = F.log_softmax(self.decode(inp, memories, f0).float(), dim=-1)
-        att = logp.gather(-1, lab.clamp_min(0)[..., None])[..., 0].masked_fill(lab < 0, 0.0)
-        score = (1 - w) * att.sum(1)
-        if w > 0:
-            targets, target_lengths = ctc_targets(lab)
-            ctc = -F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths,
-                              blank=0, reduction="none", zero_infinity=False)
-            score = score + w * ctc.nan_to_num(neginf=-1e30)
-        return score
+    def _joint_greedy(self, memories, f0, log_probs: Tensor, lengths: Tensor, w: float,
+                      max_len: Optional[int]) -> List[List[int]]:
+        """One-pass joint CTC/attention greedy decoding (one hypothesis per row): each step
+        appends the id with the highest ``(1 - w) log p_att(c | g) + w (log psi(g + c) -
+        log psi(g))`` over the whole vocabulary (:class:`CTCPrefixScorer`; for the end token
+        the CTC term is ``log P_ctc(g | x) - log psi(g)``), Kim, Hori and Watanabe (2017)'s
+        score with a beam of one. A row stops at the end token or at its cap."""
+        B, device = log_probs.shape[0], log_probs.device
+        cap = torch.minimum(torch.full((B,), max_len or self.config.max_decode_len,
+                                       dtype=torch.long, device=device),
+                            lengths.to(device).clamp_min(1))
+        scorer = CTCPrefixScorer(log_probs, lengths) if w > 0 else None
+        step_fn = self._cached_stepper(memories, f0, B, device)
+        ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(int(cap.max())):
+            total = (1 - w) * F.log_softmax(step_fn(ids[:, -1:], t).double(), dim=-1)
+            if scorer is not None:
+                total = total + w * scorer.score()
+            nxt = total.argmax(-1).masked_fill(done, 0)
+            if scorer is not None:
+                scorer.advance(nxt, keep=nxt != 0)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= (nxt == 0) | (t + 1 >= cap)
+            if bool(done.all()):
+                break
+        out = []
+        for b, row in enumerate(ids[:, 1:].tolist()):
+            row = row[: int(cap[b])]
+            out.append(row[: row.index(0)] if 0 in row else row)
+        return out
 
     def _cached_stepper(self, memories, f0, B, device):
         kf0 = self._key_f0(f0)
@@ -839,5 +935,5 @@ class SpeechModel(nn.Module):
 
 
 __all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
-           "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
+           "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets", "CTCPrefixScorer",
            "downsampled_lengths", "frame_lengths_of"]

@@ -172,7 +172,8 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     Returns ``{cer, wer, n, refs, hyps, ids}`` for the attention decoder's greedy output
     and, when the model has a CTC head, ``ctc_cer``, ``ctc_wer`` and ``ctc_hyps`` for greedy
     CTC decoding of the same utterances and ``joint_cer``, ``joint_wer``, ``joint_hyps`` for
-    joint CTC/attention rescoring (:meth:`SpeechModel.transcribe`).
+    one-pass joint CTC/attention greedy decoding with CTC prefix scores
+    (:meth:`SpeechModel.transcribe`).
     """
     import jiwer
     was_training = model.training
