@@ -1,5 +1,5 @@
 """The attention providers: every way of computing zero-soft attention + f0 rotary (or the
-nearest thing) the benchmarks time side by side (DESIGN.md section 6, issue 15).
+nearest thing) the benchmarks time side by side (docs/design.md section 6, issue 15).
 
 * ``zeromask[<backend>]`` for every backend :func:`zeromask.available_backends` lists
   (a backend that cannot run here is a row marked unavailable, with the reason);

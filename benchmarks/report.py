@@ -1,7 +1,7 @@
 """The report of the benchmarks: the markdown table, the raw JSON, the plots, the block a
 README quotes, and how far a run is from the committed results of the same suite.
 
-``markdown`` opens with the check of the suite's targets (DESIGN.md section 6 for the
+``markdown`` opens with the check of the suite's targets (docs/design.md section 6 for the
 ``cpu``/``gpu`` suites, issue 15's for ``model``), then one table per op, mode and shape
 group. Every function takes the :class:`runner.Row` list of one run and its ``meta``.
 """
@@ -85,7 +85,7 @@ def _fmt_share(fused: Optional[Row], peak: Optional[float], label: Optional[str]
 
 
 def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> List[str]:
-    """The DESIGN.md section-6 lines for this run; ``ceiling`` (:func:`compute_ceiling`)
+    """The docs/design.md section-6 lines for this run; ``ceiling`` (:func:`compute_ceiling`)
     adds how each fused time compares with the device's compute peak, and what rate a
     missed speed-up target would need."""
     lines: List[str] = []
@@ -104,7 +104,7 @@ def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> Li
         present = [r for r in att if r.batch == s6["batch"] and r.heads == s6["heads"]
                    and r.length == s6["length"] and r.head_dim == s6["head_dim"]
                    and r.dtype == "fp32"]
-        lines.append(f"### DESIGN.md section 6, CPU check ({shape})")
+        lines.append(f"### docs/design.md section 6, CPU check ({shape})")
         lines.append("")
         if not present:
             lines.append(f"This run has no {shape} row (the `cpu` suite has it).")
@@ -114,7 +114,7 @@ def section6(rows: List[Row], device: str, ceiling: Optional[dict] = None) -> Li
         targets = ("fused ÷ sdpa time ≤ 1.25; naive ÷ fused ≥ 3; flex+rope ÷ fused ≥ 3")
     else:
         cells = sorted({(r.length, r.head_dim, r.dtype) for r in att})
-        lines.append("### DESIGN.md section 6, GPU check")
+        lines.append("### docs/design.md section 6, GPU check")
         lines.append("")
         targets = (f"fused throughput ≥ {SECTION6_GPU_FWD}x flash SDPA's forward and ≥ "
                    f"{SECTION6_GPU_FWDBWD}x fwd+bwd, i.e. fused ÷ sdpa time ≤ "

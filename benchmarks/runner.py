@@ -78,7 +78,7 @@ SUITES: Dict[str, dict] = {
                   providers=["zeromask", "sdpa", "sdpa+bias+rope", "naive"], time_budget=1.0),
 }
 
-#: DESIGN.md section 6, CPU: this shape, fused within 1.25x SDPA, >= 3x naive and flex.
+#: docs/design.md section 6, CPU: this shape, fused within 1.25x SDPA, >= 3x naive and flex.
 SECTION6_CPU = dict(batch=1, heads=8, length=2048, head_dim=64, dtype=torch.float32)
 SECTION6_GPU_FWD, SECTION6_GPU_FWDBWD, SECTION6_GPU_FLEX = 0.9, 0.8, 1.3
 

@@ -1,4 +1,4 @@
-"""One-pass f0-rotary + zero-soft attention (DESIGN.md 3.3): Triton forward and backward.
+"""One-pass f0-rotary + zero-soft attention (docs/design.md 3.3): Triton forward and backward.
 
 Forward: one program per (query block, batch x q head). Q and K tiles are loaded as rotary
 halves (see :mod:`zeromask.kernels.common`), rotated in registers with cos/sin computed from

@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernels: rotary angles, pair-wise tile loads, interpreter flags.
 
-The f0 rotary (DESIGN.md 3.1) is applied to a tile by loading its rotary dims as two
+The f0 rotary (docs/design.md 3.1) is applied to a tile by loading its rotary dims as two
 ``(rows, R/2)`` halves ``a``/``b`` (NeoX: columns ``i`` and ``i + R/2``; interleaved:
 columns ``2i`` and ``2i + 1``, strided offsets) plus the pass-through dims ``>= R`` as a third
 tile, so a rotation is two element-wise products and never a gather or a shuffle.

@@ -1,4 +1,4 @@
-"""f0 rotary (DESIGN.md 3.1) as a Triton kernel: forward, backward, dtheta and dradius.
+"""f0 rotary (docs/design.md 3.1) as a Triton kernel: forward, backward, dtheta and dradius.
 
 One program handles ``BLOCK_L`` positions of one batch row and loops over the heads, so the
 angles are computed once per position and the backward sums dtheta over heads and pairs in

@@ -74,7 +74,7 @@ def attention_case(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=32, *, rotary=True, zero_fr
     return case
 
 
-#: backends whose kernels form rotary angles in float32 (DESIGN.md 3.1's rule allows it)
+#: backends whose kernels form rotary angles in float32 (docs/design.md 3.1's rule allows it)
 FLOAT32_ANGLES = ("triton", "cuda")
 _DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")
 
@@ -144,7 +144,7 @@ def check_attention(case: dict, dtype: torch.dtype, backend: str, device="cpu") 
     reversed (every P V and dO V^T sum in another order) and, where the key order is free
     (not causal, no seqlens_k), with the keys reversed; the yardstick is the largest error.
     For the backends that form rotary angles in float32 (``FLOAT32_ANGLES``, as the
-    precision rule of DESIGN.md 3.1 allows) the reference with float32 angles is one more.
+    precision rule of docs/design.md 3.1 allows) the reference with float32 angles is one more.
     """
     oracle_out, oracle_g = _run(case, torch.float64, "cpu", "reference")
     same_out, same_g = _run(case, dtype, device, "reference")

@@ -67,7 +67,7 @@ def test_files_written(report):
             assert png.name in md.read_text()  # the table links its plots
     text = md.read_text()
     for header in ("| device |", "| versions | torch", "| commit |", "| date |",
-                   "DESIGN.md section 6", "fwd+bwd = 3.5x forward"):
+                   "docs/design.md section 6", "fwd+bwd = 3.5x forward"):
         assert header in text, header
     # the command prints the table and names what it wrote
     assert "| L | provider | median ms | min ms | IQR |" in stdout
@@ -83,7 +83,7 @@ def test_readme_block_written(report):
     start, end = f"<!-- benchmarks:{slug}/cpu-quick -->", f"<!-- /benchmarks:{slug}/cpu-quick -->"
     assert text.count(start) == 1 and text.count(end) == 1
     block = text.split(start)[1].split(end)[0]
-    assert "DESIGN.md section 6" in block and "(cpu-quick_attention_time.png)" in block
+    assert "docs/design.md section 6" in block and "(cpu-quick_attention_time.png)" in block
     assert "| sdpa | " in block and "(1.00x)" in block
 
 

@@ -227,7 +227,7 @@ def test_zero_scale_that_underflows_is_refused(backend, scale):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("zero_mode", ["prob", "score"])
 def test_all_zero_keys_at_the_smallest_scale_are_an_ordinary_row(backend, zero_mode):
-    """DESIGN.md 3.3: keys that are all zero tokens share one factor, so the row is plain
+    """docs/design.md 3.3: keys that are all zero tokens share one factor, so the row is plain
     attention (prob mode) or attention on scaled logits (score mode), never empty."""
     case = _plain_case(B=2, Hq=2, Hkv=2, Lq=5, Lk=7, D=16, rotary=False, zero_frac=1.0,
                        zero_mode=zero_mode)
@@ -395,7 +395,7 @@ def test_cpp_is_bitwise_independent_of_threads_when_deterministic(kw):
 
 
 # --------------------------------------------------------------------------------------
-# rotary angles: one precision rule (DESIGN.md 3.1), the reference the most accurate
+# rotary angles: one precision rule (docs/design.md 3.1), the reference the most accurate
 # --------------------------------------------------------------------------------------
 ANGLE_POSITIONS = [0, 1, 7, 1000, 65_535, 65_536, 1_000_003, 4_194_301, 2 ** 24 - 1]
 

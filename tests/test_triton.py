@@ -1,4 +1,4 @@
-"""The Triton backend against the reference (DESIGN.md 3.1, 3.3, 4).
+"""The Triton backend against the reference (docs/design.md 3.1, 3.3, 4).
 
 Without a GPU these run the kernels in Triton's interpreter on CPU tensors (conftest sets
 ``TRITON_INTERPRET=1`` before Triton is imported, and ``ZEROMASK_POISON=1`` so an output

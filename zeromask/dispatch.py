@@ -1,4 +1,4 @@
-"""The one place that picks a backend (DESIGN.md section 4).
+"""The one place that picks a backend (docs/design.md section 4).
 
 ``backend=`` argument, else the ``ZEROMASK_BACKEND`` environment variable, else ``auto``:
 

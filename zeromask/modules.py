@@ -43,7 +43,7 @@ def resample_contour(f0: Tensor, length: int) -> Tensor:
 
 
 class F0Rotary(nn.Module):
-    """F0 contour (Hz; 0 or NaN = unvoiced) -> per-position rotary theta (DESIGN.md 3.2).
+    """F0 contour (Hz; 0 or NaN = unvoiced) -> per-position rotary theta (docs/design.md 3.2).
 
     ``mode="echo"``: ``theta = t_min + (t_max - t_min) * log1p(f0/700) / log1p(300/700)``
     with f0 clamped to ``[fmin, fmax]``; ``mode="additive"``: ``theta = theta_base + f0``.

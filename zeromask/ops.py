@@ -232,7 +232,7 @@ def _radius(radius, rotary_dim: int, device, dtype) -> Optional[Tensor]:
 
 #: the smallest zero_scale every backend represents: float32's smallest normal number.
 #: Below it s rounds to a subnormal or to 0 in float32, ln(s) to -inf, and a row whose keys
-#: are all zero tokens would stop being an ordinary row (DESIGN.md 3.3).
+#: are all zero tokens would stop being an ordinary row (docs/design.md 3.3).
 MIN_ZERO_SCALE = float(torch.finfo(torch.float32).tiny)
 
 
@@ -603,7 +603,7 @@ def zero_soft_attention(
     length; a row with no unmasked key returns 0. ``theta_q``/``theta_k`` (float > 1 or
     ``(B, L)``) switch on the f0 rotary for that side, at positions ``pos_q``/``pos_k``
     (default ``arange(L)``, queries offset by ``Lk - Lq`` when causal). Differentiable in
-    q, k, v, theta_q, theta_k, radius and zero_scale. See DESIGN.md 3.3.
+    q, k, v, theta_q, theta_k, radius and zero_scale. See docs/design.md 3.3.
     """
     a = _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
                              seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
@@ -657,7 +657,7 @@ def f0_rotary(
     radius: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Rotary embedding of x ``(B, H, L, D)`` with a per-position theta (DESIGN.md 3.1).
+    """Rotary embedding of x ``(B, H, L, D)`` with a per-position theta (docs/design.md 3.1).
 
     theta: float > 1, ``(L,)`` or ``(B, L)``; positions: None (``arange(L)``), an int
     offset, ``(L,)`` or ``(B, L)``. Pairs are ``(i, i + R/2)`` (GPT-NeoX/LLaMA) or, with

@@ -1,6 +1,6 @@
 """The executable spec: naive PyTorch implementations of every zeromask op.
 
-Everything here follows DESIGN.md section 3 literally, materialises the full L x L score
+Everything here follows docs/design.md section 3 literally, materialises the full L x L score
 matrix, works in any floating dtype (float64 is the test oracle) and is differentiable in
 every input the kernels differentiate: q, k, v, theta_q, theta_k, radius and zero_scale.
 
@@ -62,7 +62,7 @@ def f0_rotary(
     interleaved: bool = False,
     radius: Optional[Tensor] = None,
 ) -> Tensor:
-    """Rotate x (B, H, L, D) by per-position angles (DESIGN.md 3.1).
+    """Rotate x (B, H, L, D) by per-position angles (docs/design.md 3.1).
 
     The angles ``phi = pos * theta ** (-2i/R)`` and their cos/sin are formed in float64 (on
     MPS, which has none, float32) and rounded once to x's compute dtype: the precision rule
@@ -77,7 +77,7 @@ def f0_rotary(
     R = D if rotary_dim is None else rotary_dim
     compute = x.dtype if x.dtype == torch.float64 else torch.float32
     ref = x.to(compute)
-    # the angles in float64 whatever x's dtype (DESIGN.md 3.1's precision rule: the spec
+    # the angles in float64 whatever x's dtype (docs/design.md 3.1's precision rule: the spec
     # at least as accurate as any kernel); MPS has no float64
     float32_asked = compute == torch.float32 and _ANGLE_DTYPE[-1] == torch.float32
     angle = torch.float32 if (x.device.type == "mps" or float32_asked) else torch.float64
@@ -182,7 +182,7 @@ def _scores(q: Tensor, k: Tensor, *, key_zero=None, zero_scale=1e-6, zero_mode="
 
 
 def zero_soft_scores(q: Tensor, k: Tensor, **kwargs) -> Tensor:
-    """The masked logits S' of DESIGN.md 3.3, shape (B, Hq, Lq, Lk), -inf where hard-masked.
+    """The masked logits S' of docs/design.md 3.3, shape (B, Hq, Lq, Lk), -inf where hard-masked.
 
     Keyword arguments: ``key_zero``, ``zero_scale`` (float or 0-dim tensor), ``zero_mode``,
     ``causal``, ``sm_scale``, ``seqlens_k``, ``theta_q``, ``theta_k``, ``pos_q``, ``pos_k``,
@@ -299,7 +299,7 @@ def _masked_matmul(p: Tensor, v: Tensor) -> Tensor:
 
 
 def zero_soft_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-    """O = softmax(S') V (DESIGN.md 3.3); same kwargs as :func:`zero_soft_scores`."""
+    """O = softmax(S') V (docs/design.md 3.3); same kwargs as :func:`zero_soft_scores`."""
     p = zero_soft_attention_weights(q, k, **kwargs)  # attn_bias too
     v = keys_within_length(v, kwargs.get("seqlens_k"))
     Hq, Hkv = q.shape[1], v.shape[1]

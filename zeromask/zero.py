@@ -1,4 +1,4 @@
-"""Which tokens are zero tokens (DESIGN.md 3.4).
+"""Which tokens are zero tokens (docs/design.md 3.4).
 
 Every helper returns a bool tensor, True where the token is a zero token, ready to pass as
 ``key_zero`` to :func:`zeromask.zero_soft_attention` or as ``key_padding_mask`` to

@@ -1,5 +1,5 @@
 // zeromask CPU kernels: fused f0 rotary + zero-soft attention (forward and backward) and the
-// standalone f0 rotary op.  DESIGN.md sections 3.1 and 3.3; the kernel contract is the
+// standalone f0 rotary op.  docs/design.md sections 3.1 and 3.3; the kernel contract is the
 // docstring of zeromask/backends/__init__.py.
 //
 // Structure (flash-attention-2 style, fp32 accumulation for every input dtype):

@@ -1,6 +1,6 @@
 // zeromask CUDA kernels: fused f0 rotary + zero-soft attention (forward, backward) and the
 // standalone f0 rotary op.  Plain CUDA C++ on raw pointers (no ATen / c10 headers), so nvcc
-// compiles it on a machine whose torch is a CPU build.  DESIGN.md 3.1 and 3.3.
+// compiles it on a machine whose torch is a CPU build.  docs/design.md 3.1 and 3.3.
 //
 // Layout: a block is 8 warps.  Forward and dQ: one warp per query row, key tiles of 32
 // keys (rotated as they are loaded into shared memory, score-mode scale folded in), lane j

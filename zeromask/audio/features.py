@@ -1,4 +1,4 @@
-"""Audio features for the reference speech model (DESIGN.md section 5).
+"""Audio features for the reference speech model (docs/design.md section 5).
 
 :func:`extract_features` turns a waveform into five time-aligned streams at one hop rate
 (frame ``i`` is centred on sample ``i * hop_length``, ``1 + len(wav) // hop_length`` frames,

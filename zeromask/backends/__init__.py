@@ -6,7 +6,7 @@ backend never validates user input and never sees a Python float where a tensor 
 
 The kernel contract (every backend except ``reference``, whose autograd is PyTorch's own):
 
-Attention (DESIGN.md 3.3)::
+Attention (docs/design.md 3.3)::
 
     attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k,
                       radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
@@ -30,7 +30,7 @@ Attention (DESIGN.md 3.3)::
     theta's shape (None when that theta is None); dradius float32 (R/2,) or None;
     dzero_scale float32 0-dim (None when key_zero is None).
 
-Rotary (DESIGN.md 3.1)::
+Rotary (docs/design.md 3.1)::
 
     rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved) -> y
     rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved)

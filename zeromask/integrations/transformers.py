@@ -22,7 +22,7 @@ so no model code changes):
 * **zero tokens** (opt-in, :func:`zero_tokens`): inside the block, every attention whose keys
   are the audio frames (the non-causal ones: encoder self-attention and decoder
   cross-attention) scales the given frames' attention by ``zero_scale`` (zero-soft attention,
-  DESIGN.md 3.3); causal (text) self-attention is left as it is;
+  docs/design.md 3.3); causal (text) self-attention is left as it is;
 * ``scaling`` becomes ``sm_scale``; GQA key/value heads pass through unrepeated.
 
 Refused with a clear error rather than approximated: attention dropout > 0 while training

@@ -1,4 +1,4 @@
-"""The reference speech model (DESIGN.md section 5): per-feature encoders, gated decoder.
+"""The reference speech model (docs/design.md section 5): per-feature encoders, gated decoder.
 
 Encoder: for each feature in ``feature_order`` (spectrogram ``(B, T, n_mels)``, waveform
 frames ``(B, T, hop)``, pitch ``(B, T, 3)`` = f0, energy, periodicity) its own front-end
@@ -583,7 +583,7 @@ def ctc_targets(labels: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 class SpeechModel(nn.Module):
-    """Encoder/decoder ASR of DESIGN.md section 5 (see the module doc)."""
+    """Encoder/decoder ASR of docs/design.md section 5 (see the module doc)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -23,7 +23,7 @@ class ModelConfig:
     Comparison switches (issue 7's experiments):
 
     ``zero_mode``       "prob" (zero-token weight x ``zero_scale``) or "score" (Echo's logit
-                        x ``zero_scale``), see DESIGN.md 3.3.
+                        x ``zero_scale``), see docs/design.md 3.3.
     ``zero_scaling``    True: zero tokens are soft-scaled (zero-soft attention, any backend).
                         False: zero tokens are removed with -inf instead (a boolean mask in
                         ``F.scaled_dot_product_attention`` after the same f0 rotary; a row
