@@ -261,6 +261,29 @@ def _big_plan(n=400, n_shifted=100, **kw):
                               **kw), train_v, test_v, heldout
 
 
+def test_wide_train_ranges_cover_shifted_and_leave_test_and_shifted_unchanged():
+    narrow = _big_plan()[0]
+    wide = _big_plan(train_ranges=synth.TRAIN_RANGES["wide"])[0]
+    assert ([p for p in wide if p["split"] != "train"]
+            == [p for p in narrow if p["split"] != "train"])
+    tr = [p for p in wide if p["split"] == "train"]
+    w = synth.TRAIN_RANGES["wide"]
+    sh = [p for p in wide if p["split"] == "shifted"]
+    for p in tr:
+        assert w.speed[0] <= p["speed"] <= w.speed[1] and w.pitch[0] <= p["pitch"] <= w.pitch[1]
+        a = p["augment"]
+        if a and a["noise"]:
+            assert w.snr_db[0] <= a["noise"]["snr_db"] <= w.snr_db[1]
+        if a and a["reverb"]:
+            assert w.rt60[0] <= a["reverb"]["rt60"] <= w.rt60[1]
+    for p in sh:  # shifted/'s prosody and rooms lie inside the wide training ranges
+        assert w.speed[0] <= p["speed"] <= w.speed[1] and w.pitch[0] <= p["pitch"] <= w.pitch[1]
+    assert sum(not synth.TRAIN_SPEED[0] <= p["speed"] <= synth.TRAIN_SPEED[1] for p in tr) > 100
+    assert [p["text"] for p in tr] == [p["text"] for p in narrow if p["split"] == "train"]
+    with pytest.raises(ValueError, match="train_ranges"):
+        synth.make_dataset("/nonexistent", 10, train_ranges="huge")
+
+
 def test_plan_splits_engines_and_ranges():
     plans, train_v, test_v, heldout = _big_plan()
     by = {s: [p for p in plans if p["split"] == s] for s in ("train", "test", "shifted")}

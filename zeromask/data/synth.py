@@ -73,7 +73,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -106,6 +106,25 @@ SHIFTED_SNR_DB = (10.0, 20.0)
 SHIFTED_RT60 = (0.3, 0.6)
 #: in shifted/, each utterance gets noise and (independently) reverberation with this chance.
 SHIFTED_AUGMENT_P = 0.8
+
+
+class TrainRanges(NamedTuple):
+    """Speed factor, pitch (semitones), SNR (dB) and RT60 (s) ranges of train/ (test/ always
+    uses :data:`TRAIN_SPEED`, :data:`TRAIN_PITCH` and clean audio)."""
+    speed: Tuple[float, float]
+    pitch: Tuple[float, float]
+    snr_db: Tuple[float, float]
+    rt60: Tuple[float, float]
+
+
+#: ``--train-ranges``: ``narrow`` keeps train/ in test/'s speed and pitch ranges (shifted/'s
+#: prosody and rooms are then outside training); ``wide`` widens the augmentation of train/
+#: over shifted/'s speeds, pitches, SNRs and RT60s, so that shifted/ differs from training
+#: only in engine (festival), accent (en-029) and texts.
+TRAIN_RANGES = {
+    "narrow": TrainRanges(TRAIN_SPEED, TRAIN_PITCH, TRAIN_SNR_DB, TRAIN_RT60),
+    "wide": TrainRanges((0.55, 1.6), (-7.0, 7.0), (8.0, 35.0), (0.1, 0.65)),
+}
 
 INSTALL_HINT = ("espeak-ng is not installed (or not on PATH). Install it with "
                 "`apt-get install -y espeak-ng` (Debian/Ubuntu) or `brew install espeak-ng`, "
@@ -465,14 +484,16 @@ def plan_dataset(n: int, *, test_fraction: float = 0.1, seed: int = 0,
                  train_voices: Sequence[str], test_voices: Sequence[str],
                  flite_voices: Sequence[str] = (), flite_fraction: float = 0.3,
                  augment_fraction: float = 0.5, n_shifted: int = 0,
-                 festival_voices: Sequence[str] = (), heldout_voices: Sequence[str] = ()
-                 ) -> List[dict]:
+                 festival_voices: Sequence[str] = (), heldout_voices: Sequence[str] = (),
+                 train_ranges: TrainRanges = TRAIN_RANGES["narrow"]) -> List[dict]:
     """Every utterance's plan (what :func:`make_dataset` renders), deterministic in ``seed``.
 
     ``train_voices``/``test_voices``: espeak-ng voices; ``flite_voices`` used for
     ``flite_fraction`` of the training utterances (none when empty); ``festival_voices``
     and ``heldout_voices`` (espeak-ng voices of the held-out family) share the ``n_shifted``
     shifted utterances half and half (all to one side when the other has no voices).
+    ``train_ranges`` (:data:`TRAIN_RANGES`) sets train/'s speed, pitch, SNR and RT60 ranges;
+    the random draws are the same for every choice, so test/ and shifted/ do not change.
     """
     gen = SentenceGenerator(seed)
     rng = random.Random(seed + 1)
@@ -495,8 +516,9 @@ def plan_dataset(n: int, *, test_fraction: float = 0.1, seed: int = 0,
         if i in aug_idx:
             kind = rng_aug.choice(("noise", "reverb", "reverb+noise"))
             augment = _augment_plan(rng_aug, "noise" in kind, "reverb" in kind,
-                                    TRAIN_SNR_DB, TRAIN_RT60)
-        speed, pitch = _uniform(rng, TRAIN_SPEED), _uniform(rng, TRAIN_PITCH, 2)
+                                    train_ranges.snr_db, train_ranges.rt60)
+        ranges = train_ranges if split == "train" else TRAIN_RANGES["narrow"]
+        speed, pitch = _uniform(rng, ranges.speed), _uniform(rng, ranges.pitch, 2)
         plans.append(_utterance(rng, split, f"{split}/{i:06d}", text, engine, voice, speed,
                                 pitch, augment))
     if n_shifted > 0:
@@ -631,12 +653,14 @@ def make_dataset(out, n: int, *, test_fraction: float = 0.1, voice_test_fraction
                  flite_fraction: float = 0.3, flite_voices: Sequence[str] = FLITE_VOICES,
                  augment_fraction: float = 0.5, n_shifted: Optional[int] = None,
                  festival_voices: Sequence[str] = FESTIVAL_VOICES,
-                 heldout_accents: Sequence[str] = HELDOUT_ACCENTS) -> DatasetResult:
+                 heldout_accents: Sequence[str] = HELDOUT_ACCENTS,
+                 train_ranges: str = "narrow") -> DatasetResult:
     """Write ``n`` train+test utterances and ``n_shifted`` shifted ones under ``out`` (see
     the module doc); returns the manifest records.
 
     ``engines``: the training engines (``espeak-ng`` required; ``flite`` optional; festival
-    is reserved for the shifted set). ``n_shifted`` defaults to ``max(50, round(0.1 * n))``;
+    is reserved for the shifted set). ``train_ranges``: a key of :data:`TRAIN_RANGES`.
+    ``n_shifted`` defaults to ``max(50, round(0.1 * n))``;
     0 makes no shifted set (and needs no festival). Raises :class:`EngineNotFound`
     (:class:`EspeakNotFound`, :class:`FliteNotFound`, :class:`FestivalNotFound`) before
     writing anything where a needed engine is missing. Resumable (see the module doc).
@@ -653,6 +677,9 @@ def make_dataset(out, n: int, *, test_fraction: float = 0.1, voice_test_fraction
                          f"{list(TRAIN_ENGINES)}")
     if not 0 <= flite_fraction <= 1 or not 0 <= augment_fraction <= 1:
         raise ValueError("flite_fraction and augment_fraction must be in [0, 1]")
+    if train_ranges not in TRAIN_RANGES:
+        raise ValueError(f"train_ranges must be one of {sorted(TRAIN_RANGES)}, "
+                         f"got {train_ranges!r}")
     n_shifted = max(50, round(0.1 * n)) if n_shifted is None else int(n_shifted)
     if n_shifted < 0:
         raise ValueError("n_shifted must be >= 0")
@@ -687,7 +714,7 @@ def make_dataset(out, n: int, *, test_fraction: float = 0.1, voice_test_fraction
                          test_voices=test_v, flite_voices=fl_voices,
                          flite_fraction=flite_fraction, augment_fraction=augment_fraction,
                          n_shifted=n_shifted, festival_voices=fe_voices,
-                         heldout_voices=heldout)
+                         heldout_voices=heldout, train_ranges=TRAIN_RANGES[train_ranges])
     tok = CharTokenizer()
     for p in plans:  # the generator only emits alphabet characters; keep it that way
         assert tok.normalize(p["text"]) == p["text"], p["text"]
