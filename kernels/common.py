@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from zeromask.outputs import new_output
+
 LOG2E = 1.4426950408889634
 
 
@@ -29,9 +31,7 @@ USE_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 def alloc(shape, dtype, device):
-    """A kernel output, through :func:`zeromask.backends.new_output` (NaN-poisoned in
-    tests). Imported at call time: the backends package imports these kernels lazily."""
-    from zeromask.backends import new_output
+    """A kernel output from :func:`zeromask.outputs.new_output` (NaN-poisoned in tests)."""
     return new_output(shape, dtype=dtype, device=device)
 
 

@@ -77,3 +77,36 @@ def test_fma_probe_is_built_with_the_cpu_extension_flags():
     for flag in runner.cpu_extension_flags():
         assert f'"{flag}"' in setup_py, flag
     assert "ZEROMASK_PORTABLE" in setup_py
+
+
+def _zeromask_imports(path: Path) -> set:
+    """The zeromask modules a source file imports, at module level or inside functions."""
+    import ast
+    tree = ast.parse(path.read_text())
+    pkg = "zeromask.kernels" if path.parent.name == "kernels" else ".".join(
+        path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            out.update(n for n in names if n.startswith("zeromask"))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("zeromask"))
+    return out
+
+
+def test_no_import_loop_between_kernels_and_backends():
+    """The Triton launchers (zeromask.kernels) take their output allocator from the leaf
+    module zeromask.outputs, which imports nothing of zeromask; nothing in kernels/ reaches
+    back into the backends, the dispatch or the ops that import it."""
+    assert _zeromask_imports(ROOT / "zeromask" / "outputs.py") == set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        back = {m for m in _zeromask_imports(path)
+                if m.startswith(("zeromask.backends", "zeromask.dispatch", "zeromask.ops",
+                                 "zeromask.modules"))}
+        assert not back, (path.name, back)
+    assert "zeromask.outputs.new_output" in _zeromask_imports(ROOT / "kernels" / "common.py")

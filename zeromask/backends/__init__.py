@@ -42,27 +42,14 @@ Rotary (docs/design.md 3.1)::
 ``available()`` returns None when the backend can run at all in this process, else the
 reason; ``supports(op, **call)`` returns None when it can serve that call, else the reason
 (op is "attention" or "rotary"; call holds the forward's tensors and flags by name).
-Outputs are allocated with :func:`new_output`, so tests can poison them.
+Outputs are allocated with :func:`zeromask.outputs.new_output`, so tests can poison them.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-
-
-def new_output(shape, *, dtype, device) -> torch.Tensor:
-    """``torch.empty`` for kernel outputs; NaN-filled when ``ZEROMASK_POISON=1``.
-
-    Every kernel launcher allocates its outputs here, and the test suite sets
-    ``ZEROMASK_POISON=1``, so an element a kernel forgets to write fails the comparison.
-    """
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("ZEROMASK_POISON") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 #: the input dtypes every compiled backend takes (float64 runs on the reference).

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, common_support, new_output
+from ..outputs import new_output
+from . import Backend, common_support
 
 
 try:  # the compiled extension is optional: the package works without it (reference)

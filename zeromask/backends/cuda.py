@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, common_support, new_output
+from ..outputs import new_output
+from . import Backend, common_support
 
 MAX_HEAD_DIM = 128  # csrc/cuda/zeromask_cuda.h kMaxHeadDim
 
