@@ -100,6 +100,38 @@ def test_gqa_module_and_cross_attention_with_separate_contours():
     assert out.shape == (2, 5, 32) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_kv_cache_steps_through_the_public_pieces_equal_the_causal_forward(num_kv_heads):
+    """project_key_value once per token, attend one query at position t against the cache:
+    the same rows as forward(is_causal=True) over the whole sequence, zero tokens and f0
+    rotary included; attend on full projections equals forward; wrong heads are refused."""
+    torch.manual_seed(3)
+    zsa = ZeroSoftAttention(32, 4, num_kv_heads=num_kv_heads, batch_first=True,
+                            rotary=F0Rotary(), zero_scale=1e-3).eval()
+    x = torch.randn(2, 7, 32)
+    f0 = torch.rand(2, 7) * 200 + 80
+    zero_keys = torch.rand(2, 7) < 0.3
+    zero_keys[:, 0] = True  # the start token
+    with torch.no_grad():
+        full, _ = zsa(x, x, x, key_padding_mask=zero_keys, is_causal=True, f0=f0)
+        q = zsa.project_query(x)
+        k, v = zsa.project_key_value(x)
+        again = zsa.attend(q, k, v, key_padding_mask=zero_keys, is_causal=True, f0=f0)
+        torch.testing.assert_close(again, full)
+        steps = []
+        for t in range(7):
+            kt, vt = zsa.project_key_value(x[:, : t + 1])
+            steps.append(zsa.attend(zsa.project_query(x[:, t:t + 1]), kt, vt,
+                                    key_padding_mask=zero_keys[:, : t + 1],
+                                    query_f0=f0[:, t:t + 1], key_f0=f0[:, : t + 1],
+                                    query_pos=t))
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="q must be"):
+            zsa.attend(torch.randn(2, 3, 7, 8), k, v)
+        with pytest.raises(ValueError, match="k must be"):
+            zsa.attend(q, q[:, :, :, :4], v)
+
+
 def test_module_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dropout"):
         ZeroSoftAttention(16, 2, dropout=0.1)

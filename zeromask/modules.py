@@ -255,11 +255,104 @@ class ZeroSoftAttention(nn.Module):
         new.load_state_dict(mha.state_dict(), strict=True)
         return new
 
-    def _projections(self) -> Tuple[Tensor, Tensor, Tensor]:
+    def _projections(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor],
+                                    Optional[Tensor]]:
+        """(wq, wk, wv, bq, bk, bv) of the input projections (biases None without bias)."""
         if self._qkv_same_embed_dim:
             E = self.embed_dim
-            return self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
-        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            w = self.in_proj_weight
+            wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        if self.in_proj_bias is None:
+            return wq, wk, wv, None, None, None
+        kv = self.num_kv_heads * self.head_dim
+        return (wq, wk, wv) + tuple(self.in_proj_bias.split([self.embed_dim, kv, kv]))
+
+    # the pieces of forward, public for KV-cache decoding -------------------------------
+    def project_query(self, query: Tensor) -> Tensor:
+        """Query heads ``(B, num_heads, Lq, head_dim)`` from a batch-first ``(B, Lq,
+        embed_dim)`` query (the input projection only: rotary is applied in :meth:`attend`).
+        """
+        wq, _, _, bq, _, _ = self._projections()
+        B, L, _ = query.shape
+        return F.linear(query, wq, bq).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_key_value(self, key: Tensor, value: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor]:
+        """Key and value heads, each ``(B, num_kv_heads, Lk, head_dim)``, from batch-first
+        ``(B, Lk, kdim)`` keys and ``(B, Lk, vdim)`` values (``value`` defaults to ``key``).
+        They are not rotated, so a KV cache keeps them as they are and grows along dim 2.
+        """
+        _, wk, wv, _, bk, bv = self._projections()
+        value = key if value is None else value
+        B, L = key.shape[:2]
+        shape = (B, L, self.num_kv_heads, self.head_dim)
+        k = F.linear(key, wk, bk).view(shape).transpose(1, 2)
+        v = F.linear(value, wv, bv).view(value.shape[0], value.shape[1], self.num_kv_heads,
+                                         self.head_dim).transpose(1, 2)
+        return k, v
+
+    def project_output(self, heads: Tensor) -> Tensor:
+        """``(B, num_heads, Lq, head_dim)`` attention heads -> batch-first ``(B, Lq,
+        embed_dim)`` through ``out_proj``."""
+        B, H, L, D = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(B, L, H * D))
+
+    def attention_kwargs(self, B: int, Lq: int, Lk: int, *,
+                         key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
+                         f0: Optional[Tensor] = None, query_f0: Optional[Tensor] = None,
+                         key_f0: Optional[Tensor] = None, query_pos=None, key_pos=None,
+                         seqlens_k: Optional[Tensor] = None) -> dict:
+        """The keyword arguments of :func:`zeromask.zero_soft_attention` this module passes
+        for ``B`` sequences of ``Lq`` queries and ``Lk`` keys: zero tokens, scale and mode,
+        causal flag, ``seqlens_k`` and, with a rotary, each side's theta (from ``query_f0`` /
+        ``key_f0``, else ``f0``, else the constant base), positions, rotary dim, layout and
+        radius."""
+        kw = dict(key_zero=key_padding_mask, zero_scale=self.zero_scale,
+                  zero_mode=self.zero_mode, causal=bool(is_causal), seqlens_k=seqlens_k)
+        if self.rotary is not None:
+            qf = query_f0 if query_f0 is not None else f0
+            kf = key_f0 if key_f0 is not None else f0
+            kw.update(theta_q=self.rotary(qf, Lq, B), theta_k=self.rotary(kf, Lk, B),
+                      pos_q=query_pos, pos_k=key_pos, rotary_dim=self.rotary.rotary_dim,
+                      interleaved=self.rotary.interleaved, radius=self.rotary.radius)
+        return kw
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *,
+               key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
+               f0: Optional[Tensor] = None, query_f0: Optional[Tensor] = None,
+               key_f0: Optional[Tensor] = None, query_pos=None, key_pos=None,
+               seqlens_k: Optional[Tensor] = None) -> Tensor:
+        """Zero-soft attention of projected heads, through ``out_proj``: batch-first
+        ``(B, Lq, embed_dim)``.
+
+        Args:
+            q: ``(B, num_heads, Lq, head_dim)`` from :meth:`project_query`.
+            k, v: ``(B, num_kv_heads, Lk, head_dim)`` from :meth:`project_key_value` (a KV
+                cache: the projections of every key so far, unrotated).
+            key_padding_mask: bool ``(B, Lk)``, True = zero token.
+            is_causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (a one-token step against a
+                cache needs no mask: its query is the last position).
+            f0, query_f0, key_f0, query_pos, key_pos: as in :meth:`forward`; for a decoding
+                step at position ``t``, ``query_pos=t``.
+            seqlens_k: int ``(B,)`` hard key lengths (slots past them are never read).
+
+        Equals ``forward`` on the unprojected inputs (``forward`` is built from these
+        methods). Raises ValueError when the heads do not match the module.
+        """
+        for name, t, heads in (("q", q, self.num_heads), ("k", k, self.num_kv_heads),
+                               ("v", v, self.num_kv_heads)):
+            if not torch.is_tensor(t) or t.dim() != 4 or t.shape[1] != heads \
+                    or t.shape[-1] != self.head_dim:
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(f"{name} must be (B, {heads}, L, {self.head_dim}) heads of "
+                                 f"this module, got {got}")
+        kw = self.attention_kwargs(q.shape[0], q.shape[2], k.shape[2],
+                                   key_padding_mask=key_padding_mask, is_causal=is_causal,
+                                   f0=f0, query_f0=query_f0, key_f0=key_f0,
+                                   query_pos=query_pos, key_pos=key_pos, seqlens_k=seqlens_k)
+        return self.project_output(zero_soft_attention(q, k, v, backend=self.backend, **kw))
 
     def _read_attn_mask(self, attn_mask: Optional[Tensor], is_causal: bool, B: int, lq: int,
                         lk: int) -> Tuple[bool, Optional[Tensor]]:
@@ -349,29 +442,17 @@ class ZeroSoftAttention(nn.Module):
                 raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
                                  f"{tuple(key_padding_mask.shape)}")
         causal, bias = self._read_attn_mask(attn_mask, is_causal, B, Lq, Lk)
-        wq, wk, wv = self._projections()
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            kv = self.num_kv_heads * self.head_dim
-            bq, bk, bv = self.in_proj_bias.split([self.embed_dim, kv, kv])
-        Hq, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = F.linear(query, wq, bq).view(Lq, B, Hq, Dh).permute(1, 2, 0, 3)
-        k = F.linear(key, wk, bk).view(Lk, B, Hkv, Dh).permute(1, 2, 0, 3)
-        v = F.linear(value, wv, bv).view(Lk, B, Hkv, Dh).permute(1, 2, 0, 3)
-        kw = dict(key_zero=key_padding_mask, zero_scale=self.zero_scale, zero_mode=self.zero_mode,
-                  causal=causal, seqlens_k=seqlens_k)
-        if self.rotary is not None:
-            qf = query_f0 if query_f0 is not None else f0
-            kf = key_f0 if key_f0 is not None else f0
-            kw.update(theta_q=self.rotary(qf, Lq, B), theta_k=self.rotary(kf, Lk, B),
-                      pos_q=query_pos, pos_k=key_pos, rotary_dim=self.rotary.rotary_dim,
-                      interleaved=self.rotary.interleaved, radius=self.rotary.radius)
+        # batch-first views from here on, as the public pieces take them
+        q = self.project_query(query.transpose(0, 1))               # (B, Hq, Lq, Dh)
+        k, v = self.project_key_value(key.transpose(0, 1), value.transpose(0, 1))
+        kw = self.attention_kwargs(B, Lq, Lk, key_padding_mask=key_padding_mask,
+                                   is_causal=causal, f0=f0, query_f0=query_f0, key_f0=key_f0,
+                                   query_pos=query_pos, key_pos=key_pos, seqlens_k=seqlens_k)
         if bias is None:
             out = zero_soft_attention(q, k, v, backend=self.backend, **kw)  # (B, Hq, Lq, Dh)
         else:  # an arbitrary mask: the spec reads it (the kernels have no L x L input)
             out = reference.zero_soft_attention(q, k, v, attn_bias=bias, **kw)
-        out = out.permute(2, 0, 1, 3).reshape(Lq, B, E)
-        out = self.out_proj(out)
+        out = self.project_output(out)                              # (B, Lq, E)
         weights = None
         if need_weights:
             weights = (zero_soft_attention_weights(q, k, **kw) if bias is None else
@@ -381,9 +462,9 @@ class ZeroSoftAttention(nn.Module):
             if unbatched:
                 weights = weights.squeeze(0)
         if unbatched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1).contiguous()                  # (Lq, B, E), as MHA
         return out, weights
 
 

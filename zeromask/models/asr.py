@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import zero
 from ..modules import F0Rotary, ZeroSoftAttention
-from ..ops import f0_rotary, zero_soft_attention
+from ..ops import f0_rotary
 from .config import ModelConfig
 
 Tensor = torch.Tensor
@@ -42,14 +42,13 @@ Tensor = torch.Tensor
 # attention with a soft (zero-soft kernel) or hard (-inf, SDPA) path and a KV-cache step
 # ----------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """A :class:`ZeroSoftAttention` plus the model's extra paths.
+    """A :class:`ZeroSoftAttention` used through its public face, plus hard masking.
 
-    * soft (``zero_scaling=True``), full sequence: ``ZeroSoftAttention.forward`` itself;
-    * hard (``zero_scaling=False``): the module's projections and rotary, then SDPA with zero
-      tokens masked out (-inf); rows with no key left return 0;
-    * :meth:`attend` on already projected q/k/v, used by the KV-cache decoding step (soft:
-      :func:`zeromask.zero_soft_attention` with the module's scale, mode, rotary and
-      backend, so it computes what ``forward`` computes).
+    * soft (``zero_scaling=True``): ``ZeroSoftAttention.forward`` for a whole sequence, and
+      ``ZeroSoftAttention.attend`` for a KV-cache decoding step on keys/values projected once
+      with ``project_key_value``;
+    * hard (``zero_scaling=False``): the module's projections and rotary, then SDPA with
+      zero tokens removed (-inf); a row with no key left returns 0.
     """
 
     def __init__(self, cfg: ModelConfig, rotary: Optional[F0Rotary]):
@@ -59,76 +58,6 @@ class Attention(nn.Module):
             zero_scale=cfg.zero_scale, learnable_zero_scale=cfg.learnable_zero_scale,
             zero_mode=cfg.zero_mode, rotary=rotary, backend=cfg.backend)
         self.hard = not cfg.zero_scaling
-
-    # projections -------------------------------------------------------------------
-    def _split_bias(self):
-        a = self.attn
-        if a.in_proj_bias is None:
-            return None, None, None
-        kv = a.num_kv_heads * a.head_dim
-        return a.in_proj_bias.split([a.embed_dim, kv, kv])
-
-    def project_q(self, x: Tensor) -> Tensor:
-        a = self.attn
-        wq, _, _ = a._projections()
-        bq, _, _ = self._split_bias()
-        B, L, _ = x.shape
-        return F.linear(x, wq, bq).view(B, L, a.num_heads, a.head_dim).transpose(1, 2)
-
-    def project_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        a = self.attn
-        _, wk, wv = a._projections()
-        _, bk, bv = self._split_bias()
-        B, L, _ = x.shape
-        shape = (B, L, a.num_kv_heads, a.head_dim)
-        k = F.linear(x, wk, bk).view(shape).transpose(1, 2)
-        v = F.linear(x, wv, bv).view(shape).transpose(1, 2)
-        return k, v
-
-    def thetas(self, B: int, Lq: int, Lk: int, query_f0: Optional[Tensor],
-               key_f0: Optional[Tensor]):
-        rot = self.attn.rotary
-        if rot is None:
-            return None, None
-        return rot(query_f0, Lq, B), rot(key_f0, Lk, B)
-
-    # attention on projected tensors ------------------------------------------------
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
-               causal: bool, theta_q, theta_k, pos_q=None, pos_k=None) -> Tensor:
-        """(B, Hq, Lq, D) attention output, before the output projection."""
-        a = self.attn
-        rot = a.rotary
-        rkw = {} if rot is None else dict(rotary_dim=rot.rotary_dim,
-                                          interleaved=rot.interleaved, radius=rot.radius)
-        if not self.hard:
-            return zero_soft_attention(q, k, v, key_zero=key_zero, zero_scale=a.zero_scale,
-                                       zero_mode=a.zero_mode, causal=causal, theta_q=theta_q,
-                                       theta_k=theta_k, pos_q=pos_q, pos_k=pos_k,
-                                       backend=a.backend, **rkw)
-        Lq, Lk = q.shape[2], k.shape[2]
-        if rot is not None:
-            if pos_q is None:
-                pos_q = (Lk - Lq) if causal else 0
-            q = f0_rotary(q, theta_q, positions=pos_q, backend=a.backend, **rkw)
-            k = f0_rotary(k, theta_k, positions=pos_k, backend=a.backend, **rkw)
-        if k.shape[1] != q.shape[1]:  # GQA: SDPA's boolean-mask path wants equal heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        B = q.shape[0]
-        allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-        if key_zero is not None:
-            allowed = allowed & ~key_zero[:, None, None, :]
-        if causal:
-            i = torch.arange(Lq, device=q.device).unsqueeze(1)
-            j = torch.arange(Lk, device=q.device).unsqueeze(0)
-            allowed = allowed & (j <= i + (Lk - Lq))
-        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty)
-        return out.masked_fill(empty, 0.0)
-
-    def _out(self, o: Tensor) -> Tensor:
-        B, H, L, D = o.shape
-        return self.attn.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
 
     def forward(self, x: Tensor, mem: Tensor, key_zero: Optional[Tensor], causal: bool = False,
                 query_f0: Optional[Tensor] = None, key_f0: Optional[Tensor] = None,
@@ -142,40 +71,49 @@ class Attention(nn.Module):
             if weights is not None:
                 weights.append(w)
             return out
-        q = self.project_q(x)
-        k, v = self.project_kv(mem)
-        tq, tk = self.thetas(x.shape[0], x.shape[1], mem.shape[1], query_f0, key_f0)
-        if weights is not None:
-            weights.append(self._hard_weights(q, k, key_zero, causal, tq, tk))
-        return self._out(self.attend(q, k, v, key_zero, causal, tq, tk))
+        q = self.attn.project_query(x)
+        k, v = self.attn.project_key_value(mem)
+        return self._hard(q, k, v, key_zero, causal, query_f0, key_f0, None, weights)
 
-    def _hard_weights(self, q, k, key_zero, causal, theta_q, theta_k) -> Tensor:
-        rot = self.attn.rotary
-        Lq, Lk = q.shape[2], k.shape[2]
-        if rot is not None:
-            rkw = dict(rotary_dim=rot.rotary_dim, interleaved=rot.interleaved, radius=rot.radius)
-            q = f0_rotary(q, theta_q, positions=(Lk - Lq) if causal else 0, **rkw)
-            k = f0_rotary(k, theta_k, **rkw)
-        if k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        allowed = torch.ones_like(s, dtype=torch.bool)
+    def step(self, x: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor], pos: int,
+             key_f0: Optional[Tensor] = None) -> Tensor:
+        """One query token ``x`` ``(B, 1, E)`` at position ``pos`` against cached (unrotated)
+        key/value heads ``(B, Hkv, Lk, Dh)``; ``(B, 1, E)``."""
+        q = self.attn.project_query(x)
+        if not self.hard:
+            return self.attn.attend(q, k, v, key_padding_mask=key_zero, key_f0=key_f0,
+                                    query_pos=pos if self.attn.rotary is not None else None)
+        return self._hard(q, k, v, key_zero, False, None, key_f0, pos, None)
+
+    def _hard(self, q, k, v, key_zero, causal, query_f0, key_f0, pos_q, weights) -> Tensor:
+        """Hard-masked attention of projected heads through SDPA, then ``out_proj``."""
+        a = self.attn
+        B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+        kw = a.attention_kwargs(B, Lq, Lk, query_f0=query_f0, key_f0=key_f0)
+        if a.rotary is not None:
+            rkw = dict(rotary_dim=kw["rotary_dim"], interleaved=kw["interleaved"],
+                       radius=kw["radius"], backend=a.backend)
+            if pos_q is None:
+                pos_q = (Lk - Lq) if causal else 0
+            q = f0_rotary(q, kw["theta_q"], positions=pos_q, **rkw)
+            k = f0_rotary(k, kw["theta_k"], **rkw)
+        if k.shape[1] != q.shape[1]:  # GQA: SDPA's boolean-mask path wants equal heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
         if key_zero is not None:
             allowed = allowed & ~key_zero[:, None, None, :]
         if causal:
             i = torch.arange(Lq, device=q.device).unsqueeze(1)
             j = torch.arange(Lk, device=q.device).unsqueeze(0)
             allowed = allowed & (j <= i + (Lk - Lq))
-        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-        return torch.nan_to_num(p, nan=0.0).mean(dim=1)
-
-    def step(self, x: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor], pos: int,
-             key_f0: Optional[Tensor] = None) -> Tensor:
-        """One query token at position ``pos`` against cached (unrotated) k/v."""
-        q = self.project_q(x)
-        tq, tk = self.thetas(x.shape[0], 1, k.shape[2], None, key_f0)
-        return self._out(self.attend(q, k, v, key_zero, False, tq, tk,
-                                     pos_q=pos if tq is not None else None))
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
+        if weights is not None:
+            s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+            weights.append(p.masked_fill(empty, 0.0).mean(dim=1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty)
+        return a.project_output(out.masked_fill(empty, 0.0))
 
 
 def sinusoid(length: int, dim: int, offset: int = 0, device=None,
@@ -906,7 +844,7 @@ class SpeechModel(nn.Module):
         for f in self.config.feature_order:
             if f in memories:
                 mem, _ = memories[f]
-                cross[f] = [layer.attn.project_kv(mem) for layer in self.stages[f].layers]
+                cross[f] = [layer.attn.attn.project_key_value(mem) for layer in self.stages[f].layers]
         state = {"zero": torch.zeros(B, 0, dtype=torch.bool, device=device)}
 
         def step(tok: Tensor, t: int) -> Tensor:
@@ -914,7 +852,7 @@ class SpeechModel(nn.Module):
             state["zero"] = torch.cat([state["zero"], zero.from_ids(tok)], dim=1)
             for layer, cache in zip(self.self_layers, self_cache):
                 h = layer.norm(x)
-                k, v = layer.attn.project_kv(h)
+                k, v = layer.attn.attn.project_key_value(h)
                 cache[0] = torch.cat([cache[0], k], dim=2)
                 cache[1] = torch.cat([cache[1], v], dim=2)
                 x = x + layer.attn.step(h, cache[0], cache[1], state["zero"], t)
