@@ -115,3 +115,43 @@ def test_plot_utterance_and_curves(tones, tmp_path):
         {"step": 1, "loss": 3.0}, {"step": 1, "eval": True, "cer": 0.9}, {"step": 2,
                                                                           "loss": 2.5}]))
     assert plots.read_losses(log) == ([1, 2], [3.0, 2.5])
+
+
+def _job(tmp_path, name, train_code, eval_code):
+    import sys
+    return {"name": name, "run_dir": tmp_path / name,
+            "train_cmd": [sys.executable, "-c", train_code],
+            "eval_cmd": [sys.executable, "-c", eval_code]}
+
+
+def test_run_all_runs_jobs_in_parallel_and_evaluates_only_what_trained(tmp_path):
+    """Two jobs at a time on the executor: both sleep 1 s, so together they take ~1 s, not
+    2; a job whose training fails is not evaluated."""
+    import time
+    mark = "open('{}', 'w').write('x')"
+    jobs = [_job(tmp_path, f"ok{i}", "import time; time.sleep(1)",
+                 mark.format(tmp_path / f"eval{i}")) for i in range(2)]
+    jobs.append(_job(tmp_path, "bad", "raise SystemExit(3)", mark.format(tmp_path / "evalbad")))
+    t0 = time.time()
+    exp_cli.run_all(jobs, parallel=3, threads=1)
+    assert time.time() - t0 < 1.9
+    assert (tmp_path / "eval0").exists() and (tmp_path / "eval1").exists()
+    assert not (tmp_path / "evalbad").exists()
+    assert (tmp_path / "ok0" / "stdout.txt").exists()
+
+
+def test_run_all_stops_the_runs_in_flight_on_sigterm(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+    mark = "open('{}', 'w').write('x')"
+    jobs = [_job(tmp_path, f"long{i}", "import time; time.sleep(60)",
+                 mark.format(tmp_path / f"eval{i}")) for i in range(3)]
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="interrupted"):
+        exp_cli.run_all(jobs, parallel=2, threads=1)
+    assert time.time() - t0 < 15
+    assert not any((tmp_path / f"eval{i}").exists() for i in range(3))
+    assert not (tmp_path / "long2").exists()  # the queued third job never started

@@ -171,60 +171,63 @@ def _prepare_cache(data: str) -> None:
 
 
 def run_all(jobs: List[dict], parallel: int, threads: int) -> None:
-    """Run each job's train then eval command, ``parallel`` jobs at a time.
+    """Run each job's train command, then (if it succeeded) its eval command, ``parallel``
+    jobs at a time on a :class:`concurrent.futures.ThreadPoolExecutor` (each thread waits
+    on its own subprocesses; output goes to ``RUN/stdout.txt``).
 
-    SIGTERM/Ctrl-C stops the runs in flight too (their checkpoints stay; a rerun resumes).
+    SIGTERM or Ctrl-C stops the runs in flight too (zeromask-train saves its checkpoint on
+    SIGTERM; a rerun of the same command resumes) and starts no new one.
     """
     import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    running, lock, stopping = set(), threading.Lock(), threading.Event()
+
+    def run_job(job: dict) -> int:
+        job["run_dir"].mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        rc = 0
+        with open(job["run_dir"] / "stdout.txt", "a") as log:
+            for cmd in (job["train_cmd"], job["eval_cmd"]):
+                with lock:
+                    if stopping.is_set():
+                        return -1
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+                    running.add(proc)
+                rc = proc.wait()
+                with lock:
+                    running.discard(proc)
+                if rc:
+                    break
+        status = "ok" if rc == 0 else f"FAILED rc={rc}"
+        print(f"[experiments] {job['name']} {status} after {time.time() - t0:.0f} s "
+              f"(log {job['run_dir'] / 'stdout.txt'})", flush=True)
+        return rc
 
     def _term(signum, frame):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, _term)
-    active: List[tuple] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
     try:
-        _run_all(jobs, parallel, threads, active)
+        futures = []
+        for job in jobs:
+            print(f"[experiments] queue {job['name']}: {_pretty(job['train_cmd'])}", flush=True)
+            futures.append(pool.submit(run_job, job))
+        for f in as_completed(futures):
+            f.result()
     except KeyboardInterrupt:
-        for _, proc, log, _ in active:
-            proc.terminate()  # the bash wrapper's process group: see start_new_session
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-            log.close()
+        with lock:
+            stopping.set()
+            for proc in running:
+                proc.terminate()  # SIGTERM: zeromask-train saves last.pt and exits
+        pool.shutdown(wait=True, cancel_futures=True)
         raise SystemExit("zeromask-experiments: interrupted; rerun the same command to resume")
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def _run_all(jobs: List[dict], parallel: int, threads: int, active: List[tuple]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    pending = list(jobs)
-    while pending or active:
-        while pending and len(active) < parallel:
-            job = pending.pop(0)
-            job["run_dir"].mkdir(parents=True, exist_ok=True)
-            log = open(job["run_dir"] / "stdout.txt", "a")
-            cmds = [job["train_cmd"], job["eval_cmd"]]
-            script = " && ".join(_shell(c) for c in cmds)
-            print(f"[experiments] start {job['name']}: {_pretty(job['train_cmd'])}", flush=True)
-            proc = subprocess.Popen(["bash", "-c", script], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            active.append((job, proc, log, time.time()))
-        time.sleep(0.5)
-        for item in list(active):
-            job, proc, log, t0 = item
-            if proc.poll() is not None:
-                log.close()
-                active.remove(item)
-                status = "ok" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
-                print(f"[experiments] {job['name']} {status} after {time.time() - t0:.0f} s "
-                      f"(log {job['run_dir'] / 'stdout.txt'})", flush=True)
-
-
-def _shell(cmd: Sequence[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd)
+        pool.shutdown(wait=True)
 
 
 def _utterance_errors(eval_json: dict) -> Dict[str, tuple]:
