@@ -593,17 +593,58 @@ def zero_soft_attention(
     radius: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Attention where zero-token keys are scaled by ``zero_scale`` instead of masked.
+    """Attention in which zero-token keys are scaled by ``zero_scale`` instead of masked,
+    with the f0 rotary applied to q and k tiles as they load (docs/design.md 3.1, 3.3).
 
-    Shapes follow ``F.scaled_dot_product_attention``: q ``(B, Hq, Lq, D)``, k/v
-    ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0``. ``key_zero`` (bool ``(B, Lk)``) marks zero
-    tokens; in ``zero_mode="prob"`` their softmax weight is multiplied by ``zero_scale``
-    (logit + ln s), in ``"score"`` (the original Echo code) their logit is multiplied by it.
-    ``causal`` masks bottom-right aligned, ``seqlens_k`` hard-masks keys past each batch's
-    length; a row with no unmasked key returns 0. ``theta_q``/``theta_k`` (float > 1 or
-    ``(B, L)``) switch on the f0 rotary for that side, at positions ``pos_q``/``pos_k``
-    (default ``arange(L)``, queries offset by ``Lk - Lq`` when causal). Differentiable in
-    q, k, v, theta_q, theta_k, radius and zero_scale. See docs/design.md 3.3.
+    ``S = sm_scale * rot(q) rot(k)^T``; a zero-token key gets ``S + ln(s)`` in ``"prob"``
+    mode (its softmax weight times ``s``) or ``S * s`` in ``"score"`` mode (the original
+    Echo code: it pulls the logit toward 0, so a "zero" key can take a large share);
+    ``O = softmax(S') V``, computed flash-style (online softmax, O(L) memory).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``, float16 / bfloat16 / float32 (float64 runs on the reference);
+            any strides with a contiguous last dim.
+        k, v: ``(B, Hkv, Lk, D)``, q's dtype and device; ``Hq % Hkv == 0`` (GQA / MQA).
+        key_zero: bool ``(B, Lk)``, True where the key is a zero token (silence, padding,
+            the start token); None: no zero tokens.
+        zero_scale: ``s`` in ``[1.18e-38, 1]``, a float or a 0-dim tensor (may require grad:
+            learnable).
+        zero_mode: ``"prob"`` (default) or ``"score"``.
+        causal: query ``i`` sees keys ``j <= i + (Lk - Lq)`` (bottom-right aligned, as for
+            decoding against a KV cache). Lq = 3 queries, Lk = 5 keys::
+
+                keys      0 1 2 3 4
+                query 0   x x x . .
+                query 1   x x x x .
+                query 2   x x x x x
+
+        sm_scale: logit scale, default ``D ** -0.5``.
+        seqlens_k: int ``(B,)`` in ``[0, Lk]``: keys at or past ``seqlens_k[b]`` are
+            hard-masked; they are never read (garbage is allowed there) and get exactly 0
+            gradient.
+        theta_q, theta_k: rotary theta per position, a float > 1 or ``(B, Lq)`` / ``(B, Lk)``
+            (``(L,)`` broadcasts); None: no rotary on that side.
+        pos_q, pos_k: positions, an int offset or ``(B, L)`` / ``(L,)`` floats; default
+            ``arange(L)``, queries offset by ``Lk - Lq`` when ``causal``.
+        rotary_dim: even ``R <= D`` (default D); dims ``>= R`` are not rotated.
+        interleaved: pairs ``(2i, 2i+1)`` (GPT-J / Echo) instead of ``(i, i + R/2)``
+            (GPT-NeoX / LLaMA).
+        radius: ``(R/2,)`` positive per-pair scale of the rotation, or None.
+        backend: ``"auto"`` (default, or the ``ZEROMASK_BACKEND`` environment variable),
+            ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in q's dtype. A row whose keys are all hard-masked (``causal``
+        and ``seqlens_k``) is 0, never NaN; a row whose keys are all zero tokens is an
+        ordinary row. A NaN or inf in a visible q/k/v propagates to the rows it touches.
+        Differentiable in q, k, v, theta_q, theta_k, radius and zero_scale.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong types, shapes, dtypes or devices,
+            ``Hq % Hkv != 0``, theta <= 1, zero_scale outside its range, an unknown
+            ``zero_mode``, ``seqlens_k`` outside ``[0, Lk]``.
+        zeromask.dispatch.BackendError (a RuntimeError): an explicitly requested backend
+            that cannot serve the call, with the reason.
     """
     a = _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
                              seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
@@ -657,12 +698,27 @@ def f0_rotary(
     radius: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Rotary embedding of x ``(B, H, L, D)`` with a per-position theta (docs/design.md 3.1).
+    """Rotary embedding of x with a theta per position (docs/design.md 3.1):
+    ``w_i = theta ** (-2i / R)``, ``phi_i = pos * w_i``, each pair ``(a, b)`` rotated by
+    ``phi_i`` and scaled by ``radius_i``. With a constant theta this is standard RoPE.
 
-    theta: float > 1, ``(L,)`` or ``(B, L)``; positions: None (``arange(L)``), an int
-    offset, ``(L,)`` or ``(B, L)``. Pairs are ``(i, i + R/2)`` (GPT-NeoX/LLaMA) or, with
-    ``interleaved=True``, ``(2i, 2i+1)`` (GPT-J/Echo). ``radius`` ``(R/2,)`` scales each
-    pair. Differentiable in x, theta and radius; constant theta is standard RoPE.
+    Args:
+        x: ``(B, H, L, D)``, float16 / bfloat16 / float32 / float64, contiguous last dim.
+        theta: a float > 1, ``(L,)`` or ``(B, L)``, every value > 1 (the F0-driven theta of
+            :class:`zeromask.F0Rotary`, or a learnable base).
+        positions: None (``arange(L)``), an int offset, ``(L,)`` or ``(B, L)``.
+        rotary_dim: even ``R <= D`` (default D); dims ``>= R`` pass through unchanged.
+        interleaved: pairs ``(2i, 2i+1)`` (GPT-J / Echo) instead of ``(i, i + R/2)``
+            (GPT-NeoX / LLaMA, the default).
+        radius: ``(R/2,)`` positive per-pair scale, or None.
+        backend: as in :func:`zero_soft_attention`.
+
+    Returns:
+        x's shape and dtype. Differentiable in x, theta and radius.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong types, shapes or dtypes, theta
+            missing or <= 1, an odd or too large ``rotary_dim``, a non-positive radius.
     """
     _check_tensor("x", x, 4)
     _check_float("x", x)
