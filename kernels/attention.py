@@ -75,8 +75,11 @@ def _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
 
 
 @triton.jit
-def _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
+def _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL: tl.constexpr,
+           ZERO_HARD: tl.constexpr):
     valid = mask_m[:, None] & key_ok[None, :]
+    if ZERO_HARD:  # hard mode: zero-token keys are masked like keys past seqlens_k
+        valid = valid & (kz == 0)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
     return valid
@@ -91,7 +94,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
                      Hq, Lq, Lk, GROUP, sm_scale, TUNE_LQ, TUNE_LK,
                      D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
                      REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, ZERO_HARD: tl.constexpr,
+                     CAUSAL: tl.constexpr,
                      HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
                      HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_REST: tl.constexpr,
                      DOT_F32: tl.constexpr, PREC: tl.constexpr, EXACT_EXP: tl.constexpr,
@@ -151,7 +155,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
             kz = key_ok
         s, _raw = _scores(qa, qb, qr, ka.to(dt), kb.to(dt), kr.to(dt), kz, zs, ln_zs, sm_scale,
                           HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
-        valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+        valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
         # the running max stays in natural units (an exact logit), so lse = m + ln(l) has
         # a single rounding; exp(x) is taken as exp2(x * log2(e)) (see exp_e)
         s = tl.where(valid, s, float("-inf"))
@@ -206,7 +210,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
                           Hq, Hkv, Lq, Lk, GROUP, sm_scale, n_nblocks, TUNE_LQ, TUNE_LK,
                           D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
                           REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                          HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, ZERO_HARD: tl.constexpr,
+                     CAUSAL: tl.constexpr,
                           HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
                           HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr,
                           HAS_REST: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
@@ -285,7 +290,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
             delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
             s, _raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
                               HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
-            valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+            valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
             p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
             dv += mm(tl.trans(p.to(dt)), do, DOT_F32, PREC)
             dp = mm(do, tl.trans(v), DOT_F32, PREC)
@@ -329,7 +334,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
                         Hq, Lq, Lk, GROUP, sm_scale, n_mblocks, TUNE_LQ, TUNE_LK,
                         D: tl.constexpr, R: tl.constexpr, HALF_P: tl.constexpr,
                         REST_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_KZ: tl.constexpr, ZERO_PROB: tl.constexpr, ZERO_HARD: tl.constexpr,
+                     CAUSAL: tl.constexpr,
                         HAS_SEQ: tl.constexpr, ROT_Q: tl.constexpr, ROT_K: tl.constexpr,
                         HAS_RAD: tl.constexpr, INTERLEAVED: tl.constexpr,
                         HAS_REST: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
@@ -408,7 +414,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
             kz = key_ok
         s, raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
                          HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
-        valid = _valid(offs_m, mask_m, offs_n, key_ok, Lq, Lk, CAUSAL)
+        valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
         p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
         dp = mm(do, tl.trans(v), DOT_F32, PREC)
         ds = p * (dp - delta[:, None])
@@ -476,7 +482,8 @@ def _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal, 
     R = int(rotary_dim)
     return dict(
         D=D, R=R, HALF_P=pow2(R // 2), REST_P=pow2(D - R), BLOCK_D=pow2(D),
-        HAS_KZ=key_zero is not None, ZERO_PROB=zero_mode == "prob", CAUSAL=bool(causal),
+        HAS_KZ=key_zero is not None, ZERO_PROB=zero_mode in ("prob", "hard"),
+        ZERO_HARD=zero_mode == "hard" and key_zero is not None, CAUSAL=bool(causal),
         HAS_SEQ=seqlens_k is not None, ROT_Q=theta_q is not None, ROT_K=theta_k is not None,
         HAS_RAD=radius is not None, INTERLEAVED=bool(interleaved), HAS_REST=D > R,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,

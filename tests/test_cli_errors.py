@@ -118,7 +118,7 @@ def test_interrupt_saves_last_pt_and_says_how_to_resume(data, tmp_path, sig):
 def test_help_describes_every_model_and_training_option():
     full = train_cli.build_parser().format_help()
     text = full[full.index("options:"):]  # the descriptions, not the usage line
-    for flag, words in [("--ctc-weight", "joint CTC/attention"), ("--zero-mode", "{prob,score}"),
+    for flag, words in [("--ctc-weight", "joint CTC/attention"), ("--zero-mode", "{prob,score,hard}"),
                         ("--dropout", "default: 0.1"), ("--lr", "learning rate ["),
                         ("--time-budget", "seconds"), ("--no-final-eval", "no evaluation after")]:
         i = text.index(flag)

@@ -1,10 +1,9 @@
-"""The C++ CPU extension (zeromask._C_cpu, backend "cpp") against the float64 reference.
+"""What is specific to the C++ CPU extension (zeromask._C_cpu, backend "cpp").
 
-Every feature and gradient of the kernel contract: both zero modes, causal (bottom-right,
-including Lq > Lk, whose first rows have no key), seqlens_k, GQA/MQA, cross-attention,
-odd lengths, several head dims, rotary_dim < D, interleaved pairs, radius, a learnable
-zero_scale (always: tests/cases.py makes it a leaf), strided inputs, fp32 / bf16 / fp16;
-plus the saved lse, all-hard-masked rows and the standalone rotary op.
+The feature grid every backend shares (zero modes, causal, seqlens_k, GQA, cross-attention,
+lengths, head dims, rotary variants, dtypes, the saved lse) is tests/test_attention.py. Here:
+many query/key blocks, the backward's split of a GQA group over threads, all-hard-masked
+rows through the kernel contract, strided inputs, the auto choice, the standalone rotary op.
 """
 import math
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import zeromask
-from zeromask import dispatch, reference
+from zeromask import dispatch
 from zeromask.backends import cpp as cpp_backend
 
 from cases import attention_case, check_attention
@@ -23,49 +22,8 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=f"cpp backend unavai
 
 
 # --------------------------------------------------------------------------------------
-# attention: output and every gradient vs the float64 reference
+# attention: what is specific to this kernel (the shared grid is tests/test_attention.py)
 # --------------------------------------------------------------------------------------
-FEATURES = {
-    "plain_prob": dict(),
-    "score_mode": dict(zero_mode="score"),
-    "causal": dict(causal=True),
-    "causal_score": dict(causal=True, zero_mode="score"),
-    "seqlens": dict(seqlens=True),
-    "seqlens_causal": dict(seqlens=True, causal=True),
-    "mqa": dict(Hq=4, Hkv=1),
-    "mha": dict(Hq=3, Hkv=3),
-    "cross_short_q": dict(Lq=5, Lk=131),
-    "cross_long_q": dict(Lq=131, Lk=17),
-    "cross_causal_lq_gt_lk": dict(Lq=40, Lk=17, causal=True),  # first 23 rows are empty
-    "cross_causal_lq_lt_lk": dict(Lq=17, Lk=131, causal=True),
-    "no_rotary": dict(rotary=False),
-    "radius": dict(radius=True),
-    "rotary_dim_lt_d": dict(D=40, rotary_dim=16),
-    "interleaved": dict(interleaved=True, radius=True),
-    "interleaved_partial": dict(D=64, rotary_dim=32, interleaved=True, zero_mode="score"),
-    "all_zero_keys": dict(zero_frac=1.0),
-    "no_zero_keys": dict(zero_frac=0.0),
-    "tiny_scale": dict(zero_scale=1e-6),
-    "scale_one": dict(zero_scale=1.0, zero_mode="score"),
-}
-
-
-@pytest.mark.parametrize("name", list(FEATURES))
-def test_features_fp32(name):
-    check_attention(attention_case(**FEATURES[name]), torch.float32, "cpp")
-
-
-@pytest.mark.parametrize("L", [1, 17, 131])
-@pytest.mark.parametrize("causal", [False, True])
-def test_lengths(L, causal):
-    check_attention(attention_case(Lq=L, Lk=L, causal=causal, seed=L), torch.float32, "cpp")
-
-
-@pytest.mark.parametrize("D", [16, 40, 64, 128])
-def test_head_dims(D):
-    check_attention(attention_case(D=D, Lq=33, Lk=70, seed=D), torch.float32, "cpp")
-
-
 def test_multi_block_long():
     """Several query and key blocks (64 x 128), causal, seqlens and GQA together."""
     case = attention_case(B=1, Hq=2, Hkv=1, Lq=200, Lk=300, D=32, causal=True, seqlens=True,
@@ -84,33 +42,6 @@ def test_backward_group_split(kw):
         check_attention(attention_case(**kw), torch.float32, "cpp")
     finally:
         torch.set_num_threads(old)
-
-
-@pytest.mark.parametrize("name", ["plain_prob", "causal_score", "seqlens", "cross_short_q",
-                                  "interleaved"])
-def test_features_bf16(name):
-    check_attention(attention_case(**FEATURES[name]), torch.bfloat16, "cpp")
-
-
-def test_fp16():
-    check_attention(attention_case(causal=True, radius=True), torch.float16, "cpp")
-
-
-@pytest.mark.parametrize("drop", ["theta_q", "theta_k"])
-@pytest.mark.parametrize("zero_mode", ["prob", "score"])
-def test_rotary_on_one_side(drop, zero_mode):
-    """Rotary (with radius) on queries only or keys only."""
-    case = attention_case(radius=True, zero_mode=zero_mode, causal=True, Lq=9, Lk=23)
-    case.pop(drop)
-    check_attention(case, torch.float32, "cpp")
-
-
-def test_no_key_zero():
-    """key_zero=None: no zero-scale gradient, everything else as usual."""
-    case = attention_case(seed=3)
-    case.pop("key_zero")
-    case.pop("zero_scale")
-    check_attention(case, torch.float32, "cpp")
 
 
 # --------------------------------------------------------------------------------------
@@ -140,20 +71,6 @@ def _fwd(a):
         a["pos_q"], a["pos_k"], a["radius"], a["seqlens_k"], zero_mode=a["zero_mode"],
         causal=a["causal"], sm_scale=a["sm_scale"], rotary_dim=a["rotary_dim"],
         interleaved=a["interleaved"])
-
-
-@pytest.mark.parametrize("kw", [dict(), dict(causal=True, Lq=40, Lk=17),
-                                dict(zero_mode="score", seqlens=True)])
-def test_lse_matches_reference(kw):
-    case = attention_case(**kw)
-    out, lse = _fwd(_normalised(case))
-    a = _normalised(case, torch.float64)
-    ref = reference.zero_soft_attention_lse(a.pop("q"), a.pop("k"), **{
-        n: a[n] for n in a if n != "v"})
-    assert lse.dtype == torch.float32 and lse.shape == ref.shape
-    finite = torch.isfinite(ref)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref))
-    torch.testing.assert_close(lse[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_all_hard_masked_rows():

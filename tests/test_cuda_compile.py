@@ -86,32 +86,6 @@ def _cuda_reason():
 _GPU_REASON = _cuda_reason()
 gpu = pytest.mark.skipif(_GPU_REASON is not None, reason=f"cuda backend: {_GPU_REASON}")
 
-GPU_FEATURES = {
-    "plain": dict(),
-    "score": dict(zero_mode="score"),
-    "causal": dict(causal=True),
-    "seqlens_causal": dict(seqlens=True, causal=True),
-    "mqa": dict(Hq=4, Hkv=1),
-    "cross_causal_lq_gt_lk": dict(Lq=40, Lk=17, causal=True),
-    "cross_short_q": dict(Lq=5, Lk=131),
-    "radius_interleaved": dict(radius=True, interleaved=True),
-    "partial_rotary": dict(D=40, rotary_dim=16, zero_mode="score"),
-    "no_rotary": dict(rotary=False),
-    "d128_long": dict(B=1, Hq=2, Hkv=1, Lq=200, Lk=300, D=128, causal=True),
-    "len1": dict(Lq=1, Lk=1),
-}
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=str)
-@pytest.mark.parametrize("name", list(GPU_FEATURES))
-def test_cuda_backend_matches_reference(name, dtype):
-    from cases import attention_case, check_attention
-    if dtype != torch.float32 and name not in ("plain", "causal", "radius_interleaved"):
-        pytest.skip("half precision: a representative subset")
-    check_attention(attention_case(**GPU_FEATURES[name]), dtype, "cuda", device="cuda")
-
 
 @gpu
 def test_cuda_rotary_op_matches_reference():

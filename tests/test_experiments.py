@@ -53,7 +53,7 @@ def test_runner_trains_evaluates_and_writes_table_json_plots(tones, tmp_path, ca
         [("prob", 0, 2), ("inf", 0, 2)]
     for r in summary["runs"]:
         assert r["backend"] == "reference" and r["n_eval"] == 3 and 0 <= r["cer"]
-        assert "--no-zero-scaling" in r["train_command"] or r["experiment"] == "prob"
+        assert "--zero-mode hard" in r["train_command"] or r["experiment"] == "prob"
     inf = summary["experiments"]["inf"]
     assert inf["delta_lo"] <= inf["delta_cer"] <= inf["delta_hi"]
     assert inf["verdict"] != "baseline"

@@ -115,8 +115,9 @@ POISONS = {"nan_key": _poison_nan_key, "nan_query": _poison_nan_query,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poison", sorted(POISONS))
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True, zero_mode="score"),
-                                dict(rotary=False, zero_frac=0.0)], ids=["prob", "causal_score",
-                                                                          "plain"])
+                                dict(rotary=False, zero_frac=0.0),
+                                dict(causal=True, zero_mode="hard", zero_frac=0.3)],
+                         ids=["prob", "causal_score", "plain", "causal_hard"])
 def test_nan_and_inf_are_never_hidden(backend, poison, kw):
     case = _plain_case(B=2, Hq=4, Hkv=2, Lq=9, Lk=9, D=16, **kw)
     POISONS[poison](case)
@@ -165,8 +166,10 @@ def test_nan_and_inf_are_never_hidden(backend, poison, kw):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(Hq=4, Hkv=1, zero_mode="score"),
-                                dict(Lq=1, Lk=70), dict(Lq=5, Lk=150, zero_frac=1.0)],
-                         ids=["self", "causal", "mqa_score", "decode_step", "cross_all_zero"])
+                                dict(Lq=1, Lk=70), dict(Lq=5, Lk=150, zero_frac=1.0),
+                                dict(causal=True, zero_mode="hard", zero_frac=0.4)],
+                         ids=["self", "causal", "mqa_score", "decode_step", "cross_all_zero",
+                              "causal_hard"])
 def test_slots_past_seqlens_k_are_never_read(backend, kw):
     B = 3
     case = _plain_case(B=B, **dict(dict(Hq=4, Hkv=2, Lq=11, Lk=11, D=16), **kw))
@@ -185,6 +188,9 @@ def test_slots_past_seqlens_k_are_never_read(backend, kw):
     out, grads = _call(dirty, backend)
     assert torch.equal(out, clean_out), f"{backend}: output changed with NaN past seqlens_k"
     for name in ("q", "theta_q", "zero_scale"):
+        if clean_g[name] is None:  # hard mode: no gradient reaches zero_scale
+            assert grads[name] is None and kw.get("zero_mode") == "hard", name
+            continue
         assert torch.equal(grads[name], clean_g[name]), f"{backend}: d{name} changed"
     for name, dim in (("k", 2), ("v", 2), ("theta_k", 1)):
         g = grads[name]

@@ -184,6 +184,40 @@ def test_fully_hard_masked_row_is_zero_with_finite_grads():
     assert torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_hard_mode_is_sdpa_with_zero_tokens_removed(causal):
+    """zero_mode="hard": zero-token keys get -inf, exactly SDPA with a boolean mask; a row
+    that sees only zero tokens (causal: the first rows of a batch whose first keys are zero
+    tokens; or every key a zero token) is 0 with finite gradients and lse -inf; no gradient
+    reaches zero_scale; prob mode tends to it as s -> 0 on rows with a key left."""
+    import torch.nn.functional as F
+    q, k, v = rand(2, 3, 6, 8, requires_grad=True), rand(2, 3, 6, 8), rand(2, 3, 6, 8)
+    key_zero = torch.tensor([[True, True, False, True, False, False],
+                             [True] * 6])
+    zs = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = reference.zero_soft_attention(q, k, v, key_zero=key_zero, zero_scale=zs,
+                                        zero_mode="hard", causal=causal)
+    allowed = ~key_zero[:, None, None, :].expand(2, 1, 6, 6)
+    if causal:
+        allowed = allowed & torch.ones(6, 6, dtype=torch.bool).tril()
+    empty = ~allowed.any(-1, keepdim=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty).masked_fill(
+        empty, 0.0)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # batch 1: every key a zero token
+    if causal:
+        assert torch.equal(out[0, :, :2], torch.zeros_like(out[0, :, :2]))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and zs.grad is None
+    lse = reference.zero_soft_attention_lse(q, k, key_zero=key_zero, zero_mode="hard",
+                                            causal=causal)
+    assert torch.equal(torch.isneginf(lse), empty[..., 0].expand(2, 3, 6))
+    soft = reference.zero_soft_attention(q, k, v, key_zero=key_zero, zero_scale=1e-30,
+                                         zero_mode="prob", causal=causal)
+    torch.testing.assert_close(soft[~empty.expand(2, 3, 6, 1)[..., 0]],
+                               out[~empty.expand(2, 3, 6, 1)[..., 0]])
+
+
 def test_causal_rows_with_no_key_are_zero():
     q, k, v = rand(1, 1, 6, 4, requires_grad=True), rand(1, 1, 3, 4), rand(1, 1, 3, 4)
     out = reference.zero_soft_attention(q, k, v, causal=True)  # Lq > Lk: 3 rows see nothing

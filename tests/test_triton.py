@@ -115,88 +115,8 @@ def test_rotary_constant_theta_is_standard_rope():
 
 
 # --------------------------------------------------------------------------------------
-# attention: every feature against the float64 reference, forward and every gradient
+# attention: what is specific to these kernels (the shared grid is tests/test_attention.py)
 # --------------------------------------------------------------------------------------
-def _without(case, *names):
-    for n in names:
-        case.pop(n, None)
-    return case
-
-
-FEATURES = {
-    # name: (attention_case kwargs, dtype)
-    "prob-fp32": (dict(), F32),
-    "prob-fp16": (dict(), F16),
-    "prob-bf16": (dict(), BF16),
-    "score-fp32": (dict(zero_mode="score"), F32),
-    "score-fp16-causal": (dict(zero_mode="score", causal=True), F16),
-    "causal-fp32": (dict(causal=True), F32),
-    "causal-bf16-gqa4": (dict(causal=True, Hq=4, Hkv=1), BF16),
-    "mha-fp32": (dict(Hq=2, Hkv=2), F32),
-    "mqa-fp32": (dict(Hq=4, Hkv=1), F32),
-    "cross-lq5-lk17": (dict(Lq=5, Lk=17), F32),
-    "cross-lq17-lk5-score": (dict(Lq=17, Lk=5, zero_mode="score"), F32),
-    "causal-cross-lq5-lk17": (dict(causal=True, Lq=5, Lk=17), F32),
-    "lq1": (dict(Lq=1, Lk=17), F32),
-    "lq1-causal": (dict(Lq=1, Lk=17, causal=True), F16),
-    # a single key: softmax is exactly 1 and the exact dS is 0; in fp32 the kernel's
-    # dP - delta leaves ~1e-6 of rounding there, beyond a floor built for nonzero grads
-    "lk1-fp16": (dict(Lq=17, Lk=1), F16),
-    "l1": (dict(Lq=1, Lk=1, B=1, Hq=2, Hkv=1), F16),
-    "l131-causal": (dict(Lq=131, Lk=131, B=1, Hq=1, Hkv=1, D=16, causal=True), F32),
-    "l131-q-cross-score-fp16": (dict(Lq=131, Lk=17, B=1, Hq=2, Hkv=1, D=16,
-                                     zero_mode="score"), F16),
-    "l131-k-seqlens": (dict(Lq=17, Lk=131, B=2, Hq=2, Hkv=1, D=16, seqlens=True), F32),
-    "d16-fp16": (dict(D=16), F16),
-    "d40-bf16": (dict(D=40, B=1), BF16),
-    "d128-rot64-interleaved-fp16": (dict(D=128, B=1, Hq=2, Hkv=1, rotary_dim=64,
-                                         interleaved=True, radius=True), F16),
-    "d256-fp32": (dict(D=256, B=1, Hq=1, Hkv=1), F32),
-    "d40-rot24-fp32": (dict(D=40, rotary_dim=24), F32),
-    "d64-interleaved": (dict(D=64, B=1, interleaved=True), F32),
-    "d128-fp32": (dict(D=128, B=1, Hq=2, Hkv=1), F32),
-    "d128-bf16-causal": (dict(D=128, B=1, Hq=1, Hkv=1, causal=True), BF16),
-    "radius": (dict(radius=True), F32),
-    "radius-interleaved-rot-lt-d": (dict(D=40, rotary_dim=16, interleaved=True, radius=True),
-                                    F32),
-    "seqlens": (dict(seqlens=True), F32),
-    "seqlens-causal-score-fp16": (dict(seqlens=True, causal=True, zero_mode="score"), F16),
-    "no-rotary": (dict(rotary=False), F32),
-    "no-zero-tokens": (dict(zero_frac=0.0), F32),
-    "all-zero-tokens": (dict(zero_frac=1.1), F32),
-    "tiny-zero-scale": (dict(zero_scale=1e-6), F32),
-}
-
-
-@pytest.mark.parametrize("name", list(FEATURES))
-def test_attention_feature(name):
-    kwargs, dtype = FEATURES[name]
-    case = attention_case(**kwargs)
-    if kwargs.get("zero_frac") == 0.0:
-        # no key_zero at all (the kernels' no-zero-token path): zero_scale then has no
-        # gradient, so it is left at its default float
-        _without(case, "key_zero", "zero_scale")
-    check_attention(case, dtype, "triton", device=DEVICE)
-
-
-def test_attention_rotary_on_one_side():
-    """Cross-attention with rotary keys only (text queries, audio keys), and q only."""
-    case = attention_case(Lq=5, Lk=17, radius=True)
-    check_attention(_without(dict(case), "theta_q"), F32, "triton", device=DEVICE)
-    check_attention(_without(dict(case), "theta_k"), F32, "triton", device=DEVICE)
-
-
-def test_attention_explicit_positions_and_scale():
-    """Explicit (B, L) positions for both sides, a custom sm_scale, a float theta on k."""
-    g = torch.Generator().manual_seed(8)
-    case = attention_case(Lq=9, Lk=17, rotary_dim=16, causal=True)
-    case["pos_q"] = torch.randint(0, 400, (2, 9), generator=g).double()
-    case["pos_k"] = torch.randint(0, 400, (2, 17), generator=g).double()
-    case["theta_k"] = 8000.0
-    case["sm_scale"] = 0.3
-    check_attention(case, F32, "triton", device=DEVICE)
-
-
 def test_attention_empty_rows_zero_output_finite_grads():
     """Rows with every key hard-masked: output 0, lse -inf, no NaN anywhere."""
     # batch 1 has seqlens_k 0 (every row empty); causal with Lq > Lk empties first rows
@@ -214,48 +134,6 @@ def test_attention_empty_rows_zero_output_finite_grads():
     out.sum().backward()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
-
-
-def _backend_forward(case, dtype=F32):
-    from zeromask.ops import _normalise_attention
-    kw = {k: v for k, v in case.items() if k not in ("q", "k", "v")}
-    a = _normalise_attention(case["q"].to(dtype).to(DEVICE), case["k"].to(dtype).to(DEVICE),
-                             case["v"].to(dtype).to(DEVICE),
-                             **{n: (v.to(DEVICE) if torch.is_tensor(v) else v)
-                                for n, v in {**dict(key_zero=None, zero_scale=1e-6,
-                                                    zero_mode="prob", causal=False,
-                                                    sm_scale=None, seqlens_k=None,
-                                                    theta_q=None, theta_k=None, pos_q=None,
-                                                    pos_k=None, rotary_dim=None,
-                                                    interleaved=False, radius=None),
-                                             **kw}.items()})
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    out, lse = triton_backend.BACKEND.attention_forward(
-        a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(), f(a["theta_q"]),
-        f(a["theta_k"]), f(a["pos_q"]), f(a["pos_k"]), f(a["radius"]), a["seqlens_k"],
-        zero_mode=a["zero_mode"], causal=a["causal"], sm_scale=a["sm_scale"],
-        rotary_dim=a["rotary_dim"], interleaved=a["interleaved"])
-    return a, out, lse
-
-
-@pytest.mark.parametrize("zero_mode", ["prob", "score"])
-def test_attention_saved_lse(zero_mode):
-    case = attention_case(Lq=9, Lk=17, causal=True, seqlens=True, zero_mode=zero_mode)
-    case["seqlens_k"] = torch.tensor([17, 0])
-    a, out, lse = _backend_forward(case)
-    # from the normalised arguments: with causal and Lq != Lk the default query positions
-    # are offset by Lk - Lq (ops._normalise_attention)
-    d = {n: (t.cpu().double() if torch.is_tensor(t) and t.is_floating_point() else
-             (t.cpu() if torch.is_tensor(t) else t)) for n, t in a.items()}
-    expect = reference.zero_soft_attention_lse(d.pop("q"), d.pop("k"),
-                                               **_without(d, "v"))
-    assert lse.dtype == torch.float32 and lse.shape == expect.shape
-    lse = lse.cpu().double()
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(expect))
-    finite = torch.isfinite(expect)
-    assert torch.isfinite(lse[finite]).all()
-    torch.testing.assert_close(lse[finite], expect[finite], atol=1e-5, rtol=1e-5)
-    assert torch.all(out[1] == 0)
 
 
 def test_attention_strided_inputs():

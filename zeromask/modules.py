@@ -131,7 +131,7 @@ class ZeroSoftAttention(nn.Module):
     ``num_kv_heads == num_heads``), so ``from_module(mha)`` and ``load_state_dict`` work
     both ways. In ``forward``, ``key_padding_mask`` marks *zero tokens*: True keys are
     scaled by ``zero_scale`` (softly) rather than removed with -inf. Extras: ``num_kv_heads``
-    (GQA), ``zero_scale``, ``learnable_zero_scale``, ``zero_mode`` ("prob" or "score"),
+    (GQA), ``zero_scale``, ``learnable_zero_scale``, ``zero_mode`` ("prob", "score" or "hard"),
     ``rotary`` (an :class:`F0Rotary` or None) and ``backend``.
 
     Differences from MHA: ``need_weights`` defaults to False (weights need the L x L matrix

@@ -22,7 +22,7 @@ from . import dispatch, reference
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ZERO_MODES = ("prob", "score")
+ZERO_MODES = ("prob", "score", "hard")
 
 
 # --------------------------------------------------------------------------------------
@@ -452,7 +452,8 @@ def _attention_grads(ctx, dout, bwd):
     dtq = dtq if theta_q is not None else None
     dtk = dtk if theta_k is not None else None
     drad = drad if radius is not None else None
-    dzs = dzs.reshape(()).to(zero_scale.dtype) if key_zero is not None else None
+    dzs = (dzs.reshape(()).to(zero_scale.dtype)
+           if key_zero is not None and zero_mode != "hard" else None)
     return (dq, dk, dv, None, dzs, dtq, dtk, None, None, drad, None, None, None, None, None,
             None, None)
 
@@ -597,8 +598,9 @@ def zero_soft_attention(
     with the f0 rotary applied to q and k tiles as they load (docs/design.md 3.1, 3.3).
 
     ``S = sm_scale * rot(q) rot(k)^T``; a zero-token key gets ``S + ln(s)`` in ``"prob"``
-    mode (its softmax weight times ``s``) or ``S * s`` in ``"score"`` mode (the original
-    Echo code: it pulls the logit toward 0, so a "zero" key can take a large share);
+    mode (its softmax weight times ``s``), ``S * s`` in ``"score"`` mode (the original
+    Echo code: it pulls the logit toward 0, so a "zero" key can take a large share) or
+    ``-inf`` in ``"hard"`` mode;
     ``O = softmax(S') V``, computed flash-style (online softmax, O(L) memory).
 
     Args:
@@ -609,7 +611,8 @@ def zero_soft_attention(
             the start token); None: no zero tokens.
         zero_scale: ``s`` in ``[1.18e-38, 1]``, a float or a 0-dim tensor (may require grad:
             learnable).
-        zero_mode: ``"prob"`` (default) or ``"score"``.
+        zero_mode: ``"prob"`` (default), ``"score"``, or ``"hard"`` (zero-token keys get
+            -inf like any hard-masked key; ``zero_scale`` is then unused).
         causal: query ``i`` sees keys ``j <= i + (Lk - Lq)`` (bottom-right aligned, as for
             decoding against a KV cache). Lq = 3 queries, Lk = 5 keys::
 
@@ -634,8 +637,8 @@ def zero_soft_attention(
             ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"reference"``.
 
     Returns:
-        ``(B, Hq, Lq, D)`` in q's dtype. A row whose keys are all hard-masked (``causal``
-        and ``seqlens_k``) is 0, never NaN; a row whose keys are all zero tokens is an
+        ``(B, Hq, Lq, D)`` in q's dtype. A row whose keys are all hard-masked (``causal``,
+        ``seqlens_k``, hard mode's zero tokens) is 0, never NaN; a row whose keys are all zero tokens is an
         ordinary row. A NaN or inf in a visible q/k/v propagates to the rows it touches.
         Differentiable in q, k, v, theta_q, theta_k, radius and zero_scale.
 

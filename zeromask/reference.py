@@ -113,13 +113,18 @@ def hard_mask(
     causal: bool,
     seqlens_k: Optional[Tensor],
     device,
+    hard_keys: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
-    """True where a score is -inf: causal (bottom-right aligned) and beyond seqlens_k. (B,1,Lq,Lk)."""
+    """True where a score is -inf: causal (bottom-right aligned), beyond seqlens_k, and the
+    keys of ``hard_keys`` (bool (B, Lk): zero tokens in hard mode). (B, 1, Lq, Lk)."""
     mask = None
+    if hard_keys is not None:
+        mask = hard_keys.to(device).view(batch, 1, 1, lk).expand(batch, 1, lq, lk)
     if causal:
         i = torch.arange(lq, device=device).unsqueeze(1)
         j = torch.arange(lk, device=device).unsqueeze(0)
-        mask = (j > i + (lk - lq)).view(1, 1, lq, lk).expand(batch, 1, lq, lk)
+        tri = (j > i + (lk - lq)).view(1, 1, lq, lk).expand(batch, 1, lq, lk)
+        mask = tri if mask is None else (mask | tri)
     if seqlens_k is not None:
         j = torch.arange(lk, device=device).view(1, 1, 1, lk)
         beyond = j >= seqlens_k.to(device).view(batch, 1, 1, 1)
@@ -145,9 +150,10 @@ def keys_within_length(x: Tensor, seqlens_k: Optional[Tensor]) -> Tensor:
 def _scores(q: Tensor, k: Tensor, *, key_zero=None, zero_scale=1e-6, zero_mode="prob",
             causal=False, sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None,
             pos_q=None, pos_k=None, rotary_dim=None, interleaved=False, radius=None):
-    """(S, zero, ln_s, hard): the logits with score mode applied and -inf where hard-masked,
-    but prob mode's ``+ ln(s)`` on zero keys left out; ``zero`` (B, 1, 1, Lk) bool and
-    ``ln_s`` (0-dim) where prob mode applies, else None; ``hard`` the :func:`hard_mask`."""
+    """(S, zero, ln_s, hard): the logits with score mode applied and -inf where hard-masked
+    (hard mode: zero-token keys too), but prob mode's ``+ ln(s)`` on zero keys left out;
+    ``zero`` (B, 1, 1, Lk) bool and ``ln_s`` (0-dim) where prob mode applies, else None;
+    ``hard`` the :func:`hard_mask` (with hard mode's zero keys)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     compute = q.dtype if q.dtype == torch.float64 else torch.float32
@@ -162,9 +168,11 @@ def _scores(q: Tensor, k: Tensor, *, key_zero=None, zero_scale=1e-6, zero_mode="
         k = k.repeat_interleave(Hq // Hkv, dim=1)
     s = scale * torch.matmul(q, k.transpose(-1, -2))
     zero = ln_s = None
-    if key_zero is not None:
-        if zero_mode not in ("prob", "score"):
-            raise ValueError(f"zero_mode must be 'prob' or 'score', got {zero_mode!r}")
+    if zero_mode not in ("prob", "score", "hard"):
+        raise ValueError(f"zero_mode must be 'prob', 'score' or 'hard', got {zero_mode!r}")
+    mask = hard_mask(B, Lq, Lk, causal, seqlens_k, s.device, hard_keys=(
+        key_zero if zero_mode == "hard" else None))
+    if key_zero is not None and zero_mode != "hard":
         zero = key_zero.view(B, 1, 1, Lk)
         if torch.is_tensor(zero_scale):
             zs = zero_scale.to(device=s.device, dtype=compute)
@@ -175,7 +183,6 @@ def _scores(q: Tensor, k: Tensor, *, key_zero=None, zero_scale=1e-6, zero_mode="
             zero = None
         else:
             ln_s = torch.log(zs)
-    mask = hard_mask(B, Lq, Lk, causal, seqlens_k, s.device)
     if mask is not None:
         s = s.masked_fill(mask, float("-inf"))
     return s, zero, ln_s, mask
@@ -239,12 +246,16 @@ def _prob_mode_softmax(s: Tensor, zero: Tensor, ln_s: Tensor,
 
 
 def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[Tensor],
-               device) -> Optional[Tensor]:
-    """(B, 1, Lq, 1) True where every key of a query row is hard-masked (causal, seqlens_k).
+               device, hard_keys: Optional[Tensor] = None) -> Optional[Tensor]:
+    """(B, 1, Lq, 1) True where every key of a query row is hard-masked (causal, seqlens_k,
+    and the zero-token keys ``hard_keys`` (B, Lk) of hard mode).
 
     Only those rows are empty (out 0, lse -inf). A row whose unmasked logits are all -inf
     because ``q . k`` overflowed float32 is not empty: its softmax is NaN (README, "NaN, lengths and limits").
     """
+    if hard_keys is not None:
+        mask = hard_mask(batch, lq, lk, causal, seqlens_k, device, hard_keys=hard_keys)
+        return mask.all(-1, keepdim=True).view(batch, 1, lq, 1)
     if not causal and seqlens_k is None:
         return None if lk > 0 else torch.ones(batch, 1, lq, 1, dtype=torch.bool,
                                               device=device)
@@ -254,6 +265,11 @@ def empty_rows(batch: int, lq: int, lk: int, causal: bool, seqlens_k: Optional[T
     if causal:
         keys = torch.minimum(keys, torch.arange(lq, device=device).view(1, lq) + (lk - lq) + 1)
     return (keys <= 0).expand(batch, lq).reshape(batch, 1, lq, 1)
+
+
+def _hard_keys(kwargs: dict) -> Optional[Tensor]:
+    """The zero-token keys that hard mode removes (bool (B, Lk)), else None."""
+    return kwargs.get("key_zero") if kwargs.get("zero_mode") == "hard" else None
 
 
 def zero_soft_attention_weights(q: Tensor, k: Tensor, *, attn_bias: Optional[Tensor] = None,
@@ -267,7 +283,7 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, *, attn_bias: Optional[Ten
     """
     s, zero, ln_s, hard = _scores(q, k, **kwargs)
     empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
-                       kwargs.get("seqlens_k"), s.device)
+                       kwargs.get("seqlens_k"), s.device, _hard_keys(kwargs))
     if attn_bias is not None:
         bias = attn_bias.to(device=s.device, dtype=s.dtype)
         s = s + bias
@@ -313,7 +329,7 @@ def zero_soft_attention_lse(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     NaN for a row that is not empty but whose logits all overflowed to -inf."""
     lse = torch.logsumexp(zero_soft_scores(q, k, **kwargs), dim=-1)
     empty = empty_rows(q.shape[0], q.shape[2], k.shape[2], kwargs.get("causal", False),
-                       kwargs.get("seqlens_k"), lse.device)
+                       kwargs.get("seqlens_k"), lse.device, _hard_keys(kwargs))
     live = torch.ones_like(lse, dtype=torch.bool) if empty is None else ~empty[..., 0]
     return torch.where(live & torch.isneginf(lse), torch.full_like(lse, float("nan")), lse)
 

@@ -533,6 +533,7 @@ static inline void store_row(const float* src, T* dst, int64_t n) {
 struct Attn {
   int64_t B, Hq, Hkv, Lq, Lk, D, R, Dp, Lkp, ldt, grp;
   bool score, causal, inter, has_zero;
+  bool hard;                // prob mode with s = 0 (ln s = -inf): zero keys hard-masked
   float sm_scale, zs;
   const bool* key_zero;
   const int32_t* seqlens;
@@ -541,6 +542,7 @@ struct Attn {
   fvec bias;                // (B, Lkp): ln s (prob mode zero keys), -inf beyond length/pad
   std::vector<float> gk;    // (B, Lk): score-mode key factor (s or 1)
   fvec zf;                  // (B, Lkp): 1 on zero keys (prob mode), else 0
+  std::vector<int64_t> first_ok;  // (B,): the first key not hard-masked (klen if none)
 
   int64_t klen(int64_t b) const {
     return seqlens ? std::min<int64_t>(Lk, std::max<int32_t>(seqlens[b], 0)) : Lk;
@@ -624,21 +626,29 @@ static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
   } else {
     a.tk = make_table(theta_k, pos_k, a.B, a.Lk, a.R, need_grad);
   }
-  const float lns = std::log(a.zs);
+  // zero_mode "hard" arrives as prob mode with s = 0: its zero keys are hard-masked like
+  // keys past seqlens_k (bias -inf, no d/ds), and a row that sees no other key is empty
+  a.hard = !score && a.zs == 0.f;
+  const float lns = a.hard ? NEG_INF : std::log(a.zs);
   a.bias.assign(a.B * a.Lkp, 0.f);
   a.gk.assign(a.B * a.Lk, 1.f);
   a.zf.assign(a.B * a.Lkp, 0.f);
+  a.first_ok.assign(a.B, 0);
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t n = a.klen(b);
+    int64_t first = n;
     for (int64_t j = 0; j < a.Lkp; ++j) {
       float v = 0.f;
       if (j >= n) v = NEG_INF;
       else if (a.has_zero && a.key_zero[b * a.Lk + j]) {
         if (score) a.gk[b * a.Lk + j] = a.zs;
+        else if (a.hard) v = NEG_INF;
         else { v = lns; a.zf[b * a.Lkp + j] = 1.f; }
       }
+      if (j < n && v != NEG_INF && first == n) first = j;
       a.bias[b * a.Lkp + j] = v;
     }
+    a.first_ok[b] = a.hard ? first : 0;
   }
 }
 
@@ -848,9 +858,10 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
           const float inv = 1.0f / l[r];
           for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
           lp[(b * a.Hq + h) * a.Lq + i] = m[r] + std::log(l[r]);
-        } else if (l[r] != 0.f || a.kend(b, i + 1) > 0) {
+        } else if (l[r] != 0.f || a.kend(b, i + 1) > a.first_ok[b]) {
           // NaN: a NaN score, or +inf (inf - inf); or 0 although the row has keys: its
-          // logits all overflowed to -inf.  Only a row with every key hard-masked is empty.
+          // logits all overflowed to -inf.  Only a row with every key hard-masked is empty
+          // (hard mode: it sees no key before the first one that is not a zero token).
           for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(NAN_F);
           lp[(b * a.Hq + h) * a.Lq + i] = NAN_F;
         } else {
@@ -1129,7 +1140,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
         }
       }
       if (parts.drad) for (int64_t i = 0; i < half; ++i) parts.drad[task * half + i] = drho[i];
-      if (parts.dzs) parts.dzs[task] = a.score ? 0.0 : dlns / a.zs;
+      if (parts.dzs) parts.dzs[task] = (a.score || a.hard) ? 0.0 : dlns / a.zs;
       if (fused) finish_kv(kv, dK, dV);
     }
   });

@@ -21,7 +21,8 @@ Attention (docs/design.md 3.3)::
     theta_q / theta_k  float32 (B, Lq) / (B, Lk) contiguous, or None (no rotary on that
         side); pos_q / pos_k float32 of the same shape, given exactly when the theta is.
     radius     float32 (rotary_dim / 2,) or None.   seqlens_k int32 (B,) or None.
-    zero_mode  "prob" | "score";  causal bool (bottom-right aligned);  sm_scale float;
+    zero_mode  "prob" | "score" | "hard" (zero keys -inf; zero_scale then unused and
+        dzero_scale ignored);  causal bool (bottom-right aligned);  sm_scale float;
     rotary_dim even int <= D;  interleaved bool.
     out: q's dtype, (B, Hq, Lq, D) contiguous; rows whose keys are all hard-masked are 0.
     lse: float32 (B, Hq, Lq), natural-log row logsumexp of the masked logits, -inf for an

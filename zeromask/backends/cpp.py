@@ -8,7 +8,7 @@ q/k/v are used with their own strides (contiguous last dim); nothing is copied.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,6 +32,15 @@ def available() -> Optional[str]:
     return None
 
 
+def _kernel_zero_mode(zero_scale: torch.Tensor, zero_mode: str) -> Tuple[torch.Tensor, str]:
+    """``(zero_scale, zero_mode)`` as the C++ kernels take them: ``"hard"`` is prob mode
+    with ``s = 0`` (``ln s = -inf``: every zero key's bias is -inf, as for a key past
+    seqlens_k; the kernel then treats a row that sees no other key as empty)."""
+    if zero_mode == "hard":
+        return torch.zeros_like(zero_scale), "prob"
+    return zero_scale, zero_mode
+
+
 def supports(op: str, **call) -> Optional[str]:
     return common_support("cpp", op, call)
 
@@ -39,6 +48,7 @@ def supports(op: str, **call) -> Optional[str]:
 def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
                       seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
     B, Hq, Lq, D = q.shape
+    zero_scale, zero_mode = _kernel_zero_mode(zero_scale, zero_mode)
     out = new_output((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Lq), dtype=torch.float32, device=q.device)
     _C.attention_fwd(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
@@ -51,6 +61,7 @@ def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, the
                        pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
                        interleaved):
     dev = q.device
+    zero_scale, zero_mode = _kernel_zero_mode(zero_scale, zero_mode)
     dq = new_output(q.shape, dtype=q.dtype, device=dev)
     dk = new_output(k.shape, dtype=k.dtype, device=dev)
     dv = new_output(v.shape, dtype=v.dtype, device=dev)

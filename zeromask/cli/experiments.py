@@ -46,8 +46,8 @@ import numpy as np
 EXPERIMENTS: Dict[str, tuple] = {
     "prob": ("zero-soft attention, zero_mode=prob (baseline)", ["--zero-mode", "prob"]),
     "score": ("zero-soft attention, zero_mode=score", ["--zero-mode", "score"]),
-    "inf": ("-inf masking of zero tokens (zero_scaling=False)",
-            ["--zero-mode", "prob", "--no-zero-scaling"]),
+    "inf": ("-inf masking of zero tokens (zero_mode=hard, on the same kernels)",
+            ["--zero-mode", "hard"]),
     "const-theta": ("constant learnable theta instead of f0 rotary",
                     ["--zero-mode", "prob", "--no-f0-rotary"]),
     "order-psw": ("feature order pitch, spectrogram, waveform (base: spectrogram, pitch, "

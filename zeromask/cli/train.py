@@ -79,7 +79,7 @@ _MODEL_HELP = {
     "frontend": "subsampling: linear layer + convolutions (project) or convolutions (conv)",
     "vtlp": "vocal tract length perturbation: mel-axis warp factors in [1 - x, 1 + x] (0: off)",
 }
-_MODEL_CHOICES = {"zero_mode": ["prob", "score"], "rotary_mode": ["echo", "additive"],
+_MODEL_CHOICES = {"zero_mode": ["prob", "score", "hard"], "rotary_mode": ["echo", "additive"],
                   "backend": ["reference", "cpp", "triton", "cuda"],
                   "ctc_input": ["sum", "spectrogram", "waveform", "pitch"],
                   "input_norm": list(INPUT_NORMS), "frontend": list(FRONTENDS)}

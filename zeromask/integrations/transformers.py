@@ -63,7 +63,7 @@ NAME = "zeromask"
 class ZeroTokens:
     """Zero tokens for the attentions over audio frames: ``key_zero`` ``(B, T)`` bool at the
     encoder's output rate, ``zero_scale`` s in (0, 1] (float or 0-dim tensor, may require
-    grad), ``zero_mode`` "prob" or "score" (see :func:`zeromask.zero_soft_attention`)."""
+    grad), ``zero_mode`` "prob", "score" or "hard" (see :func:`zeromask.zero_soft_attention`)."""
     key_zero: Tensor
     zero_scale: Union[float, Tensor] = 1e-6
     zero_mode: str = "prob"

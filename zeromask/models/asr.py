@@ -18,8 +18,8 @@ every stage builds on the one before. Labels are the text followed by one 0 ("en
 :meth:`SpeechModel.generate` decodes greedily with a KV cache and stops at 0.
 
 Every attention call goes through the zeromask dispatch with ``config.backend``; with
-``zero_scaling=False`` zero tokens are hard-masked (-inf) through PyTorch SDPA instead,
-after the same f0 rotary (see :class:`ModelConfig`).
+``zero_mode="hard"`` (or ``zero_scaling=False``) the same kernels hard-mask the zero tokens
+(-inf) instead of scaling them (see :class:`ModelConfig`).
 """
 from __future__ import annotations
 
@@ -32,23 +32,21 @@ from torch import nn
 
 from .. import zero
 from ..modules import F0Rotary, ZeroSoftAttention
-from ..ops import f0_rotary
 from .config import ModelConfig
 
 Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------
-# attention with a soft (zero-soft kernel) or hard (-inf, SDPA) path and a KV-cache step
+# attention: the zeromask module's public face, whole sequences and KV-cache steps
 # ----------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """A :class:`ZeroSoftAttention` used through its public face, plus hard masking.
+    """A :class:`ZeroSoftAttention` used through its public face.
 
-    * soft (``zero_scaling=True``): ``ZeroSoftAttention.forward`` for a whole sequence, and
-      ``ZeroSoftAttention.attend`` for a KV-cache decoding step on keys/values projected once
-      with ``project_key_value``;
-    * hard (``zero_scaling=False``): the module's projections and rotary, then SDPA with
-      zero tokens removed (-inf); a row with no key left returns 0.
+    ``forward`` for a whole sequence; :meth:`step` for a KV-cache decoding step against keys
+    and values projected once with ``ZeroSoftAttention.project_key_value``. Zero tokens are
+    soft-scaled (``config.zero_mode`` "prob" or "score") or, with ``zero_scaling=False`` or
+    ``zero_mode="hard"``, removed (-inf) by the same kernels.
     """
 
     def __init__(self, cfg: ModelConfig, rotary: Optional[F0Rotary]):
@@ -56,64 +54,26 @@ class Attention(nn.Module):
         self.attn = ZeroSoftAttention(
             cfg.d_model, cfg.num_heads, batch_first=True, num_kv_heads=cfg.num_kv_heads,
             zero_scale=cfg.zero_scale, learnable_zero_scale=cfg.learnable_zero_scale,
-            zero_mode=cfg.zero_mode, rotary=rotary, backend=cfg.backend)
-        self.hard = not cfg.zero_scaling
+            zero_mode=cfg.effective_zero_mode, rotary=rotary, backend=cfg.backend)
 
     def forward(self, x: Tensor, mem: Tensor, key_zero: Optional[Tensor], causal: bool = False,
                 query_f0: Optional[Tensor] = None, key_f0: Optional[Tensor] = None,
                 weights: Optional[list] = None) -> Tensor:
         """Output ``(B, Lq, E)``; with a list ``weights``, appends the head-averaged
         attention probabilities ``(B, Lq, Lk)`` (materialised: for plots, not for speed)."""
-        if not self.hard:
-            out, w = self.attn(x, mem, mem, key_padding_mask=key_zero, is_causal=causal,
-                               query_f0=query_f0, key_f0=key_f0,
-                               need_weights=weights is not None)
-            if weights is not None:
-                weights.append(w)
-            return out
-        q = self.attn.project_query(x)
-        k, v = self.attn.project_key_value(mem)
-        return self._hard(q, k, v, key_zero, causal, query_f0, key_f0, None, weights)
+        out, w = self.attn(x, mem, mem, key_padding_mask=key_zero, is_causal=causal,
+                           query_f0=query_f0, key_f0=key_f0, need_weights=weights is not None)
+        if weights is not None:
+            weights.append(w)
+        return out
 
     def step(self, x: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor], pos: int,
              key_f0: Optional[Tensor] = None) -> Tensor:
         """One query token ``x`` ``(B, 1, E)`` at position ``pos`` against cached (unrotated)
         key/value heads ``(B, Hkv, Lk, Dh)``; ``(B, 1, E)``."""
-        q = self.attn.project_query(x)
-        if not self.hard:
-            return self.attn.attend(q, k, v, key_padding_mask=key_zero, key_f0=key_f0,
-                                    query_pos=pos if self.attn.rotary is not None else None)
-        return self._hard(q, k, v, key_zero, False, None, key_f0, pos, None)
-
-    def _hard(self, q, k, v, key_zero, causal, query_f0, key_f0, pos_q, weights) -> Tensor:
-        """Hard-masked attention of projected heads through SDPA, then ``out_proj``."""
-        a = self.attn
-        B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
-        kw = a.attention_kwargs(B, Lq, Lk, query_f0=query_f0, key_f0=key_f0)
-        if a.rotary is not None:
-            rkw = dict(rotary_dim=kw["rotary_dim"], interleaved=kw["interleaved"],
-                       radius=kw["radius"], backend=a.backend)
-            if pos_q is None:
-                pos_q = (Lk - Lq) if causal else 0
-            q = f0_rotary(q, kw["theta_q"], positions=pos_q, **rkw)
-            k = f0_rotary(k, kw["theta_k"], **rkw)
-        if k.shape[1] != q.shape[1]:  # GQA: SDPA's boolean-mask path wants equal heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-        if key_zero is not None:
-            allowed = allowed & ~key_zero[:, None, None, :]
-        if causal:
-            i = torch.arange(Lq, device=q.device).unsqueeze(1)
-            j = torch.arange(Lk, device=q.device).unsqueeze(0)
-            allowed = allowed & (j <= i + (Lk - Lq))
-        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
-        if weights is not None:
-            s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-            weights.append(p.masked_fill(empty, 0.0).mean(dim=1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty)
-        return a.project_output(out.masked_fill(empty, 0.0))
+        return self.attn.attend(self.attn.project_query(x), k, v, key_padding_mask=key_zero,
+                                key_f0=key_f0,
+                                query_pos=pos if self.attn.rotary is not None else None)
 
 
 def sinusoid(length: int, dim: int, offset: int = 0, device=None,

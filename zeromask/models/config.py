@@ -22,12 +22,12 @@ class ModelConfig:
 
     Comparison switches (issue 7's experiments):
 
-    ``zero_mode``       "prob" (zero-token weight x ``zero_scale``) or "score" (Echo's logit
-                        x ``zero_scale``), see docs/design.md 3.3.
-    ``zero_scaling``    True: zero tokens are soft-scaled (zero-soft attention, any backend).
-                        False: zero tokens are removed with -inf instead (a boolean mask in
-                        ``F.scaled_dot_product_attention`` after the same f0 rotary; a row
-                        with no key left gives 0, as the kernels do for hard-masked rows).
+    ``zero_mode``       "prob" (zero-token weight x ``zero_scale``), "score" (Echo's logit
+                        x ``zero_scale``) or "hard" (zero tokens removed with -inf; a row
+                        with no key left gives 0), see docs/design.md 3.3; every mode runs
+                        on the same kernels.
+    ``zero_scaling``    False: the same as ``zero_mode="hard"`` (kept for the earlier
+                        configs and the experiments' ``--no-zero-scaling``).
     ``f0_rotary``       True: encoder self-attention rotates with theta from the utterance's
                         F0 contour (:class:`zeromask.F0Rotary`); False: constant learnable
                         theta (standard RoPE with a learnable base).
@@ -149,6 +149,11 @@ class ModelConfig:
                 raise ValueError(f"encoder_layers must map names from {FEATURES} to layer "
                                  f"counts >= 0, got {self.encoder_layers}")
             self.encoder_layers = {f: int(n) for f, n in layers.items()}
+
+    @property
+    def effective_zero_mode(self) -> str:
+        """The attention's ``zero_mode``: ``"hard"`` when ``zero_scaling`` is False."""
+        return self.zero_mode if self.zero_scaling else "hard"
 
     def layers_for(self, feature: str) -> int:
         """Encoder layers of ``feature`` (``encoder_layers`` or else ``enc_layers``)."""
