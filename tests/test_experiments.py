@@ -155,3 +155,28 @@ def test_run_all_stops_the_runs_in_flight_on_sigterm(tmp_path):
     assert time.time() - t0 < 15
     assert not any((tmp_path / f"eval{i}").exists() for i in range(3))
     assert not (tmp_path / "long2").exists()  # the queued third job never started
+
+
+def test_cer_vs_time_plot_draws_every_decoder(tmp_path, monkeypatch):
+    """The demo's CER curve: attention, CTC and joint lines from a log.jsonl's evaluation
+    records (training records ignored); no evaluation record is a clear error."""
+    log = tmp_path / "log.jsonl"
+    recs = [{"step": 10, "loss": 3.0}] + [
+        {"step": s, "eval": True, "elapsed": 60.0 * s, "cer": 1.0 / s, "ctc_cer": 0.8 / s,
+         "joint_cer": 0.5 / s} for s in (1, 2, 3)]
+    log.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    evals = plots.read_evals(log)
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    seen = {}
+    real_save = plots._save
+
+    def spy(fig, path):
+        seen["labels"] = [ln.get_label() for ln in fig.axes[0].get_lines()]
+        return real_save(fig, path)
+    monkeypatch.setattr(plots, "_save", spy)
+    out = plots.plot_cer_vs_time({"demo": evals}, tmp_path / "cer.png")
+    assert is_png(out)
+    assert seen["labels"][:3] == ["demo: attention decoder, greedy", "demo: CTC head, greedy",
+                                  "demo: joint CTC/attention, greedy"]
+    with pytest.raises(ValueError, match="no evaluation records"):
+        plots.plot_cer_vs_time({"demo": []}, tmp_path / "none.png")

@@ -75,7 +75,7 @@ def plot_cer_vs_time(runs: Dict[str, Sequence[dict]], path: Union[str, os.PathLi
     """Held-out CER (log scale) against training minutes, one line per run and decoder.
 
     ``runs``: ``{label: evaluation records}`` as :func:`read_evals` returns them (keys
-    ``elapsed`` in seconds, ``cer`` and optionally ``ctc_cer``); ``target`` draws a
+    ``elapsed`` in seconds, ``cer`` and optionally ``ctc_cer`` and ``joint_cer``); ``target`` draws a
     horizontal line (None: none).
     """
     if not any(runs.values()):
@@ -91,6 +91,9 @@ def plot_cer_vs_time(runs: Dict[str, Sequence[dict]], path: Union[str, os.PathLi
         if all("ctc_cer" in r for r in recs):
             ax.plot(t, [max(r["ctc_cer"], 1e-4) for r in recs], "s--", lw=1.1, ms=3,
                     color=line.get_color(), alpha=0.8, label=f"{label}: CTC head, greedy")
+        if all("joint_cer" in r for r in recs):
+            ax.plot(t, [max(r["joint_cer"], 1e-4) for r in recs], "^-", lw=2.0, ms=4,
+                    color=line.get_color(), label=f"{label}: joint CTC/attention, greedy")
     if target is not None:
         ax.axhline(target, color="0.3", lw=0.8, ls=":", label=f"target CER {target:g}")
     ax.set_yscale("log")
