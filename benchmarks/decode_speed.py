@@ -21,9 +21,7 @@ decoder computes them) / decoder seconds; median and min-max over ``--rounds``. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -50,7 +48,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from runner import cpu_name  # benchmarks/runner.py: /proc/cpuinfo's model name
+    from runner import cpu_name, write_report  # benchmarks/runner.py
     from zeromask.cli.train import PAD_FRAMES
     from zeromask.data import CharTokenizer, SpeechDataset, collate, find_utterances
     from zeromask.models import downsampled_lengths, frame_lengths_of
@@ -118,15 +116,7 @@ def main(argv=None) -> int:
     for w, s in summary["chars_per_s"].items():
         lines.append(f"| {w} | {chars[w]} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) "
                      f"| {s['median'] / base:.2f} |")
-    lines += ["", "Command: `" + " ".join(shlex.quote(a) for a in [
-        "python", "benchmarks/decode_speed.py"] + list(argv if argv is not None
-                                                      else sys.argv[1:])) + "`"]
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{device}.md").write_text(text)
-    (out / f"{device}.json").write_text(json.dumps(summary, indent=2))
-    print(text)
+    write_report(args.out, device, lines + [""], summary, "decode_speed.py", argv)
     return 0
 
 

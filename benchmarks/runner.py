@@ -924,6 +924,27 @@ def cpu_name() -> str:
     return cpu_info()["model_name"]
 
 
+def write_report(out_dir, name: str, lines: List[str], summary: dict, script: str,
+                 argv: Optional[Sequence[str]]) -> str:
+    """Close a speech-model benchmark's markdown ``lines`` with the command that reproduces
+    it (``python benchmarks/<script>`` + ``argv``, default ``sys.argv[1:]``), write
+    ``OUT/<name>.md`` and ``OUT/<name>.json`` (``summary``), print and return the text."""
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+    args = list(argv if argv is not None else sys.argv[1:])
+    lines = list(lines) + ["Command: `" + " ".join(
+        shlex.quote(a) for a in ["python", f"benchmarks/{script}"] + args) + "`"]
+    text = "\n".join(lines) + "\n"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    print(text)
+    return text
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

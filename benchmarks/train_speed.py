@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -257,16 +256,9 @@ def main(argv=None) -> int:
               "worker process (one per backend and round); 'training' subtracts the RSS "
               "read from /proc/self/statm right before the first step (model, optimizer and "
               "batch already built)." if args.device == "cpu" else
-              "torch.cuda.max_memory_allocated."),
-              "Command: `" + " ".join(shlex.quote(a) for a in ["python",
-                  "benchmarks/train_speed.py"] + list(argv if argv is not None
-                                                      else sys.argv[1:])) + "`"]
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{device}.md").write_text(text)
-    (out / f"{device}.json").write_text(json.dumps(summary, indent=2))
-    print(text)
+              "torch.cuda.max_memory_allocated.")]
+    from runner import write_report  # benchmarks/runner.py
+    write_report(args.out, device, lines, summary, "train_speed.py", argv)
     return 0
 
 

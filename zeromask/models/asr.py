@@ -687,10 +687,12 @@ class SpeechModel(nn.Module):
 
     def _greedy(self, memories, f0, B: int, max_len: Optional[int],
                 use_cache: bool = True, limits: Optional[Tensor] = None,
-                unended: Optional[list] = None) -> List[List[int]]:
+                unended: Optional[list] = None,
+                ctc: Optional[Tuple["CTCPrefixScorer", float]] = None) -> List[List[int]]:
         """Greedy ids per row; ``limits`` (B,) caps each row's length (else ``max_len``);
         ``unended`` (a list) receives one bool per row: stopped by the cap, not by the end
-        token."""
+        token. ``ctc = (scorer, w)``: joint decoding, each step's choice maximises
+        ``(1 - w) log p_att + w`` the scorer's CTC prefix score (:meth:`_joint_greedy`)."""
         max_len = max_len or self.config.max_decode_len
         device = next(iter(memories.values()))[0].device
         ids = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -706,7 +708,12 @@ class SpeechModel(nn.Module):
                 logits = step_fn(ids[:, -1:], t)
             else:
                 logits = self.decode(ids, memories, f0)[:, -1]
+            if ctc is not None:
+                scorer, w = ctc
+                logits = (1 - w) * F.log_softmax(logits.double(), dim=-1) + w * scorer.score()
             nxt = logits.argmax(-1).masked_fill(done, 0)
+            if ctc is not None:
+                scorer.advance(nxt, keep=nxt != 0)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done |= (nxt == 0) | (t + 1 >= cap)
             if bool(done.all()):
@@ -768,30 +775,8 @@ class SpeechModel(nn.Module):
         log psi(g))`` over the whole vocabulary (:class:`CTCPrefixScorer`; for the end token
         the CTC term is ``log P_ctc(g | x) - log psi(g)``), Kim, Hori and Watanabe (2017)'s
         score with a beam of one. A row stops at the end token or at its cap."""
-        B, device = log_probs.shape[0], log_probs.device
-        cap = torch.minimum(torch.full((B,), max_len or self.config.max_decode_len,
-                                       dtype=torch.long, device=device),
-                            lengths.to(device).clamp_min(1))
-        scorer = CTCPrefixScorer(log_probs, lengths) if w > 0 else None
-        step_fn = self._cached_stepper(memories, f0, B, device)
-        ids = torch.zeros(B, 1, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(int(cap.max())):
-            total = (1 - w) * F.log_softmax(step_fn(ids[:, -1:], t).double(), dim=-1)
-            if scorer is not None:
-                total = total + w * scorer.score()
-            nxt = total.argmax(-1).masked_fill(done, 0)
-            if scorer is not None:
-                scorer.advance(nxt, keep=nxt != 0)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= (nxt == 0) | (t + 1 >= cap)
-            if bool(done.all()):
-                break
-        out = []
-        for b, row in enumerate(ids[:, 1:].tolist()):
-            row = row[: int(cap[b])]
-            out.append(row[: row.index(0)] if 0 in row else row)
-        return out
+        ctc = (CTCPrefixScorer(log_probs, lengths), w) if w > 0 else None
+        return self._greedy(memories, f0, log_probs.shape[0], max_len, limits=lengths, ctc=ctc)
 
     def _cached_stepper(self, memories, f0, B, device):
         kf0 = self._key_f0(f0)
