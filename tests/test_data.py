@@ -606,3 +606,23 @@ def test_speed_perturbation_in_the_dataset_varies_the_length(tmp_path):
     assert len({item[k].shape[0] for k in ("spectrogram", "waveform", "pitch", "f0")}) == 1
     with pytest.raises(ValueError, match="speed_perturb"):
         SpeechDataset([u], CharTokenizer(), speed_perturb=-1)
+
+
+def test_manifest_labels_of_a_split(tmp_path):
+    from zeromask.data import manifest_labels
+    recs = [{"split": "shifted", "file": "shifted/000001", "engine": "festival",
+             "augment": {"kind": "reverb"}, "speed": 1.4},
+            {"split": "shifted", "file": "shifted/000002", "engine": "espeak-ng",
+             "augment": None, "speed": 0.6},
+            {"split": "train", "file": "train/000003", "engine": "flite", "augment": None}]
+    (tmp_path / "shifted").mkdir()
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    folder = tmp_path / "shifted"
+    assert manifest_labels(folder, "engine") == {"000001": "festival", "000002": "espeak-ng"}
+    assert manifest_labels(folder, "augment") == {"000001": "reverb", "000002": "none"}
+    assert manifest_labels(folder, "speed") == {"000001": "1.4", "000002": "0.6"}
+    with pytest.raises(ValueError, match="colour"):
+        manifest_labels(folder, "colour")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        manifest_labels(tmp_path / "elsewhere" / "test", "engine")

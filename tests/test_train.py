@@ -148,11 +148,33 @@ def test_end_to_end_make_data_train_eval(tmp_path, capsys):
     assert train_cli.main(["--data", str(data), "--out", str(out), "--batch-size", "2",
                            "--max-steps", "3", "--eval-every", "0"] + TINY) == 0
     assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(data),
-                          "--no-progress"]) == 0
+                          "--no-progress", "--by", "engine,voice/augment",
+                          "--json", str(tmp_path / "eval.json")]) == 0
     text = capsys.readouterr().out
     assert "held-out attention greedy CER" in text  # from the training run's final evaluation
     lines = [l for l in text.splitlines() if l.startswith("checkpoint ")]
     assert len(lines) == 1 and "CER" in lines[0] and "(2 utterances" in lines[0]
+    groups = json.loads((tmp_path / "eval.json").read_text())["groups"]
+    assert list(groups["engine"]) == ["espeak-ng"] and groups["engine"]["espeak-ng"]["n"] == 2
+    assert sum(g["n"] for g in groups["voice/augment"].values()) == 2
+    assert all(name.endswith("/none") for name in groups["voice/augment"])  # test/: clean
+    with pytest.raises(SystemExit):  # a field no record has: a one-line usage error
+        eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(data),
+                       "--by", "colour"])
+    assert "--by colour: no manifest record" in capsys.readouterr().err
+
+
+def test_score_groups_is_each_groups_corpus_rate():
+    from zeromask.models.training import score_groups
+    res = {"ids": ["a", "b", "c", "d"], "refs": ["ab", "ab", "abcd", " "],
+           "hyps": ["ab", "xb", "abcd", "zz"], "ctc_hyps": ["xx", "ab", "abcd", ""],
+           "cer": 0.0, "ctc_cer": 0.0}
+    got = score_groups(res, {"a": "g1", "b": "g1", "c": "g2", "d": "g2"})
+    assert list(got) == ["g1", "g2"]
+    assert got["g1"]["n"] == 2 and got["g1"]["cer"] == 0.25 and got["g1"]["ctc_cer"] == 0.5
+    assert got["g2"]["n"] == 1 and got["g2"]["cer"] == 0.0  # the empty reference left out
+    assert "joint_cer" not in got["g1"]  # no such decoder in the result
+    assert score_groups(res, {}) == {}
 
 
 def test_config_file_and_flags(tmp_path):

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="attention backend override")
     p.add_argument("--max-len", type=int, default=None, help="longest decoded text")
     p.add_argument("--json", help="write the metrics (and all hypotheses) here")
+    p.add_argument("--by", default=None,
+                   help="also score each group of a manifest field, comma-separated (e.g. "
+                        "engine,voice,augment; engine/augment crosses two): needs "
+                        "DATA/../manifest.jsonl of zeromask-make-data")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -45,8 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _evaluate(args) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
-    from ..models.training import (evaluate, load_checkpoint, model_from_checkpoint,
-                                   score_record, score_summary, utterance_frames)
+    from ..data import manifest_labels
+    from ..models.training import (DECODERS, evaluate, load_checkpoint, model_from_checkpoint,
+                                   score_groups, score_record, score_summary, utterance_frames)
     from .train import PAD_FRAMES, print_samples
 
     if args.threads:
@@ -77,6 +82,14 @@ def _evaluate(args) -> int:
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
         collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
+    by = {}  # read before the evaluation, so a bad field fails at once
+    for field in [f.strip() for f in (args.by or "").split(",") if f.strip()]:
+        try:  # "a/b": the groups of two fields crossed
+            parts = [manifest_labels(data, f) for f in field.split("/")]
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--by {field}: {exc}") from None
+        by[field] = {u: "/".join(p[u] for p in parts) for u in parts[0]
+                     if all(u in p for p in parts)}
     t0 = time.time()
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress)
@@ -84,10 +97,19 @@ def _evaluate(args) -> int:
     print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
           f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
     print_samples(res, args.samples)
+    groups = {}
+    for field, labels in by.items():
+        groups[field] = score_groups(res, labels)
+        print(f"by {field}:")
+        for name, rec in groups[field].items():
+            print(f"  {name} ({rec['n']} utterances): " + "; ".join(
+                f"{label} CER {rec[p + 'cer']:.3f}" for p, label in DECODERS
+                if p + "cer" in rec))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
              **score_record(res), "n": res["n"], "seconds": dt,
+             **({"groups": groups} if groups else {}),
              "utterances": [
                  dict({"id": res["ids"][k], "ref": res["refs"][k], "hyp": res["hyps"][k]},
                       **{p + "hyp": res[p + "hyps"][k] for p in ("ctc_", "joint_")

@@ -550,6 +550,38 @@ def plan_dataset(n: int, *, test_fraction: float = 0.1, seed: int = 0,
     return plans
 
 
+def manifest_labels(folder, field: str) -> Dict[str, str]:
+    """Utterance id -> the value of a manifest field, for the utterances of ``folder`` (a
+    split of a :func:`make_dataset` output, e.g. ``OUT/shifted``), read from
+    ``folder/../manifest.jsonl``; ids as :func:`zeromask.data.find_utterances` gives them.
+
+    ``field``: any manifest key (``engine``, ``voice``, ``speed``, ...); ``augment`` gives
+    the augmentation's kind (``noise``, ``reverb``, ``reverb+noise`` or ``none``).
+    Raises FileNotFoundError without a manifest, ValueError for a field no record has.
+    """
+    folder = Path(folder).resolve()
+    manifest = folder.parent / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} does not exist: grouping by a field needs the "
+                                "manifest zeromask-make-data writes beside the split folders")
+    prefix = folder.name + "/"
+    out, seen = {}, False
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        seen = seen or field in rec
+        if not rec.get("file", "").startswith(prefix):
+            continue
+        value = rec.get(field)
+        if field == "augment":
+            value = (value or {}).get("kind") or "none"
+        out[rec["file"][len(prefix):]] = "none" if value is None else str(value)
+    if not seen:
+        raise ValueError(f"no manifest record of {manifest} has a field {field!r}")
+    return out
+
+
 def plan_id(plan: dict, sample_rate: int) -> str:
     """A digest of what an utterance's audio depends on (its plan, the rate, the renderer)."""
     key = {k: v for k, v in plan.items() if k not in ("seconds", "plan_id")}

@@ -233,6 +233,34 @@ def score_summary(res: dict) -> str:
     return line
 
 
+def score_groups(res: dict, labels: Dict[str, str]) -> Dict[str, dict]:
+    """CER/WER of every decoder of an :func:`evaluate` result per group of utterances.
+
+    ``labels``: utterance id -> group name (e.g. a manifest field, see
+    :func:`zeromask.data.manifest_labels`); utterances without a label, or with an empty
+    reference, are left out. Returns ``{group: {"n", "cer", "wer", "ctc_cer", ...}}`` in
+    sorted group order (jiwer's corpus-level rates within each group).
+    """
+    import jiwer
+    members: Dict[str, List[int]] = {}
+    for k, uid in enumerate(res["ids"]):
+        if uid in labels and res["refs"][k].strip():
+            members.setdefault(labels[uid], []).append(k)
+    out = {}
+    for group in sorted(members):
+        ks = members[group]
+        refs = [res["refs"][k] for k in ks]
+        rec = {"n": len(ks)}
+        for p, _ in DECODERS:
+            hyps = res.get(p + "hyps")
+            if hyps is not None and p + "cer" in res:
+                h = [hyps[k] for k in ks]
+                rec[p + "cer"] = float(jiwer.cer(refs, h))
+                rec[p + "wer"] = float(jiwer.wer(refs, h))
+        out[group] = rec
+    return out
+
+
 def score_record(res: dict) -> dict:
     """The CER/WER numbers of an :func:`evaluate` result (for logs and JSON)."""
     rec = {p + m: res[p + m] for p, _ in DECODERS for m in ("cer", "wer") if p + m in res}
@@ -241,6 +269,6 @@ def score_record(res: dict) -> dict:
     return rec
 
 
-__all__ = ["score_summary", "score_record", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
+__all__ = ["score_summary", "score_record", "score_groups", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
            "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
            "TENSOR_KEYS"]
