@@ -170,10 +170,9 @@ def test_saved_logsumexp_matches_reference(backend, device, kw):
     kwargs.update({k: v for k, v in case.items() if k not in ("q", "k", "v")})
 
     def normalised(dtype, dev):
-        a = _normalise_attention(*(case[n].to(device=dev, dtype=dtype) for n in "qkv"),
-                                 **{n: (v.to(dev) if torch.is_tensor(v) else v)
-                                    for n, v in kwargs.items()})
-        return a
+        return _normalise_attention(*(case[n].to(device=dev, dtype=dtype) for n in "qkv"),
+                                    **{n: (v.to(dev) if torch.is_tensor(v) else v)
+                                       for n, v in kwargs.items()})
     a = normalised(F32, device)
     f = lambda t: None if t is None else t.float()  # noqa: E731
     _, lse = dispatch.load(backend).attention_forward(

@@ -618,11 +618,13 @@ def test_manifest_labels_of_a_split(tmp_path):
     (tmp_path / "shifted").mkdir()
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     folder = tmp_path / "shifted"
-    assert manifest_labels(folder, "engine") == {"000001": "festival", "000002": "espeak-ng"}
-    assert manifest_labels(folder, "augment") == {"000001": "reverb", "000002": "none"}
-    assert manifest_labels(folder, "speed") == {"000001": "1.4", "000002": "0.6"}
+    got = manifest_labels(folder, ["engine", "augment", "speed", "engine/augment"])
+    assert got == {"engine": {"000001": "festival", "000002": "espeak-ng"},
+                   "augment": {"000001": "reverb", "000002": "none"},
+                   "speed": {"000001": "1.4", "000002": "0.6"},
+                   "engine/augment": {"000001": "festival/reverb", "000002": "espeak-ng/none"}}
     with pytest.raises(ValueError, match="colour"):
-        manifest_labels(folder, "colour")
+        manifest_labels(folder, ["engine", "engine/colour"])
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(FileNotFoundError, match="manifest"):
-        manifest_labels(tmp_path / "elsewhere" / "test", "engine")
+        manifest_labels(tmp_path / "elsewhere" / "test", ["engine"])

@@ -638,9 +638,10 @@ def zero_soft_attention(
 
     Returns:
         ``(B, Hq, Lq, D)`` in q's dtype. A row whose keys are all hard-masked (``causal``,
-        ``seqlens_k``, hard mode's zero tokens) is 0, never NaN; a row whose keys are all zero tokens is an
-        ordinary row. A NaN or inf in a visible q/k/v propagates to the rows it touches.
-        Differentiable in q, k, v, theta_q, theta_k, radius and zero_scale.
+        ``seqlens_k``, hard mode's zero tokens) is 0, never NaN; in prob and score mode a row
+        whose keys are all zero tokens is an ordinary row. A NaN or inf in a visible q/k/v
+        propagates to the rows it touches. Differentiable in q, k, v, theta_q, theta_k,
+        radius and (except in hard mode) zero_scale.
 
     Raises:
         TypeError / ValueError naming the argument: wrong types, shapes, dtypes or devices,
@@ -706,7 +707,7 @@ def f0_rotary(
     ``phi_i`` and scaled by ``radius_i``. With a constant theta this is standard RoPE.
 
     Args:
-        x: ``(B, H, L, D)``, float16 / bfloat16 / float32 / float64, contiguous last dim.
+        x: ``(B, H, L, D)``, float16 / bfloat16 / float32 / float64, any strides.
         theta: a float > 1, ``(L,)`` or ``(B, L)``, every value > 1 (the F0-driven theta of
             :class:`zeromask.F0Rotary`, or a learnable base).
         positions: None (``arange(L)``), an int offset, ``(L,)`` or ``(B, L)``.

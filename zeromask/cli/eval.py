@@ -83,13 +83,12 @@ def _evaluate(args) -> int:
         ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
         collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
     by = {}  # read before the evaluation, so a bad field fails at once
-    for field in [f.strip() for f in (args.by or "").split(",") if f.strip()]:
-        try:  # "a/b": the groups of two fields crossed
-            parts = [manifest_labels(data, f) for f in field.split("/")]
+    fields = [f.strip() for f in (args.by or "").split(",") if f.strip()]
+    if fields:
+        try:
+            by = manifest_labels(data, fields)
         except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--by {field}: {exc}") from None
-        by[field] = {u: "/".join(p[u] for p in parts) for u in parts[0]
-                     if all(u in p for p in parts)}
+            raise UsageError(f"--by {args.by}: {exc}") from None
     t0 = time.time()
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress)

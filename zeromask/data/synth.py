@@ -550,36 +550,41 @@ def plan_dataset(n: int, *, test_fraction: float = 0.1, seed: int = 0,
     return plans
 
 
-def manifest_labels(folder, field: str) -> Dict[str, str]:
-    """Utterance id -> the value of a manifest field, for the utterances of ``folder`` (a
-    split of a :func:`make_dataset` output, e.g. ``OUT/shifted``), read from
-    ``folder/../manifest.jsonl``; ids as :func:`zeromask.data.find_utterances` gives them.
+def manifest_labels(folder, fields: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """``{field: {utterance id: value}}`` of manifest fields, for the utterances of
+    ``folder`` (a split of a :func:`make_dataset` output, e.g. ``OUT/shifted``), read once
+    from ``folder/../manifest.jsonl``; ids as :func:`zeromask.data.find_utterances` gives
+    them.
 
-    ``field``: any manifest key (``engine``, ``voice``, ``speed``, ...); ``augment`` gives
-    the augmentation's kind (``noise``, ``reverb``, ``reverb+noise`` or ``none``).
-    Raises FileNotFoundError without a manifest, ValueError for a field no record has.
+    A field is any manifest key (``engine``, ``voice``, ``speed``, ...); ``augment`` gives
+    the augmentation's kind (``noise``, ``reverb``, ``reverb+noise`` or ``none``); ``a/b``
+    crosses two fields (values ``"x/y"``). Raises FileNotFoundError without a manifest,
+    ValueError for a field no record has.
     """
     folder = Path(folder).resolve()
     manifest = folder.parent / "manifest.jsonl"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} does not exist: grouping by a field needs the "
                                 "manifest zeromask-make-data writes beside the split folders")
+    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    keys = {k for rec in records for k in rec}
+    parts = {field: field.split("/") for field in fields}
+    for field, names in parts.items():
+        missing = [n for n in names if n not in keys]
+        if missing:
+            raise ValueError(f"no manifest record of {manifest} has a field {missing[0]!r}")
+
+    def value(rec: dict, name: str) -> str:
+        v = rec.get(name)
+        if name == "augment":
+            v = (v or {}).get("kind")
+        return "none" if v is None else str(v)
+
     prefix = folder.name + "/"
-    out, seen = {}, False
-    for line in manifest.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        seen = seen or field in rec
-        if not rec.get("file", "").startswith(prefix):
-            continue
-        value = rec.get(field)
-        if field == "augment":
-            value = (value or {}).get("kind") or "none"
-        out[rec["file"][len(prefix):]] = "none" if value is None else str(value)
-    if not seen:
-        raise ValueError(f"no manifest record of {manifest} has a field {field!r}")
-    return out
+    mine = [(rec["file"][len(prefix):], rec) for rec in records
+            if rec.get("file", "").startswith(prefix)]
+    return {field: {uid: "/".join(value(rec, n) for n in names) for uid, rec in mine}
+            for field, names in parts.items()}
 
 
 def plan_id(plan: dict, sample_rate: int) -> str:

@@ -789,7 +789,8 @@ class SpeechModel(nn.Module):
         for f in self.config.feature_order:
             if f in memories:
                 mem, _ = memories[f]
-                cross[f] = [layer.attn.attn.project_key_value(mem) for layer in self.stages[f].layers]
+                cross[f] = [layer.attn.attn.project_key_value(mem)
+                            for layer in self.stages[f].layers]
         state = {"zero": torch.zeros(B, 0, dtype=torch.bool, device=device)}
 
         def step(tok: Tensor, t: int) -> Tensor:
@@ -818,5 +819,5 @@ class SpeechModel(nn.Module):
 
 
 __all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
-           "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets", "CTCPrefixScorer",
-           "downsampled_lengths", "frame_lengths_of"]
+           "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
+           "CTCPrefixScorer", "downsampled_lengths", "frame_lengths_of"]
