@@ -25,6 +25,8 @@ def extensions():
               "(install torch first and use pip install --no-build-isolation)")
         return [], {}
     exts = []
+    include = [os.path.abspath("csrc/include")]  # zeromask_args.h: the bindings' contract
+    headers = sorted(glob.glob("csrc/include/*.h"))
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources:
         openmp = ["-fopenmp"]
@@ -34,7 +36,8 @@ def extensions():
         # it for a wheel that must run elsewhere.
         arch = [] if os.environ.get("ZEROMASK_PORTABLE", "0") == "1" else ["-march=native"]
         exts.append(cpp_extension.CppExtension(
-            "zeromask._C_cpu", cpu_sources, depends=sorted(glob.glob("csrc/cpu/*.h")),
+            "zeromask._C_cpu", cpu_sources, include_dirs=include,
+            depends=sorted(glob.glob("csrc/cpu/*.h")) + headers,
             extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math",
                                         "-std=c++20"] + arch + openmp},
             extra_link_args=openmp))
@@ -44,7 +47,8 @@ def extensions():
         # No --use_fast_math: it turns sinf/cosf into approximations that are poor for the
         # large rotary angles (pos * w reaches thousands of radians before reduction).
         exts.append(cpp_extension.CUDAExtension(
-            "zeromask._C_cuda", cuda_sources,
+            "zeromask._C_cuda", cuda_sources, include_dirs=include,
+            depends=sorted(glob.glob("csrc/cuda/*.h")) + headers,
             extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                                 "nvcc": ["-O3", "-std=c++20"]}))
     if not exts:

@@ -476,93 +476,92 @@ def _kernel(kernel, backward: bool):
     return kernel, dict(autotune.INTERPRET_CONFIG, num_warps=4)
 
 
-def _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal, rotary_dim,
-           interleaved):
-    D = q.shape[-1]
-    R = int(rotary_dim)
+def _flags(a):
+    """The kernels' constexpr flags for the call ``a`` (:class:`AttentionArgs`)."""
+    D = a.q.shape[-1]
+    R = int(a.rotary_dim)
     return dict(
         D=D, R=R, HALF_P=pow2(R // 2), REST_P=pow2(D - R), BLOCK_D=pow2(D),
-        HAS_KZ=key_zero is not None, ZERO_PROB=zero_mode in ("prob", "hard"),
-        ZERO_HARD=zero_mode == "hard" and key_zero is not None, CAUSAL=bool(causal),
-        HAS_SEQ=seqlens_k is not None, ROT_Q=theta_q is not None, ROT_K=theta_k is not None,
-        HAS_RAD=radius is not None, INTERLEAVED=bool(interleaved), HAS_REST=D > R,
-        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        EXACT_EXP=q.dtype == torch.float32,
+        HAS_KZ=a.key_zero is not None, ZERO_PROB=a.zero_mode in ("prob", "hard"),
+        ZERO_HARD=a.zero_mode == "hard" and a.key_zero is not None, CAUSAL=bool(a.causal),
+        HAS_SEQ=a.seqlens_k is not None, ROT_Q=a.theta_q is not None,
+        ROT_K=a.theta_k is not None, HAS_RAD=a.radius is not None,
+        INTERLEAVED=bool(a.interleaved), HAS_REST=D > R,
+        DOT_F32=interpreting() and a.q.dtype == torch.bfloat16,
+        PREC="ieee" if a.q.dtype == torch.float32 else "tf32",
+        EXACT_EXP=a.q.dtype == torch.float32,
     )
 
 
-def _ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k):
-    dummy = zero_scale
-    kz = key_zero.view(torch.uint8) if key_zero is not None else dummy
-    return (kz, zero_scale,
-            theta_q if theta_q is not None else dummy, theta_k if theta_k is not None else dummy,
-            pos_q if pos_q is not None else dummy, pos_k if pos_k is not None else dummy,
-            radius if radius is not None else dummy,
-            seqlens_k if seqlens_k is not None else dummy)
+def _ptrs(a):
+    """The side inputs KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK (a dummy pointer where absent)."""
+    dummy = a.zero_scale
+
+    def ptr(t):
+        return t if t is not None else dummy
+    kz = a.key_zero.view(torch.uint8) if a.key_zero is not None else dummy
+    return (kz, a.zero_scale, ptr(a.theta_q), ptr(a.theta_k), ptr(a.pos_q), ptr(a.pos_k),
+            ptr(a.radius), ptr(a.seqlens_k))
 
 
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                      seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
+def attention_forward(a):
+    """(out, lse) of the call ``a`` (:class:`zeromask.backends.AttentionArgs`)."""
+    q, k, v = a.q, a.k, a.v
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     out = alloc((B, Hq, Lq, D), q.dtype, q.device)
     lse = alloc((B, Hq, Lq), torch.float32, q.device)
     if B * Hq * Lq == 0:
         return out, lse
-    flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
-                   rotary_dim, interleaved)
     kernel, extra = _kernel(_attn_fwd_kernel, False)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     kernel[grid](
-        q, k, v, out, lse,
-        *_ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k),
+        q, k, v, out, lse, *_ptrs(a),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        Hq, Lq, Lk, Hq // Hkv, float(sm_scale), pow2(Lq), pow2(Lk),
-        **flags, **extra)
+        Hq, Lq, Lk, Hq // Hkv, float(a.sm_scale), pow2(Lq), pow2(Lk),
+        **_flags(a), **extra)
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
-                       pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
-                       interleaved):
+def attention_backward(do, out, lse, a):
+    """(dq, dk, dv, dtheta_q, dtheta_k, dradius, dzero_scale) of the call ``a``."""
+    q, k, v = a.q, a.k, a.v
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     dev = q.device
-    half = int(rotary_dim) // 2
+    half = int(a.rotary_dim) // 2
     dq = alloc(q.shape, q.dtype, dev)
     dk = alloc(k.shape, k.dtype, dev)
     dv = alloc(v.shape, v.dtype, dev)
-    rot_q, rot_k = theta_q is not None, theta_k is not None
+    rot_q, rot_k = a.theta_q is not None, a.theta_k is not None
     dtq_part = alloc((B, Hq, Lq), torch.float32, dev) if rot_q else None
     dtk_part = alloc((B, Hkv, Lk), torch.float32, dev) if rot_k else None
-    flags = _flags(q, key_zero, theta_q, theta_k, radius, seqlens_k, zero_mode, causal,
-                   rotary_dim, interleaved)
-    ptrs = _ptrs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k)
+    flags = _flags(a)
+    ptrs = _ptrs(a)
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
     if Lq > 0:
         block = 16 if interpreting() else 64
         _attn_bwd_delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
             out, do, delta, *_strides(out), *_strides(do), Hq, Lq, D=D, BLOCK_D=pow2(D),
             BLOCK_M=block, num_warps=4)
-    scale = float(sm_scale)
+    scale = float(a.sm_scale)
     # per-program partials are sized for the smallest BLOCK of any config (16)
     min_block = 16
     n_nb = triton.cdiv(Lk, min_block)
     n_mb = triton.cdiv(Lq, min_block)
     dradk_part = dradq_part = dzs_part = None
-    if radius is not None and rot_k:
+    if a.radius is not None and rot_k:
         dradk_part = torch.zeros((B * Hkv * n_nb, half), dtype=torch.float32, device=dev)
-    if radius is not None and rot_q:
+    if a.radius is not None and rot_q:
         dradq_part = torch.zeros((B * Hq * n_mb, half), dtype=torch.float32, device=dev)
-    if key_zero is not None:
+    if a.key_zero is not None:
         dzs_part = torch.zeros((B * Hq * n_mb,), dtype=torch.float32, device=dev)
-    dummy = zero_scale
+    dummy = a.zero_scale
 
     if Lk > 0:
         kernel, extra = _kernel(_attn_bwd_dkdv_kernel, True)
@@ -594,14 +593,14 @@ def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, the
     if rot_k:
         dtheta_k = alloc((B, Lk), torch.float32, dev)
         torch.sum(dtk_part, dim=1, out=dtheta_k)
-    if radius is not None:
+    if a.radius is not None:
         dradius = alloc((half,), torch.float32, dev)
         dradius.zero_()
         if dradk_part is not None:
             dradius += dradk_part.sum(0)
         if dradq_part is not None:
             dradius += dradq_part.sum(0)
-    if key_zero is not None:
+    if a.key_zero is not None:
         dzero = alloc((), torch.float32, dev)
         torch.sum(dzs_part, dim=0, out=dzero)
     return dq, dk, dv, dtheta_q, dtheta_k, dradius, dzero

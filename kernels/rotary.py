@@ -125,11 +125,13 @@ def _launch(x, dy, theta, positions, radius, rotary_dim, interleaved, backward):
     return out, dtheta, drad
 
 
-def rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved):
-    """y = rho * rot(phi) x on the rotary dims, pass-through beyond; y contiguous."""
-    return _launch(x, None, theta, positions, radius, rotary_dim, interleaved, False)
+def rotary_forward(r):
+    """y = rho * rot(phi) x on the rotary dims, pass-through beyond; y contiguous.
+    ``r``: :class:`zeromask.backends.RotaryArgs`."""
+    return _launch(r.x, None, r.theta, r.positions, r.radius, r.rotary_dim, r.interleaved,
+                   False)
 
 
-def rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved):
+def rotary_backward(dy, r):
     """(dx, dtheta (B, L) fp32, dradius (R/2,) fp32 or None)."""
-    return _launch(x, dy, theta, positions, radius, rotary_dim, interleaved, True)
+    return _launch(r.x, dy, r.theta, r.positions, r.radius, r.rotary_dim, r.interleaved, True)

@@ -17,7 +17,7 @@ import torch
 
 from zeromask import dispatch, reference
 
-from cases import attention_case, check_attention
+from cases import attention_case, check_attention, normalised_args
 from tolerance import assert_output_close
 
 GPU = torch.cuda.is_available()
@@ -114,9 +114,7 @@ def _case(name):
 
 
 def _skip_unless_supported(backend, case, dtype, device):
-    call = {k: (v.to(device=device, dtype=dtype) if k in ("q", "k", "v") else v)
-            for k, v in case.items()}
-    why = dispatch.load(backend).supports("attention", **call)
+    why = dispatch.load(backend).supports("attention", normalised_args(case, dtype, device))
     if why is not None:
         pytest.skip(why)
 
@@ -159,31 +157,15 @@ def test_explicit_positions_scale_and_float_theta(backend, device):
 def test_saved_logsumexp_matches_reference(backend, device, kw):
     """The forward's saved row logsumexp (natural log): the reference's, -inf exactly on
     the empty rows (batch 1 with seqlens_k 0 in the seqlens case)."""
-    from zeromask.ops import _normalise_attention
     case = attention_case(**kw)
     if "seqlens_k" in case:
         case["seqlens_k"] = torch.tensor([case["seqlens_k"][0].item(), 0])
     _skip_unless_supported(backend, case, F32, device)
-    kwargs = dict(key_zero=None, zero_scale=1e-6, zero_mode="prob", causal=False,
-                  sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None, pos_q=None,
-                  pos_k=None, rotary_dim=None, interleaved=False, radius=None)
-    kwargs.update({k: v for k, v in case.items() if k not in ("q", "k", "v")})
+    _, lse = dispatch.load(backend).attention_forward(normalised_args(case, F32, device))
 
-    def normalised(dtype, dev):
-        return _normalise_attention(*(case[n].to(device=dev, dtype=dtype) for n in "qkv"),
-                                    **{n: (v.to(dev) if torch.is_tensor(v) else v)
-                                       for n, v in kwargs.items()})
-    a = normalised(F32, device)
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    _, lse = dispatch.load(backend).attention_forward(
-        a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(), f(a["theta_q"]),
-        f(a["theta_k"]), f(a["pos_q"]), f(a["pos_k"]), f(a["radius"]), a["seqlens_k"],
-        zero_mode=a["zero_mode"], causal=a["causal"], sm_scale=a["sm_scale"],
-        rotary_dim=a["rotary_dim"], interleaved=a["interleaved"])
     def ref_lse(dtype):
-        d = normalised(dtype, "cpu")
-        d.pop("v")
-        return reference.zero_soft_attention_lse(d.pop("q"), d.pop("k"), **d).double()
+        a = normalised_args(case, dtype)
+        return reference.zero_soft_attention_lse(a.q, a.k, **a.keywords()).double()
     want, same = ref_lse(torch.float64), ref_lse(F32)
     lse = lse.cpu().double()
     assert lse.shape == want.shape

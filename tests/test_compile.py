@@ -47,11 +47,9 @@ def _attention_args(backend):
     theta = 200 + 1000 * torch.rand(B, L, generator=g)
     a = ops._normalise_attention(q, k, v, key_zero, torch.tensor(0.05), "prob", True, None,
                                  None, theta, theta, None, None, None, False, None)
-    for name in ("q", "k", "v", "theta_q", "theta_k", "zero_scale"):
-        a[name] = a[name].detach().requires_grad_(True)
-    return (a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"], a["theta_q"],
-            a["theta_k"], a["pos_q"], a["pos_k"], a["radius"], a["seqlens_k"], "prob", True,
-            a["sm_scale"], a["rotary_dim"], False, backend)
+    a = a._replace(**{name: getattr(a, name).detach().requires_grad_(True)
+                      for name in ("q", "k", "v", "theta_q", "theta_k", "zero_scale")})
+    return (*a, backend)
 
 
 @needs_kernel
@@ -62,8 +60,8 @@ def test_opcheck_attention_on_strided_inputs(backend):
     torch.library.opcheck(ops._attention_fwd, args)
     out, lse = ops._attention_fwd(*args)
     do = torch.randn_like(out)
-    bwd = (do, *[a.detach() if torch.is_tensor(a) else a for a in args[:3]], out.detach(),
-           lse.detach(), *[a.detach() if torch.is_tensor(a) else a for a in args[3:]])
+    bwd = (do, out.detach(), lse.detach(),
+           *[a.detach() if torch.is_tensor(a) else a for a in args])
     torch.library.opcheck(ops._attention_bwd, bwd)
 
 

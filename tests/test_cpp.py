@@ -14,7 +14,7 @@ import zeromask
 from zeromask import dispatch
 from zeromask.backends import cpp as cpp_backend
 
-from cases import attention_case, check_attention
+from cases import attention_case, check_attention, normalised_args
 from tolerance import assert_grad_close, assert_output_close
 
 _reason = cpp_backend.available()
@@ -47,38 +47,16 @@ def test_backward_group_split(kw):
 # --------------------------------------------------------------------------------------
 # the kernel contract directly: lse, empty rows, strides
 # --------------------------------------------------------------------------------------
-def _normalised(case, dtype=torch.float32):
-    """The kernel contract's arguments for a case (positions offset as the public API does)."""
-    from zeromask.ops import _normalise_attention
-    c = {k: (v.to(dtype) if k in ("q", "k", "v") else v) for k, v in case.items()}
-    args = dict(key_zero=c.get("key_zero"), zero_scale=c.get("zero_scale", 1e-6),
-                zero_mode=c.get("zero_mode", "prob"), causal=c.get("causal", False),
-                sm_scale=None, seqlens_k=c.get("seqlens_k"), theta_q=c.get("theta_q"),
-                theta_k=c.get("theta_k"), pos_q=None, pos_k=None,
-                rotary_dim=c.get("rotary_dim"), interleaved=c.get("interleaved", False),
-                radius=c.get("radius"))
-    a = _normalise_attention(c["q"], c["k"], c["v"], **args)
-    if dtype != torch.float64:
-        for name in ("zero_scale", "theta_q", "theta_k", "pos_q", "pos_k", "radius"):
-            if a[name] is not None:
-                a[name] = a[name].float()
-    return a
-
-
-def _fwd(a):
-    return cpp_backend.attention_forward(
-        a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"], a["theta_q"], a["theta_k"],
-        a["pos_q"], a["pos_k"], a["radius"], a["seqlens_k"], zero_mode=a["zero_mode"],
-        causal=a["causal"], sm_scale=a["sm_scale"], rotary_dim=a["rotary_dim"],
-        interleaved=a["interleaved"])
+def _fwd(case):
+    """(out, lse) of the cpp kernel for a case, through the kernel contract directly."""
+    return cpp_backend.attention_forward(normalised_args(case))
 
 
 def test_all_hard_masked_rows():
     """seqlens_k = 0 for one batch and causal Lq > Lk: out 0, lse -inf, finite gradients."""
     case = attention_case(B=2, Lq=20, Lk=9, causal=True, seed=11)
     case["seqlens_k"] = torch.tensor([0, 9])
-    a = _normalised(case)
-    out, lse = _fwd(a)
+    out, lse = _fwd(case)
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
     assert torch.all(out[1, :, :11] == 0) and torch.all(torch.isneginf(lse[1, :, :11]))
     assert torch.isfinite(lse[1, :, 11:]).all()
@@ -141,14 +119,16 @@ def test_constant_theta_is_standard_rope():
 # --------------------------------------------------------------------------------------
 def test_cpp_is_auto_choice_on_cpu():
     q = torch.randn(1, 1, 4, 8)
-    assert dispatch.select("attention", "cpu", None, q=q).name == "cpp"
+    args = normalised_args(dict(q=q, k=q, v=q))
+    assert dispatch.select("attention", "cpu", None, args).name == "cpp"
 
 
 def test_rejects_float64_with_reason():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with pytest.raises(dispatch.BackendError, match="float64"):
         zeromask.zero_soft_attention(q, q, q, backend="cpp")
-    assert "float64" in cpp_backend.supports("attention", q=q)
+    assert "float64" in cpp_backend.supports("attention", normalised_args(dict(q=q, k=q, v=q),
+                                                                          torch.float64))
 
 
 # --------------------------------------------------------------------------------------

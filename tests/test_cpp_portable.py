@@ -44,6 +44,7 @@ def portable_ext(tmp_path_factory):
     try:
         return cpp_extension.load(name="zeromask_cpu_portable", sources=SOURCES,
                                   extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  extra_include_paths=[str(ROOT / "csrc" / "include")],
                                   build_directory=str(build), verbose=False)
     finally:
         os.environ["PATH"] = old_path

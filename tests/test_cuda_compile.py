@@ -68,6 +68,7 @@ def test_binding_compiles_with_host_compiler(src):
     incs = [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd = ["c++", "-std=c++20", "-fsyntax-only", "-w", *incs,
            f"-I{sysconfig.get_paths()['include']}", f"-I{CUDA_DIR}",
+           f"-I{ROOT / 'csrc' / 'include'}",
            "-DTORCH_EXTENSION_NAME=_C_cuda", str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"host compile failed:\n{res.stderr[-4000:]}"

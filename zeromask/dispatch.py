@@ -90,7 +90,7 @@ def requested_backend(backend: Optional[str]) -> str:
     return name
 
 
-def _reason(name: str, op: str, device_type: str, call: dict) -> "Backend | str":
+def _reason(name: str, op: str, device_type: str, args) -> "Backend | str":
     b = load(name)
     if not isinstance(b, Backend):
         return b
@@ -98,22 +98,23 @@ def _reason(name: str, op: str, device_type: str, call: dict) -> "Backend | str"
         return f"{name} backend does not run on {device_type} tensors"
     if getattr(b, f"{op}_forward") is None:
         return f"{name} backend has no {op} kernel"
-    why = b.supports(op, **call)
+    why = b.supports(op, args)
     return b if why is None else why
 
 
-def select(op: str, device_type: str, backend: Optional[str] = None, **call) -> Backend:
-    """The backend that runs ``op`` ("attention" or "rotary") for this call."""
+def select(op: str, device_type: str, backend: Optional[str], args) -> Backend:
+    """The backend that runs ``op`` ("attention" or "rotary") for the call whose normalised
+    arguments are ``args`` (:class:`zeromask.backends.AttentionArgs` or ``RotaryArgs``)."""
     name = requested_backend(backend)
     if name != "auto":
-        got = _reason(name, op, device_type, call)
+        got = _reason(name, op, device_type, args)
         if isinstance(got, str):
             raise BackendError(f"backend {name!r} cannot run this {op} call: {got}")
         return got
     order = _AUTO_ORDER.get(device_type, ["reference"])
     skipped = []
     for candidate in order:
-        got = _reason(candidate, op, device_type, call)
+        got = _reason(candidate, op, device_type, args)
         if isinstance(got, Backend):
             key = (op, device_type, candidate, tuple(skipped))
             # (not while torch.compile traces: logging is not traceable, and the eager

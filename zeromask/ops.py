@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch, reference
+from .backends import AttentionArgs, RotaryArgs
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -291,7 +292,9 @@ def _check_qkv(q, k, v) -> None:
 
 def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
                          seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
-                         radius) -> dict:
+                         radius) -> AttentionArgs:
+    """Every argument checked (errors name it) and normalised to the record the backends
+    take: tensors on q's device in the compute dtype, rotary_dim resolved, flags typed."""
     _check_qkv(q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, _, Lq, D = q.shape
@@ -349,42 +352,21 @@ def _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_sc
     rad = _radius(radius, R, dev, cdt) if rotary else None
     if radius is not None and not rotary:
         raise ValueError("radius was given but no theta_q/theta_k: there is no rotary to scale")
-    return dict(q=q, k=k, v=v, key_zero=key_zero, zero_scale=zs, theta_q=tq, theta_k=tk,
-                pos_q=pq, pos_k=pk, radius=rad, seqlens_k=seqlens_k, zero_mode=zero_mode,
-                causal=bool(causal), sm_scale=float(sm_scale), rotary_dim=R,
-                interleaved=bool(interleaved))
+    return AttentionArgs(q, k, v, key_zero, zs, tq, tk, pq, pk, rad, seqlens_k, zero_mode,
+                         bool(causal), float(sm_scale), R, bool(interleaved))
 
 
 # --------------------------------------------------------------------------------------
 # torch.library custom ops: the path of every kernel backend
 # --------------------------------------------------------------------------------------
-_ATTN_KW = ("zero_mode", "causal", "sm_scale", "rotary_dim", "interleaved")
-
-
 def _placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     """custom ops cannot return None: an empty (0,) tensor stands for 'no gradient'."""
     return t if t is not None else like.new_empty((0,), dtype=torch.float32)
 
 
-def _attention_fwd_kernel(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k,
-                          radius, seqlens_k, zero_mode, causal, sm_scale, rotary_dim,
-                          interleaved, backend):
-    """The forward kernel of ``backend``: the body of ``zeromask::attention_fwd``."""
-    return dispatch.load(backend).attention_forward(
-        q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-        zero_mode=zero_mode, causal=causal, sm_scale=sm_scale, rotary_dim=rotary_dim,
-        interleaved=interleaved)
-
-
-def _attention_bwd_kernel(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k,
-                          pos_q, pos_k, radius, seqlens_k, zero_mode, causal, sm_scale,
-                          rotary_dim, interleaved, backend):
-    """The backward kernel of ``backend``: the body of ``zeromask::attention_bwd``."""
-    return dispatch.load(backend).attention_backward(
-        do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-        seqlens_k, zero_mode=zero_mode, causal=causal, sm_scale=sm_scale,
-        rotary_dim=rotary_dim, interleaved=interleaved)
-
+# The custom ops' schemas are flat (torch.library takes no records): an attention op's
+# inputs are AttentionArgs' fields in order, then the backend's name; the bodies rebuild
+# the record from them.
 
 @torch.library.custom_op("zeromask::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
@@ -392,74 +374,87 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor],
                    pos_q: Optional[Tensor], pos_k: Optional[Tensor], radius: Optional[Tensor],
                    seqlens_k: Optional[Tensor], zero_mode: str, causal: bool, sm_scale: float,
                    rotary_dim: int, interleaved: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return _attention_fwd_kernel(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q,
-                                 pos_k, radius, seqlens_k, zero_mode, causal, sm_scale,
-                                 rotary_dim, interleaved, backend)
+    a = AttentionArgs(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+                      seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved)
+    return dispatch.load(backend).attention_forward(a)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-      zero_mode, causal, sm_scale, rotary_dim, interleaved, backend):
+def _(q, *rest):
     B, H, L, D = q.shape
     return q.new_empty((B, H, L, D)), q.new_empty((B, H, L), dtype=torch.float32)
 
 
 @torch.library.custom_op("zeromask::attention_bwd", mutates_args=())
-def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _attention_bwd(do: Tensor, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    key_zero: Optional[Tensor], zero_scale: Tensor, theta_q: Optional[Tensor],
                    theta_k: Optional[Tensor], pos_q: Optional[Tensor], pos_k: Optional[Tensor],
                    radius: Optional[Tensor], seqlens_k: Optional[Tensor], zero_mode: str,
                    causal: bool, sm_scale: float, rotary_dim: int, interleaved: bool,
                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dtq, dtk, drad, dzs = _attention_bwd_kernel(
-        do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-        seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
+    a = AttentionArgs(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
+                      seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved)
+    dq, dk, dv, dtq, dtk, drad, dzs = _attention_bwd_kernel(do, out, lse, a, backend)
     return (dq, dk, dv, _placeholder(dtq, q), _placeholder(dtk, q), _placeholder(drad, q),
             _placeholder(dzs, q))
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-      seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend):
+def _(do, out, lse, *inputs):
     # the kernels return contiguous gradients whatever q/k/v's strides (new_output): a fake
     # with q's strides (empty_like of a transposed view) fails compiled backward passes
+    a = AttentionArgs(*inputs[:-1])
+    q = a.q
+
     def like(t):
         return q.new_empty((0,), dtype=torch.float32) if t is None else t.new_empty(
             t.shape, dtype=torch.float32)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(theta_q),
-            like(theta_k), like(radius), like(zero_scale if key_zero is not None else None))
+    return (q.new_empty(q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape),
+            like(a.theta_q), like(a.theta_k), like(a.radius),
+            like(a.zero_scale if a.key_zero is not None else None))
+
+
+def _attention_fwd_kernel(*inputs):
+    """The body of ``zeromask::attention_fwd`` on its inputs (the record's fields, then the
+    backend's name), for the eager path."""
+    return dispatch.load(inputs[-1]).attention_forward(AttentionArgs(*inputs[:-1]))
+
+
+def _attention_bwd_kernel(do, out, lse, a: AttentionArgs, backend: str):
+    """The body of ``zeromask::attention_bwd``: ``backend``'s backward kernel."""
+    return dispatch.load(backend).attention_backward(do, out, lse, a)
 
 
 def _attention_setup(ctx, inputs, output):
-    (q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-     zero_mode, causal, sm_scale, rotary_dim, interleaved, backend) = inputs
+    a = AttentionArgs(*inputs[:-1])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
-                          pos_k, radius, seqlens_k)
-    ctx.flags = (zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
+    ctx.save_for_backward(out, lse, *a.tensors())
+    ctx.flags = a.flags()
+    ctx.backend = inputs[-1]
 
 
-def _attention_grads(ctx, dout, bwd):
+def _attention_grads(ctx, dout, eager: bool):
     """The attention's autograd formula: the gradients of every input of
-    ``zeromask::attention_fwd`` from ``dout``, through ``bwd`` (the custom op
-    ``_attention_bwd`` or, eagerly, its body ``_attention_bwd_kernel``)."""
-    (q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-     seqlens_k) = ctx.saved_tensors
-    zero_mode, causal, sm_scale, rotary_dim, interleaved, backend = ctx.flags
-    dq, dk, dv, dtq, dtk, drad, dzs = bwd(
-        dout.contiguous(), q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
-        pos_k, radius, seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved, backend)
-    dtq = dtq if theta_q is not None else None
-    dtk = dtk if theta_k is not None else None
-    drad = drad if radius is not None else None
-    dzs = (dzs.reshape(()).to(zero_scale.dtype)
-           if key_zero is not None and zero_mode != "hard" else None)
-    return (dq, dk, dv, None, dzs, dtq, dtk, None, None, drad, None, None, None, None, None,
-            None, None)
+    ``zeromask::attention_fwd`` from ``dout``, through the custom op ``_attention_bwd`` or,
+    eagerly, its body ``_attention_bwd_kernel``."""
+    out, lse, *tensors = ctx.saved_tensors
+    a = AttentionArgs(*tensors, *ctx.flags)
+    if eager:
+        grads = _attention_bwd_kernel(dout.contiguous(), out, lse, a, ctx.backend)
+    else:
+        grads = _attention_bwd(dout.contiguous(), out, lse, *a, ctx.backend)
+    dq, dk, dv, dtq, dtk, drad, dzs = grads
+    dtq = dtq if a.theta_q is not None else None
+    dtk = dtk if a.theta_k is not None else None
+    drad = drad if a.radius is not None else None
+    dzs = (dzs.reshape(()).to(a.zero_scale.dtype)
+           if a.key_zero is not None and a.zero_mode != "hard" else None)
+    grad = dict(q=dq, k=dk, v=dv, zero_scale=dzs, theta_q=dtq, theta_k=dtk, radius=drad)
+    return tuple(grad.get(name) for name in AttentionArgs._fields) + (None,)
 
 
 def _attention_backward(ctx, dout, dlse):
-    return _attention_grads(ctx, dout, _attention_bwd)
+    return _attention_grads(ctx, dout, eager=False)
 
 
 torch.library.register_autograd("zeromask::attention_fwd", _attention_backward,
@@ -489,19 +484,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        return _attention_grads(ctx, dout, _attention_bwd_kernel)
-
-
-def _rotary_fwd_kernel(x, theta, positions, radius, rotary_dim, interleaved, backend):
-    """The rotary forward kernel of ``backend``: the body of ``zeromask::rotary_fwd``."""
-    return dispatch.load(backend).rotary_forward(x, theta, positions, radius,
-                                                 rotary_dim=rotary_dim, interleaved=interleaved)
-
-
-def _rotary_bwd_kernel(dy, x, theta, positions, radius, rotary_dim, interleaved, backend):
-    """The rotary backward kernel of ``backend``: the body of ``zeromask::rotary_bwd``."""
-    return dispatch.load(backend).rotary_backward(
-        dy, x, theta, positions, radius, rotary_dim=rotary_dim, interleaved=interleaved)
+        return _attention_grads(ctx, dout, eager=True)
 
 
 @torch.library.custom_op("zeromask::rotary_fwd", mutates_args=())
@@ -511,7 +494,7 @@ def _rotary_fwd(x: Tensor, theta: Tensor, positions: Tensor, radius: Optional[Te
 
 
 @_rotary_fwd.register_fake
-def _(x, theta, positions, radius, rotary_dim, interleaved, backend):
+def _(x, *rest):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -519,36 +502,48 @@ def _(x, theta, positions, radius, rotary_dim, interleaved, backend):
 def _rotary_bwd(dy: Tensor, x: Tensor, theta: Tensor, positions: Tensor,
                 radius: Optional[Tensor], rotary_dim: int, interleaved: bool,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dtheta, drad = _rotary_bwd_kernel(dy, x, theta, positions, radius, rotary_dim,
-                                          interleaved, backend)
+    r = RotaryArgs(x, theta, positions, radius, rotary_dim, interleaved)
+    dx, dtheta, drad = _rotary_bwd_kernel(dy, r, backend)
     return dx, dtheta, _placeholder(drad, x)
 
 
 @_rotary_bwd.register_fake
-def _(dy, x, theta, positions, radius, rotary_dim, interleaved, backend):
+def _(dy, x, theta, positions, radius, *flags):
     drad = x.new_empty((0,), dtype=torch.float32) if radius is None else radius.new_empty(
         radius.shape, dtype=torch.float32)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             theta.new_empty(theta.shape, dtype=torch.float32), drad)
 
 
+def _rotary_fwd_kernel(*inputs):
+    """The body of ``zeromask::rotary_fwd`` (inputs: RotaryArgs' fields, then the backend)."""
+    return dispatch.load(inputs[-1]).rotary_forward(RotaryArgs(*inputs[:-1]))
+
+
+def _rotary_bwd_kernel(dy, r: RotaryArgs, backend: str):
+    """The body of ``zeromask::rotary_bwd``: ``backend``'s rotary backward kernel."""
+    return dispatch.load(backend).rotary_backward(dy, r)
+
+
 def _rotary_setup(ctx, inputs, output):
-    x, theta, positions, radius, rotary_dim, interleaved, backend = inputs
-    ctx.save_for_backward(x, theta, positions, radius)
-    ctx.flags = (rotary_dim, interleaved, backend)
+    r = RotaryArgs(*inputs[:-1])
+    ctx.save_for_backward(r.x, r.theta, r.positions, r.radius)
+    ctx.flags = (r.rotary_dim, r.interleaved)
+    ctx.backend = inputs[-1]
 
 
-def _rotary_grads(ctx, dy, bwd):
-    """The rotary's autograd formula, through ``bwd`` (``_rotary_bwd`` or its body)."""
-    x, theta, positions, radius = ctx.saved_tensors
-    rotary_dim, interleaved, backend = ctx.flags
-    dx, dtheta, drad = bwd(dy.contiguous(), x, theta, positions, radius, rotary_dim,
-                           interleaved, backend)
-    return dx, dtheta, None, (drad if radius is not None else None), None, None, None
+def _rotary_grads(ctx, dy, eager: bool):
+    """The rotary's autograd formula, through ``_rotary_bwd`` or (eagerly) its body."""
+    r = RotaryArgs(*ctx.saved_tensors, *ctx.flags)
+    if eager:
+        dx, dtheta, drad = _rotary_bwd_kernel(dy.contiguous(), r, ctx.backend)
+    else:
+        dx, dtheta, drad = _rotary_bwd(dy.contiguous(), *r, ctx.backend)
+    return dx, dtheta, None, (drad if r.radius is not None else None), None, None, None
 
 
 def _rotary_backward(ctx, dy):
-    return _rotary_grads(ctx, dy, _rotary_bwd)
+    return _rotary_grads(ctx, dy, eager=False)
 
 
 torch.library.register_autograd("zeromask::rotary_fwd", _rotary_backward,
@@ -568,7 +563,7 @@ class _EagerRotary(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        return _rotary_grads(ctx, dy, _rotary_bwd_kernel)
+        return _rotary_grads(ctx, dy, eager=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -653,19 +648,13 @@ def zero_soft_attention(
     a = _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
                              seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
                              radius)
-    chosen = dispatch.select("attention", a["q"].device.type, backend, **a)
+    chosen = dispatch.select("attention", a.q.device.type, backend, a)
     if chosen.name == "reference":
-        return reference.zero_soft_attention(
-            a["q"], a["k"], a["v"], key_zero=a["key_zero"], zero_scale=a["zero_scale"],
-            zero_mode=a["zero_mode"], causal=a["causal"], sm_scale=a["sm_scale"],
-            seqlens_k=a["seqlens_k"], theta_q=a["theta_q"], theta_k=a["theta_k"],
-            pos_q=a["pos_q"], pos_k=a["pos_k"], rotary_dim=a["rotary_dim"],
-            interleaved=a["interleaved"], radius=a["radius"])
-    run = _EagerAttention.apply if _eager(a["q"]) else _attention_fwd
-    out, _ = run(a["q"], a["k"], a["v"], a["key_zero"], a["zero_scale"].float(),
-                 _f32(a["theta_q"]), _f32(a["theta_k"]), _f32(a["pos_q"]), _f32(a["pos_k"]),
-                 _f32(a["radius"]), a["seqlens_k"], a["zero_mode"], a["causal"],
-                 a["sm_scale"], a["rotary_dim"], a["interleaved"], chosen.name)
+        return reference.zero_soft_attention(a.q, a.k, a.v, **a.keywords())
+    # (compiled backends take fp16/bf16/fp32 inputs, whose compute dtype is float32: the
+    # record's float tensors are already what the kernels read)
+    run = _EagerAttention.apply if _eager(a.q) else _attention_fwd
+    out, _ = run(*a, chosen.name)
     return out
 
 
@@ -684,12 +673,7 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     args.pop("backend")
     args.pop("v")
     a = _normalise_attention(v=k, **args)
-    a.pop("v")
-    return reference.zero_soft_attention_weights(a.pop("q"), a.pop("k"), **a)
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.float()
+    return reference.zero_soft_attention_weights(a.q, a.k, **a.keywords())
 
 
 def f0_rotary(
@@ -735,12 +719,13 @@ def f0_rotary(
     th = _theta("theta", theta, B, L, x.device, cdt)
     pos = _positions("positions", positions, B, L, x.device, cdt)
     rad = _radius(radius, R, x.device, cdt)
-    chosen = dispatch.select("rotary", x.device.type, backend, x=x, theta=th, positions=pos,
-                             radius=rad, rotary_dim=R, interleaved=bool(interleaved))
+    r = RotaryArgs(x, th, pos, rad, R, bool(interleaved))
+    chosen = dispatch.select("rotary", x.device.type, backend, r)
     if chosen.name == "reference":
-        return reference.f0_rotary(x, th, pos, R, bool(interleaved), rad)
+        return reference.f0_rotary(x, th, pos, rotary_dim=R, interleaved=r.interleaved,
+                                   radius=rad)
     run = _EagerRotary.apply if _eager(x) else _rotary_fwd
-    return run(x, th.float(), pos.float(), _f32(rad), R, bool(interleaved), chosen.name)
+    return run(*r, chosen.name)
 
 
 __all__ = ["zero_soft_attention", "zero_soft_attention_weights", "f0_rotary", "ZERO_MODES", "compute_dtype"]

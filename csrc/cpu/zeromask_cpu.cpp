@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "vector_width.h"
+#include "zeromask_args.h"
 
 namespace zm {
 
@@ -370,14 +371,9 @@ struct RotTable {
 static RotTable make_table(const std::optional<at::Tensor>& theta,
                            const std::optional<at::Tensor>& pos, int64_t B, int64_t L,
                            int64_t R, bool need_grad) {
+  // (theta, pos: float32 (B, L) contiguous, both or neither: zm_args checked them)
   RotTable t;
   if (!theta.has_value()) return t;
-  TORCH_CHECK(pos.has_value(), "zeromask: positions must be given with theta");
-  TORCH_CHECK(theta->scalar_type() == at::kFloat && theta->is_contiguous() &&
-                  theta->numel() == B * L,
-              "zeromask: theta must be float32 (B, L) contiguous");
-  TORCH_CHECK(pos->scalar_type() == at::kFloat && pos->is_contiguous() && pos->numel() == B * L,
-              "zeromask: positions must be float32 (B, L) contiguous");
   t.on = true;
   t.L = L;
   t.half = R / 2;
@@ -569,66 +565,36 @@ static int64_t transposed_pitch(int64_t lkp) {
 static constexpr int64_t BQ = 64;
 static constexpr int64_t BK = 128;
 
-static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
-                       const std::optional<at::Tensor>& key_zero, const at::Tensor& zero_scale,
-                       const std::optional<at::Tensor>& theta_q,
-                       const std::optional<at::Tensor>& theta_k,
-                       const std::optional<at::Tensor>& pos_q,
-                       const std::optional<at::Tensor>& pos_k,
-                       const std::optional<at::Tensor>& radius,
-                       const std::optional<at::Tensor>& seqlens_k, bool score, bool causal,
-                       double sm_scale, int64_t rotary_dim, bool interleaved, bool need_grad) {
-  a.B = q.size(0); a.Hq = q.size(1); a.Lq = q.size(2); a.D = q.size(3);
-  a.Hkv = k.size(1); a.Lk = k.size(2);
-  TORCH_CHECK(a.Hkv > 0 && a.Hq % a.Hkv == 0, "zeromask: Hq must be a multiple of Hkv");
+static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad) {
+  a.B = x.B; a.Hq = x.Hq; a.Lq = x.Lq; a.D = x.D; a.Hkv = x.Hkv; a.Lk = x.Lk;
   a.grp = a.Hq / a.Hkv;
-  a.R = rotary_dim;
-  // R = 0 only without rotary (head dim 1); tables are built only where a theta is given
-  TORCH_CHECK(a.R % 2 == 0 && a.R <= a.D && (a.R > 0 || !(theta_q.has_value() ||
-                                                           theta_k.has_value())),
-              "zeromask: bad rotary_dim");
+  a.R = x.rotary_dim;
   a.Dp = round_up(a.D, VL);
   a.Lkp = round_up(std::max<int64_t>(a.Lk, 1), VL);
   a.ldt = transposed_pitch(a.Lkp);
-  a.score = score; a.causal = causal; a.inter = interleaved;
-  a.sm_scale = static_cast<float>(sm_scale);
-  a.zs = zero_scale.item<float>();
-  a.has_zero = key_zero.has_value();
-  a.key_zero = nullptr;
-  if (a.has_zero) {
-    TORCH_CHECK(key_zero->scalar_type() == at::kBool && key_zero->is_contiguous(),
-                "zeromask: key_zero must be bool (B, Lk) contiguous");
-    a.key_zero = key_zero->data_ptr<bool>();
-  }
-  a.seqlens = nullptr;
-  if (seqlens_k.has_value()) {
-    TORCH_CHECK(seqlens_k->scalar_type() == at::kInt && seqlens_k->is_contiguous(),
-                "zeromask: seqlens_k must be int32 (B,)");
-    a.seqlens = seqlens_k->data_ptr<int32_t>();
-  }
-  a.radius = nullptr;
-  if (radius.has_value()) {
-    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() &&
-                    radius->numel() == a.R / 2,
-                "zeromask: radius must be float32 (R/2,)");
-    a.radius = radius->data_ptr<float>();
-  }
+  a.score = x.score; a.causal = x.causal; a.inter = x.interleaved;
+  a.hard = x.hard;
+  a.sm_scale = static_cast<float>(x.sm_scale);
+  a.zs = x.zero_scale.item<float>();
+  a.has_zero = x.key_zero.has_value();
+  a.key_zero = a.has_zero ? x.key_zero->data_ptr<bool>() : nullptr;
+  a.seqlens = x.seqlens_k.has_value() ? x.seqlens_k->data_ptr<int32_t>() : nullptr;
+  a.radius = x.radius.has_value() ? x.radius->data_ptr<float>() : nullptr;
+  const auto& theta_q = x.theta_q;
+  const auto& theta_k = x.theta_k;
+  const auto& pos_q = x.pos_q;
+  const auto& pos_k = x.pos_k;
   a.tq = make_table(theta_q, pos_q, a.B, a.Lq, a.R, need_grad);
   // self-attention usually passes the same theta and positions for both sides: reuse
-  auto bl_f32 = [&](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-           t->numel() == a.B * a.Lk;
-  };
-  if (a.tq.on && a.Lq == a.Lk && bl_f32(theta_k) && bl_f32(pos_k) &&
+  if (a.tq.on && a.Lq == a.Lk && theta_k.has_value() &&
       std::memcmp(theta_q->data_ptr<float>(), theta_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0 &&
       std::memcmp(pos_q->data_ptr<float>(), pos_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0) {
     a.tk = a.tq;
   } else {
     a.tk = make_table(theta_k, pos_k, a.B, a.Lk, a.R, need_grad);
   }
-  // zero_mode "hard" arrives as prob mode with s = 0: its zero keys are hard-masked like
-  // keys past seqlens_k (bias -inf, no d/ds), and a row that sees no other key is empty
-  a.hard = !score && a.zs == 0.f;
+  // zero_mode "hard": zero keys are hard-masked like keys past seqlens_k (bias -inf, no
+  // d/ds), and a row that sees no other key is empty
   const float lns = a.hard ? NEG_INF : std::log(a.zs);
   a.bias.assign(a.B * a.Lkp, 0.f);
   a.gk.assign(a.B * a.Lk, 1.f);
@@ -641,7 +607,7 @@ static void setup_attn(Attn& a, const at::Tensor& q, const at::Tensor& k,
       float v = 0.f;
       if (j >= n) v = NEG_INF;
       else if (a.has_zero && a.key_zero[b * a.Lk + j]) {
-        if (score) a.gk[b * a.Lk + j] = a.zs;
+        if (a.score) a.gk[b * a.Lk + j] = a.zs;
         else if (a.hard) v = NEG_INF;
         else { v = lns; a.zf[b * a.Lkp + j] = 1.f; }
       }
@@ -1164,75 +1130,43 @@ static void dispatch_dtype(at::ScalarType st, F&& f) {
   }
 }
 
-static void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu(), "zeromask cpp backend: tensors must be on the CPU");
-    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "zeromask: q/k/v must be 4-D with a contiguous last dim");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "zeromask: q/k/v dtypes differ");
-  }
-  TORCH_CHECK(k.sizes() == v.sizes(), "zeromask: k and v shapes differ");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "zeromask: k does not match q");
-}
+// The binding-facing entry points (csrc/include/zeromask_args.h reads and checks the record).
 
-void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& key_zero, const at::Tensor& zero_scale,
-                   const std::optional<at::Tensor>& theta_q,
-                   const std::optional<at::Tensor>& theta_k,
-                   const std::optional<at::Tensor>& pos_q, const std::optional<at::Tensor>& pos_k,
-                   const std::optional<at::Tensor>& radius,
-                   const std::optional<at::Tensor>& seqlens_k, bool score, bool causal,
-                   double sm_scale, int64_t rotary_dim, bool interleaved, at::Tensor out,
-                   at::Tensor lse) {
-  check_qkv(q, k, v);
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "zeromask: out must be contiguous like q");
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat &&
-                  lse.numel() == q.size(0) * q.size(1) * q.size(2),
-              "zeromask: lse must be float32 (B, Hq, Lq) contiguous");
+void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tensor lse) {
+  zm_args::check_like_q(out, x, at::kCPU, "cpp", "out");
+  zm_args::check_rows(lse, x, at::kCPU, "cpp", "lse");
   Attn a;
-  setup_attn(a, q, k, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-             score, causal, sm_scale, rotary_dim, interleaved, false);
+  setup_attn(a, x, false);
   if (a.B * a.Hq * a.Lq == 0) return;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(x.q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    attn_fwd_impl<T>(a, q, k, v, out, lse);
+    attn_fwd_impl<T>(a, x.q, x.k, x.v, out, lse);
   });
 }
 
 // Returns the partial sums (dtheta_q (B, Hq, Lq), dtheta_k (B, Hkv, Lk), dradius (n, R/2),
 // dzero_scale (n,)), each an empty tensor when not needed; zeromask/backends/cpp.py reduces
 // them into the outputs.  dq, dk, dv are written in full.
-std::vector<at::Tensor> attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_zero,
-    const at::Tensor& zero_scale, const std::optional<at::Tensor>& theta_q,
-    const std::optional<at::Tensor>& theta_k, const std::optional<at::Tensor>& pos_q,
-    const std::optional<at::Tensor>& pos_k, const std::optional<at::Tensor>& radius,
-    const std::optional<at::Tensor>& seqlens_k, bool score, bool causal, double sm_scale,
-    int64_t rotary_dim, bool interleaved, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
-  check_qkv(q, k, v);
-  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.sizes() == q.sizes() &&
-                  out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(),
-              "zeromask: dout/out must be contiguous like q");
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat &&
-                  lse.numel() == q.size(0) * q.size(1) * q.size(2), "zeromask: bad lse");
-  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous() &&
-                  dq.sizes() == q.sizes() && dk.sizes() == k.sizes() && dv.sizes() == v.sizes() &&
-                  dq.scalar_type() == q.scalar_type() && dk.scalar_type() == q.scalar_type() &&
-                  dv.scalar_type() == q.scalar_type(),
-              "zeromask: dq/dk/dv must be contiguous with q/k/v's shapes and dtype");
+std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
+                                           const at::Tensor& dout, const at::Tensor& out,
+                                           const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
+                                           at::Tensor dv) {
+  zm_args::check_like_q(dout, x, at::kCPU, "cpp", "dout");
+  zm_args::check_like_q(out, x, at::kCPU, "cpp", "out");
+  zm_args::check_rows(lse, x, at::kCPU, "cpp", "lse");
+  zm_args::check_like_q(dq, x, at::kCPU, "cpp", "dq");
+  zm_args::check_dense(dk, x.k.sizes(), x.q.scalar_type(), at::kCPU, "cpp", "dk");
+  zm_args::check_dense(dv, x.v.sizes(), x.q.scalar_type(), at::kCPU, "cpp", "dv");
   Attn a;
-  setup_attn(a, q, k, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-             score, causal, sm_scale, rotary_dim, interleaved, true);
+  setup_attn(a, x, true);
   // torch.use_deterministic_algorithms(True): never slice a GQA group across threads, so
   // every sum runs in one fixed order and the gradients are bitwise the same for any
   // thread count (slices are summed in phase 2 in an order that depends on nsplit)
   const int64_t nsplit = at::globalContext().deterministicAlgorithms()
                              ? 1 : bwd_splits(a.B, a.Hkv, a.grp);
   const int64_t nrows = a.B * a.Hkv * nsplit + a.B * a.Hkv;
-  auto f32 = q.options().dtype(at::kFloat);
-  auto f64 = q.options().dtype(at::kDouble);
+  auto f32 = x.q.options().dtype(at::kFloat);
+  auto f64 = x.q.options().dtype(at::kDouble);
   at::Tensor dtq = a.tq.on ? at::empty({a.B, a.Hq, a.Lq}, f32) : at::empty({0}, f32);
   at::Tensor dtk = a.tk.on ? at::empty({a.B, a.Hkv, a.Lk}, f32) : at::empty({0}, f32);
   at::Tensor drad = a.radius ? at::empty({nrows, a.R / 2}, f64) : at::empty({0}, f64);
@@ -1242,9 +1176,9 @@ std::vector<at::Tensor> attention_bwd(
                  a.radius ? drad.data_ptr<double>() : nullptr,
                  a.has_zero ? dzs.data_ptr<double>() : nullptr};
   if (a.B * a.Hkv > 0) {
-    dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    dispatch_dtype(x.q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      attn_bwd_impl<T>(a, nsplit, dout, q, k, v, out, lse, dq, dk, dv, parts);
+      attn_bwd_impl<T>(a, nsplit, dout, x.q, x.k, x.v, out, lse, dq, dk, dv, parts);
     });
   }
   return {dtq, dtk, drad, dzs};
@@ -1253,22 +1187,13 @@ std::vector<at::Tensor> attention_bwd(
 // ---------------------------------------------------------------------------------------
 // standalone rotary op
 // ---------------------------------------------------------------------------------------
-void rotary_fwd(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& pos,
-                const std::optional<at::Tensor>& radius, int64_t rotary_dim, bool interleaved,
-                at::Tensor y) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
-              "zeromask: x must be a CPU (B, H, L, D) tensor with a contiguous last dim");
-  TORCH_CHECK(y.is_contiguous() && y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(),
-              "zeromask: y must be contiguous like x");
-  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), R = rotary_dim;
-  TORCH_CHECK(R % 2 == 0 && R > 0 && R <= D, "zeromask: bad rotary_dim");
-  const float* rho = nullptr;
-  if (radius.has_value()) {
-    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() && radius->numel() == R / 2,
-                "zeromask: radius must be float32 (R/2,)");
-    rho = radius->data_ptr<float>();
-  }
-  RotTable t = make_table(theta, pos, B, L, R, false);
+void rotary_forward(const zm_args::RotaryArgs& r, at::Tensor y) {
+  zm_args::check_dense(y, r.x.sizes(), r.x.scalar_type(), at::kCPU, "cpp", "y");
+  const int64_t B = r.B, H = r.H, L = r.L, D = r.D, R = r.rotary_dim;
+  const bool interleaved = r.interleaved;
+  const float* rho = r.radius.has_value() ? r.radius->data_ptr<float>() : nullptr;
+  RotTable t = make_table(r.theta, r.positions, B, L, R, false);
+  const at::Tensor& x = r.x;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -1287,32 +1212,24 @@ void rotary_fwd(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& 
 }
 
 // dx (like x, contiguous), dtheta (B, L) float32, drad_part (B*L, R/2) float64 or None.
-void rotary_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& theta,
-                const at::Tensor& pos, const std::optional<at::Tensor>& radius,
-                int64_t rotary_dim, bool interleaved, at::Tensor dx, at::Tensor dtheta,
-                std::optional<at::Tensor> drad_part) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1, "zeromask: bad x");
-  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "zeromask: dy must be contiguous like x");
-  TORCH_CHECK(dx.is_contiguous() && dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(),
-              "zeromask: dx must be contiguous like x");
-  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), R = rotary_dim;
-  TORCH_CHECK(R % 2 == 0 && R > 0 && R <= D, "zeromask: bad rotary_dim");
-  TORCH_CHECK(dtheta.is_contiguous() && dtheta.scalar_type() == at::kFloat && dtheta.numel() == B * L,
-              "zeromask: dtheta must be float32 (B, L)");
+void rotary_backward(const zm_args::RotaryArgs& r, const at::Tensor& dy, at::Tensor dx,
+                     at::Tensor dtheta, std::optional<at::Tensor> drad_part) {
+  const at::Tensor& x = r.x;
+  zm_args::check_dense(dy, x.sizes(), x.scalar_type(), at::kCPU, "cpp", "dy");
+  zm_args::check_dense(dx, x.sizes(), x.scalar_type(), at::kCPU, "cpp", "dx");
+  zm_args::check_dense(dtheta, r.theta.sizes(), at::kFloat, at::kCPU, "cpp", "dtheta");
+  const int64_t B = r.B, H = r.H, L = r.L, D = r.D, R = r.rotary_dim;
+  const bool interleaved = r.interleaved;
   const float* rho = nullptr;
   double* drp = nullptr;
   const int64_t half = R / 2;
-  if (radius.has_value()) {
-    TORCH_CHECK(radius->scalar_type() == at::kFloat && radius->is_contiguous() && radius->numel() == half,
-                "zeromask: radius must be float32 (R/2,)");
-    rho = radius->data_ptr<float>();
-    TORCH_CHECK(drad_part.has_value() && drad_part->scalar_type() == at::kDouble &&
-                    drad_part->is_contiguous() && drad_part->numel() == B * L * half,
-                "zeromask: drad_part must be float64 (B*L, R/2)");
+  if (r.radius.has_value()) {
+    rho = r.radius->data_ptr<float>();
+    TORCH_CHECK(drad_part.has_value(), "zeromask cpp backend: drad_part missing");
+    zm_args::check_dense(*drad_part, {B * L, half}, at::kDouble, at::kCPU, "cpp", "drad_part");
     drp = drad_part->data_ptr<double>();
   }
-  RotTable t = make_table(theta, pos, B, L, R, true);
+  RotTable t = make_table(r.theta, r.positions, B, L, R, true);
   float* dtp = dtheta.data_ptr<float>();
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -1345,8 +1262,21 @@ void rotary_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& the
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "zeromask CPU kernels: fused f0 rotary + zero-soft attention, f0 rotary";
-  m.def("attention_fwd", &zm::attention_fwd, "fused attention forward (writes out, lse)");
-  m.def("attention_bwd", &zm::attention_bwd, "fused attention backward");
-  m.def("rotary_fwd", &zm::rotary_fwd, "f0 rotary forward (writes y)");
-  m.def("rotary_bwd", &zm::rotary_bwd, "f0 rotary backward");
+  // each takes the call's record (zeromask.backends.AttentionArgs / RotaryArgs) first
+  m.def("attention_fwd", [](const py::object& args, at::Tensor out, at::Tensor lse) {
+    zm::attention_forward(zm_args::attention_args(args, at::kCPU, "cpp"), out, lse);
+  }, "fused attention forward (writes out, lse)");
+  m.def("attention_bwd", [](const py::object& args, const at::Tensor& dout,
+                            const at::Tensor& out, const at::Tensor& lse, at::Tensor dq,
+                            at::Tensor dk, at::Tensor dv) {
+    return zm::attention_backward(zm_args::attention_args(args, at::kCPU, "cpp"), dout, out,
+                                  lse, dq, dk, dv);
+  }, "fused attention backward (writes dq, dk, dv; returns the partial sums)");
+  m.def("rotary_fwd", [](const py::object& args, at::Tensor y) {
+    zm::rotary_forward(zm_args::rotary_args(args, at::kCPU, "cpp"), y);
+  }, "f0 rotary forward (writes y)");
+  m.def("rotary_bwd", [](const py::object& args, const at::Tensor& dy, at::Tensor dx,
+                         at::Tensor dtheta, std::optional<at::Tensor> drad_part) {
+    zm::rotary_backward(zm_args::rotary_args(args, at::kCPU, "cpp"), dy, dx, dtheta, drad_part);
+  }, "f0 rotary backward (writes dx, dtheta, drad_part)");
 }

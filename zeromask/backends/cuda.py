@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..outputs import new_output
-from . import Backend, common_support
+from . import AttentionArgs, Backend, RotaryArgs, common_support
 
 MAX_HEAD_DIM = 128  # csrc/cuda/zeromask_cuda.h kMaxHeadDim
 
@@ -38,11 +38,11 @@ def available() -> Optional[str]:
     return None
 
 
-def supports(op: str, **call) -> Optional[str]:
-    if op == "attention" and call.get("zero_mode") == "hard":
+def supports(op: str, args) -> Optional[str]:
+    if op == "attention" and args.zero_mode == "hard":
         return ("cuda backend: zero_mode='hard' is not verified on a GPU yet (its empty-row "
                 "rule differs); the triton and reference backends serve it")
-    return common_support("cuda", op, call,
+    return common_support("cuda", args,
                           max_head_dim=MAX_HEAD_DIM if op == "attention" else None,
                           min_head_dim=2)
 
@@ -56,54 +56,46 @@ def _zeroed(shape, device) -> torch.Tensor:
     return new_output(shape, dtype=torch.float32, device=device).zero_()
 
 
-def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                      seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
-    B, Hq, Lq, D = q.shape
-    out = new_output((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    lse = new_output((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
-        _C.attention_fwd(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                         seqlens_k, zero_mode == "score", bool(causal), float(sm_scale),
-                         int(rotary_dim), bool(interleaved), out, lse, _stream(q))
+def attention_forward(a: AttentionArgs):
+    B, Hq, Lq, D = a.q.shape
+    out = new_output((B, Hq, Lq, D), dtype=a.q.dtype, device=a.q.device)
+    lse = new_output((B, Hq, Lq), dtype=torch.float32, device=a.q.device)
+    with torch.cuda.device(a.q.device):
+        _C.attention_fwd(a, out, lse, _stream(a.q))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
-                       pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
-                       interleaved):
+def attention_backward(do, out, lse, a: AttentionArgs):
+    q, k, v = a.q, a.k, a.v
     dev = q.device
     dq = new_output(q.shape, dtype=q.dtype, device=dev)
     dk = new_output(k.shape, dtype=k.dtype, device=dev)
     dv = new_output(v.shape, dtype=v.dtype, device=dev)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)  # scratch
-    dtq = _zeroed(theta_q.shape, dev) if theta_q is not None else None
-    dtk = _zeroed(theta_k.shape, dev) if theta_k is not None else None
-    drad = _zeroed(radius.shape, dev) if radius is not None else None
-    dzs = _zeroed((), dev) if key_zero is not None else None
+    dtq = _zeroed(a.theta_q.shape, dev) if a.theta_q is not None else None
+    dtk = _zeroed(a.theta_k.shape, dev) if a.theta_k is not None else None
+    drad = _zeroed(a.radius.shape, dev) if a.radius is not None else None
+    dzs = _zeroed((), dev) if a.key_zero is not None else None
     with torch.cuda.device(dev):
-        _C.attention_bwd(do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), key_zero,
-                         zero_scale, theta_q, theta_k, pos_q, pos_k, radius, seqlens_k,
-                         zero_mode == "score", bool(causal), float(sm_scale), int(rotary_dim),
-                         bool(interleaved), delta, dq, dk, dv, dtq, dtk, drad, dzs, _stream(q))
+        _C.attention_bwd(a, do.contiguous(), out.contiguous(), lse.contiguous(), delta, dq, dk,
+                         dv, dtq, dtk, drad, dzs, _stream(q))
     return dq, dk, dv, dtq, dtk, drad, dzs
 
 
-def rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved):
-    y = new_output(x.shape, dtype=x.dtype, device=x.device)
-    with torch.cuda.device(x.device):
-        _C.rotary_fwd(x, theta, positions, radius, int(rotary_dim), bool(interleaved), y,
-                      _stream(x))
+def rotary_forward(r: RotaryArgs):
+    y = new_output(r.x.shape, dtype=r.x.dtype, device=r.x.device)
+    with torch.cuda.device(r.x.device):
+        _C.rotary_fwd(r, y, _stream(r.x))
     return y
 
 
-def rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved):
-    B, _, L, _ = x.shape
-    dx = new_output(x.shape, dtype=x.dtype, device=x.device)
-    dtheta = new_output((B, L), dtype=torch.float32, device=x.device)
-    drad = _zeroed(radius.shape, x.device) if radius is not None else None
-    with torch.cuda.device(x.device):
-        _C.rotary_bwd(dy.contiguous(), x, theta, positions, radius, int(rotary_dim),
-                      bool(interleaved), dx, dtheta, drad, _stream(x))
+def rotary_backward(dy, r: RotaryArgs):
+    B, _, L, _ = r.x.shape
+    dx = new_output(r.x.shape, dtype=r.x.dtype, device=r.x.device)
+    dtheta = new_output((B, L), dtype=torch.float32, device=r.x.device)
+    drad = _zeroed(r.radius.shape, r.x.device) if r.radius is not None else None
+    with torch.cuda.device(r.x.device):
+        _C.rotary_bwd(r, dy.contiguous(), dx, dtheta, drad, _stream(r.x))
     return dx, dtheta, drad
 
 

@@ -9,23 +9,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import Backend
+from . import AttentionArgs, Backend, RotaryArgs
 
 
-def _attention_kwargs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                      seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved):
-    return dict(key_zero=key_zero, zero_scale=zero_scale, zero_mode=zero_mode, causal=causal,
-                sm_scale=sm_scale, seqlens_k=seqlens_k, theta_q=theta_q, theta_k=theta_k,
-                pos_q=pos_q, pos_k=pos_k, rotary_dim=rotary_dim, interleaved=interleaved,
-                radius=radius)
-
-
-def attention_forward(q, k, v, key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                      seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim, interleaved):
-    kw = _attention_kwargs(key_zero, zero_scale, theta_q, theta_k, pos_q, pos_k, radius,
-                           seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved)
-    out = reference.zero_soft_attention(q, k, v, **kw).contiguous()
-    lse = reference.zero_soft_attention_lse(q, k, **kw).float()
+def attention_forward(a: AttentionArgs):
+    out = reference.zero_soft_attention(a.q, a.k, a.v, **a.keywords()).contiguous()
+    lse = reference.zero_soft_attention_lse(a.q, a.k, **a.keywords()).float()
     return out, lse
 
 
@@ -48,34 +37,35 @@ def _vjp(fn, primals, cotangent):
     return tuple(next(grads) if t is not None else None for t in primals)
 
 
-def attention_backward(do, q, k, v, out, lse, key_zero, zero_scale, theta_q, theta_k, pos_q,
-                       pos_k, radius, seqlens_k, *, zero_mode, causal, sm_scale, rotary_dim,
-                       interleaved):
+def attention_backward(do, out, lse, a: AttentionArgs):
     def fn(q, k, v, theta_q, theta_k, radius, zero_scale):
         zs = zero_scale if zero_scale is not None else 1.0
-        kw = _attention_kwargs(key_zero, zs, theta_q, theta_k, pos_q, pos_k, radius,
-                               seqlens_k, zero_mode, causal, sm_scale, rotary_dim, interleaved)
-        return reference.zero_soft_attention(q, k, v, **kw)
+        b = a._replace(q=q, k=k, v=v, theta_q=theta_q, theta_k=theta_k, radius=radius,
+                       zero_scale=zs)
+        return reference.zero_soft_attention(q, k, v, **b.keywords())
 
-    zs = zero_scale if key_zero is not None else None
-    return _vjp(fn, (q, k, v, theta_q, theta_k, radius, zs), do)
-
-
-def rotary_forward(x, theta, positions, radius, *, rotary_dim, interleaved):
-    return reference.f0_rotary(x, theta, positions, rotary_dim, interleaved, radius).contiguous()
+    zs = a.zero_scale if a.key_zero is not None else None
+    return _vjp(fn, (a.q, a.k, a.v, a.theta_q, a.theta_k, a.radius, zs), do)
 
 
-def rotary_backward(dy, x, theta, positions, radius, *, rotary_dim, interleaved):
-    def fn(x, theta, radius):
-        return reference.f0_rotary(x, theta, positions, rotary_dim, interleaved, radius)
+def _rotary(r: RotaryArgs, x, theta, radius):
+    return reference.f0_rotary(x, theta, r.positions, rotary_dim=r.rotary_dim,
+                               interleaved=r.interleaved, radius=radius)
 
-    return _vjp(fn, (x, theta, radius), dy)
+
+def rotary_forward(r: RotaryArgs):
+    return _rotary(r, r.x, r.theta, r.radius).contiguous()
+
+
+def rotary_backward(dy, r: RotaryArgs):
+    return _vjp(lambda x, theta, radius: _rotary(r, x, theta, radius), (r.x, r.theta, r.radius),
+                dy)
 
 
 BACKEND = Backend(
     name="reference",
     available=lambda: None,
-    supports=lambda op, **call: None,
+    supports=lambda op, args: None,
     attention_forward=attention_forward,
     attention_backward=attention_backward,
     rotary_forward=rotary_forward,

@@ -40,26 +40,21 @@ def _device_reason(t: torch.Tensor) -> Optional[str]:
     return f"triton backend does not run on {t.device.type} tensors"
 
 
-def _supports(op: str, **call) -> Optional[str]:
+def _supports(op: str, args) -> Optional[str]:
     if op == "attention":
-        x = call.get("q")
         names = ("q", "k", "v")
     elif op == "rotary":
-        x = call.get("x")
         names = ("x",)
     else:
         return f"triton backend has no {op!r} op"
-    if x is None:
-        return f"triton backend needs the {names[0]} tensor to decide"
-    why = _device_reason(x)
+    why = _device_reason(args[0])
     if why is not None:
         return why
-    why = common_support("triton", op, call, max_head_dim=MAX_HEAD_DIM, min_head_dim=2)
+    why = common_support("triton", args, max_head_dim=MAX_HEAD_DIM, min_head_dim=2)
     if why is not None:
         return why
     for name in names:
-        t = call.get(name)
-        if t is not None and t.stride(-1) != 1:
+        if getattr(args, name).stride(-1) != 1:
             return f"{name} must have a contiguous last dim"
     return None
 
