@@ -30,6 +30,10 @@ _FLOATS = {"sm_scale"}
 
 def _source(fn, dtype: str, constexprs: dict):
     from triton.compiler import ASTSource
+    # every constexpr must be given: one left out would compile as an i32 argument
+    missing = [fn.arg_names[i] for i in fn.constexprs if fn.arg_names[i] not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: constexprs not given: {missing}")
     sig, consts = {}, {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -51,12 +55,13 @@ def _attention_constexprs(dtype, D, R, flags, block_m, block_n):
                 PREC="ieee" if dtype == "fp32" else "tf32", EXACT_EXP=dtype == "fp32", **flags)
 
 
-_ALL_ON = dict(HAS_KZ=True, ZERO_PROB=True, CAUSAL=True, HAS_SEQ=True, ROT_Q=True, ROT_K=True,
-               HAS_RAD=True, INTERLEAVED=False, HAS_REST=False)
-_MIXED = dict(HAS_KZ=True, ZERO_PROB=False, CAUSAL=False, HAS_SEQ=False, ROT_Q=False,
-              ROT_K=True, HAS_RAD=False, INTERLEAVED=True, HAS_REST=True)
-_PLAIN = dict(HAS_KZ=False, ZERO_PROB=True, CAUSAL=False, HAS_SEQ=False, ROT_Q=False,
-              ROT_K=False, HAS_RAD=False, INTERLEAVED=False, HAS_REST=False)
+_ALL_ON = dict(HAS_KZ=True, ZERO_PROB=True, ZERO_HARD=False, CAUSAL=True, HAS_SEQ=True,
+               ROT_Q=True, ROT_K=True, HAS_RAD=True, INTERLEAVED=False, HAS_REST=False)
+_HARD = dict(_ALL_ON, ZERO_HARD=True)
+_MIXED = dict(HAS_KZ=True, ZERO_PROB=False, ZERO_HARD=False, CAUSAL=False, HAS_SEQ=False,
+              ROT_Q=False, ROT_K=True, HAS_RAD=False, INTERLEAVED=True, HAS_REST=True)
+_PLAIN = dict(HAS_KZ=False, ZERO_PROB=True, ZERO_HARD=False, CAUSAL=False, HAS_SEQ=False,
+              ROT_Q=False, ROT_K=False, HAS_RAD=False, INTERLEAVED=False, HAS_REST=False)
 
 
 def variants(quick: bool):
@@ -65,7 +70,7 @@ def variants(quick: bool):
     from zeromask.kernels import rotary as Ro
     from zeromask.kernels.common import pow2
     attn = [("fp16", 64, 64, _ALL_ON), ("bf16", 128, 128, _ALL_ON), ("fp32", 40, 24, _MIXED),
-            ("bf16", 256, 256, _PLAIN), ("fp16", 128, 64, _MIXED)]
+            ("bf16", 256, 256, _PLAIN), ("fp16", 128, 64, _MIXED), ("fp16", 64, 64, _HARD)]
     archs = (80,) if quick else (80, 90)
     if quick:
         attn = [("fp16", 40, 24, _ALL_ON)]

@@ -14,8 +14,13 @@ Backward (flash-attention 2 style, no atomics, so always deterministic):
   its GQA group and the query blocks, recomputing P from the saved lse; it also yields
   dtheta_k (per kv head, summed over heads on the host) and the k side of dradius;
 * the dq kernel: one program per (query block, batch x q head) loops over key blocks and
-  yields dq, dtheta_q (per q head), the q side of dradius and the dzero_scale partials
-  (per row, where it sees every key: see the comment there).
+  yields dq, dtheta_q (per q head), the q side of dradius and, in prob and score mode, the
+  dzero_scale partials (per row, where it sees every key: see the comment there).
+
+The three kernels share their per-program setup and tile loads as ``@triton.jit`` helpers
+(``_radius``, ``_key_len``, ``_key_end``, ``_rotated_rows``, ``_rows``, ``_zero_keys``,
+``_saved_rows``, ``_probs``, ``_unrotate``), which Triton inlines: one source for each
+piece, the same code as written out per kernel.
 
 Every cross-program sum (over heads, blocks) goes through a per-program partial buffer
 reduced on the host, so results are bitwise reproducible; there is no atomic anywhere and
@@ -41,8 +46,36 @@ from . import autotune
 from .common import alloc, angles, exp_e, interpreting, load_split, mm, pow2, store_split
 
 # --------------------------------------------------------------------------------------
-# shared jit helpers
+# shared jit helpers (inlined into each kernel: the three kernels' per-program setup and
+# tile loads are written once, here)
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _radius(RAD, offs_i, HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_RAD: tl.constexpr):
+    """The rotary's per-pair scale rho as a (1, HALF_P) row; ones without a radius."""
+    if HAS_RAD:
+        return tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
+    else:
+        return tl.full((1, HALF_P), 1.0, tl.float32)
+
+
+@triton.jit
+def _key_len(SEQK, b, Lk, HAS_SEQ: tl.constexpr):
+    """Batch b's keys [0, kv_len) exist: seqlens_k[b] (at most Lk), else Lk."""
+    kv_len = Lk
+    if HAS_SEQ:
+        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
+    return kv_len
+
+
+@triton.jit
+def _key_end(kv_len, pid_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The end of the keys query block pid_m can see (causal: bottom-right aligned)."""
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    return hi
+
+
 @triton.jit
 def _rotate(a, b, theta_ptr, pos_ptr, offs_l, mask_l, offs_i, rho,
             R: tl.constexpr, ROT: tl.constexpr):
@@ -54,6 +87,37 @@ def _rotate(a, b, theta_ptr, pos_ptr, offs_l, mask_l, offs_i, rho,
         return rho * ua, rho * ub, ua, ub, c, s, dth
     else:
         return a, b, a, b, a, b, a
+
+
+@triton.jit
+def _rotated_rows(base, offs_l, mask_l, stride_l, offs_i, offs_r, theta_ptr, pos_ptr, rho,
+                  HALF: tl.constexpr, R: tl.constexpr, REST: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, HAS_REST: tl.constexpr, ROT: tl.constexpr):
+    """Rows offs_l of a q or k slab as rotary halves, rotated and scaled by rho in fp32 and
+    cast to the slab's dtype: (a, b, rest, u_a, u_b, cos, sin, dphi/dtheta), the last five
+    fp32 for the rotary's backward."""
+    ty = base.dtype.element_ty
+    a, b, r = load_split(base, offs_l, mask_l, stride_l, offs_i, offs_r,
+                         HALF, R, REST, INTERLEAVED, HAS_REST)
+    a, b, ua, ub, c, s, dth = _rotate(a, b, theta_ptr, pos_ptr, offs_l, mask_l, offs_i, rho,
+                                      R, ROT)
+    return a.to(ty), b.to(ty), r.to(ty), ua, ub, c, s, dth
+
+
+@triton.jit
+def _rows(base, offs_l, mask_l, stride_l, offs_d, mask_d):
+    """Rows offs_l of a v, o or dO slab, (rows, BLOCK_D), zero where masked."""
+    return tl.load(base + offs_l[:, None] * stride_l + offs_d[None, :],
+                   mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _zero_keys(KZ, b, Lk, offs_n, key_ok, HAS_KZ: tl.constexpr):
+    """Which keys offs_n of batch b are zero tokens (key_ok, unused, without key_zero)."""
+    if HAS_KZ:
+        return tl.load(KZ + b * Lk + offs_n, mask=key_ok, other=0) != 0
+    else:
+        return key_ok
 
 
 @triton.jit
@@ -85,6 +149,31 @@ def _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL: tl.constexpr,
     return valid
 
 
+@triton.jit
+def _saved_rows(LSE, DELTA, bh, Lq, offs_m, mask_m):
+    """The forward's row logsumexp (0 on an empty row, whose P is 0 anyway) and delta."""
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _probs(s, valid, lse, EXACT_EXP: tl.constexpr):
+    """P recomputed from the saved row logsumexp, 0 where not valid."""
+    return tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
+
+
+@triton.jit
+def _unrotate(da, db, c, s, ua, ub, dth, rho):
+    """The rotary's backward for one tile, from the gradient (da, db) of its rotated,
+    scaled halves: (dx_a, dx_b, dtheta per row, drho per pair, summed over the rows)."""
+    ga = rho * (da * c + db * s)
+    gb = rho * (db * c - da * s)
+    dphi = rho * (db * ua - da * ub)
+    return ga, gb, tl.sum(dphi * dth, 1), tl.sum(da * ua + db * ub, 0)
+
+
 # --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
@@ -114,25 +203,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
     offs_i = tl.arange(0, HALF_P)
     offs_r = tl.arange(0, REST_P)
     offs_d = tl.arange(0, BLOCK_D)
-    if HAS_RAD:
-        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
-    else:
-        rho = tl.full((1, HALF_P), 1.0, tl.float32)
-
-    qa, qb, qr = load_split(Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r,
-                            HALF, R, REST, INTERLEAVED, HAS_REST)
-    qa, qb, _qua, _qub, _qc, _qs, _qd = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq, offs_m,
-                                                mask_m, offs_i, rho, R, ROT_Q)
-    qa = qa.to(dt)
-    qb = qb.to(dt)
-    qr = qr.to(dt)
-
-    kv_len = Lk
-    if HAS_SEQ:
-        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    mask_d = offs_d < D
+    rho = _radius(RAD, offs_i, HALF, HALF_P, HAS_RAD)
+    qa, qb, qr, _qua, _qub, _qc, _qs, _qd = _rotated_rows(
+        Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r, TQ + b * Lq, PQ + b * Lq,
+        rho, HALF, R, REST, INTERLEAVED, HAS_REST, ROT_Q)
+    kv_len = _key_len(SEQK, b, Lk, HAS_SEQ)
+    hi = _key_end(kv_len, pid_m, Lq, Lk, BLOCK_M, CAUSAL)
     zs = tl.load(ZS)
     ln_zs = tl.log(zs)
 
@@ -141,19 +218,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    mask_d = offs_d < D
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < kv_len
-        ka, kb, kr = load_split(k_base, offs_n, key_ok, skl, offs_i, offs_r,
-                                HALF, R, REST, INTERLEAVED, HAS_REST)
-        ka, kb, _kua, _kub, _kc, _ks, _kd = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n,
-                                                    key_ok, offs_i, rho, R, ROT_K)
-        if HAS_KZ:
-            kz = tl.load(KZ + b * Lk + offs_n, mask=key_ok, other=0) != 0
-        else:
-            kz = key_ok
-        s, _raw = _scores(qa, qb, qr, ka.to(dt), kb.to(dt), kr.to(dt), kz, zs, ln_zs, sm_scale,
+        ka, kb, kr, _kua, _kub, _kc, _ks, _kd = _rotated_rows(
+            k_base, offs_n, key_ok, skl, offs_i, offs_r, TK + b * Lk, PK + b * Lk, rho,
+            HALF, R, REST, INTERLEAVED, HAS_REST, ROT_K)
+        kz = _zero_keys(KZ, b, Lk, offs_n, key_ok, HAS_KZ)
+        s, _raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
                           HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
         valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
         # the running max stays in natural units (an exact logit), so lse = m + ln(l) has
@@ -165,8 +237,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
         alpha = tl.where(m_i == float("-inf"), 0.0,
                          exp_e(tl.where(m_i == float("-inf"), 0.0, m_i) - m_safe, EXACT_EXP))
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
-                    mask=key_ok[:, None] & mask_d[None, :], other=0.0)
+        v = _rows(v_base, offs_n, key_ok, svl, offs_d, mask_d)
         acc = acc * alpha[:, None] + mm(p.to(dt), v, DOT_F32, PREC)
         m_i = m_new
 
@@ -191,16 +262,15 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, Hq, Lq
     h = (pid_bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    o = _rows(O + b * sob + h * soh, offs_m, mask_m, sol, offs_d, mask_d).to(tl.float32)
+    do = _rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdol, offs_d, mask_d).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=mask_m)
 
 
 # --------------------------------------------------------------------------------------
-# backward: dk, dv, dtheta_k, dradius (k side), dzero_scale
+# backward: dk, dv, dtheta_k, dradius (k side)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
@@ -232,29 +302,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
     offs_r = tl.arange(0, REST_P)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    if HAS_RAD:
-        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
-    else:
-        rho = tl.full((1, HALF_P), 1.0, tl.float32)
-
-    kv_len = Lk
-    if HAS_SEQ:
-        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
+    rho = _radius(RAD, offs_i, HALF, HALF_P, HAS_RAD)
+    kv_len = _key_len(SEQK, b, Lk, HAS_SEQ)
     key_ok = offs_n < kv_len
     # slots past seqlens_k are garbage by contract (NaN allowed): loaded as 0, never read
-    ka, kb, kr = load_split(K + b * skb + hk * skh, offs_n, key_ok, skl, offs_i, offs_r,
-                            HALF, R, REST, INTERLEAVED, HAS_REST)
-    ka, kb, ka_u, kb_u, kc, ks, kdth = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n, mask_n,
-                                               offs_i, rho, R, ROT_K)
-    ka = ka.to(dt)
-    kb = kb.to(dt)
-    kr = kr.to(dt)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svl + offs_d[None, :],
-                mask=key_ok[:, None] & mask_d[None, :], other=0.0)
-    if HAS_KZ:
-        kz = tl.load(KZ + b * Lk + offs_n, mask=mask_n, other=0) != 0
-    else:
-        kz = key_ok
+    ka, kb, kr, ka_u, kb_u, kc, ks, kdth = _rotated_rows(
+        K + b * skb + hk * skh, offs_n, key_ok, skl, offs_i, offs_r, TK + b * Lk, PK + b * Lk,
+        rho, HALF, R, REST, INTERLEAVED, HAS_REST, ROT_K)
+    v = _rows(V + b * svb + hk * svh, offs_n, key_ok, svl, offs_d, mask_d)
+    kz = _zero_keys(KZ, b, Lk, offs_n, key_ok, HAS_KZ)
     zs = tl.load(ZS)
     ln_zs = tl.log(zs)
 
@@ -276,22 +332,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Lq
-            qa, qb, qr = load_split(q_base, offs_m, mask_m, sql, offs_i, offs_r,
-                                    HALF, R, REST, INTERLEAVED, HAS_REST)
-            qa, qb, _qua, _qub, _qc, _qs, _qd = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq,
-                                                        offs_m, mask_m, offs_i, rho, R, ROT_Q)
-            qa = qa.to(dt)
-            qb = qb.to(dt)
-            qr = qr.to(dt)
-            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
+            qa, qb, qr, _qua, _qub, _qc, _qs, _qd = _rotated_rows(
+                q_base, offs_m, mask_m, sql, offs_i, offs_r, TQ + b * Lq, PQ + b * Lq, rho,
+                HALF, R, REST, INTERLEAVED, HAS_REST, ROT_Q)
+            do = _rows(do_base, offs_m, mask_m, sdol, offs_d, mask_d)
+            lse, delta = _saved_rows(LSE, DELTA, bh, Lq, offs_m, mask_m)
             s, _raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
                               HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
             valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
-            p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
+            p = _probs(s, valid, lse, EXACT_EXP)
             dv += mm(tl.trans(p.to(dt)), do, DOT_F32, PREC)
             dp = mm(do, tl.trans(v), DOT_F32, PREC)
             ds = p * (dp - delta[:, None])
@@ -306,14 +355,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
                 dkr += mm(dst, qr, DOT_F32, PREC)
 
     if ROT_K:
-        ga = rho * (dka * kc + dkb * ks)
-        gb = rho * (dkb * kc - dka * ks)
-        dphi = rho * (dkb * ka_u - dka * kb_u)
-        dtk = tl.sum(dphi * kdth, 1)
+        ga, gb, dtk, drad = _unrotate(dka, dkb, kc, ks, ka_u, kb_u, kdth, rho)
         tl.store(DTK_PART + pid_bh.to(tl.int64) * Lk + offs_n, dtk, mask=mask_n)
         if HAS_RAD:
             part = DRADK_PART + (pid_bh.to(tl.int64) * n_nblocks + pid_n) * HALF
-            tl.store(part + offs_i, tl.sum(dka * ka_u + dkb * kb_u, 0), mask=offs_i < HALF)
+            tl.store(part + offs_i, drad, mask=offs_i < HALF)
     else:
         ga = dka
         gb = dkb
@@ -324,7 +370,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KZ, ZS, TQ, TK, PQ, P
 
 
 # --------------------------------------------------------------------------------------
-# backward: dq, dtheta_q, dradius (q side)
+# backward: dq, dtheta_q, dradius (q side), dzero_scale
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD, SEQK,
@@ -356,31 +402,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
     offs_r = tl.arange(0, REST_P)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    if HAS_RAD:
-        rho = tl.load(RAD + offs_i, mask=offs_i < HALF, other=0.0)[None, :]
-    else:
-        rho = tl.full((1, HALF_P), 1.0, tl.float32)
-
-    qa, qb, qr = load_split(Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r,
-                            HALF, R, REST, INTERLEAVED, HAS_REST)
-    qa, qb, qa_u, qb_u, qc, qs, qdth = _rotate(qa, qb, TQ + b * Lq, PQ + b * Lq, offs_m, mask_m,
-                                               offs_i, rho, R, ROT_Q)
-    qa = qa.to(dt)
-    qb = qb.to(dt)
-    qr = qr.to(dt)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :],
-                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    rho = _radius(RAD, offs_i, HALF, HALF_P, HAS_RAD)
+    qa, qb, qr, qa_u, qb_u, qc, qs, qdth = _rotated_rows(
+        Q + b * sqb + h * sqh, offs_m, mask_m, sql, offs_i, offs_r, TQ + b * Lq, PQ + b * Lq,
+        rho, HALF, R, REST, INTERLEAVED, HAS_REST, ROT_Q)
+    do = _rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdol, offs_d, mask_d)
     bh = pid_bh.to(tl.int64)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
-
-    kv_len = Lk
-    if HAS_SEQ:
-        kv_len = tl.minimum(tl.load(SEQK + b), Lk)
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    lse, delta = _saved_rows(LSE, DELTA, bh, Lq, offs_m, mask_m)
+    kv_len = _key_len(SEQK, b, Lk, HAS_SEQ)
+    hi = _key_end(kv_len, pid_m, Lq, Lk, BLOCK_M, CAUSAL)
     zs = tl.load(ZS)
     ln_zs = tl.log(zs)
 
@@ -399,36 +429,29 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < kv_len
-        ka, kb, kr = load_split(k_base, offs_n, key_ok, skl, offs_i, offs_r,
-                                HALF, R, REST, INTERLEAVED, HAS_REST)
-        ka, kb, _kua, _kub, _kc, _ks, _kd = _rotate(ka, kb, TK + b * Lk, PK + b * Lk, offs_n,
-                                                    key_ok, offs_i, rho, R, ROT_K)
-        ka = ka.to(dt)
-        kb = kb.to(dt)
-        kr = kr.to(dt)
-        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
-                    mask=key_ok[:, None] & mask_d[None, :], other=0.0)
-        if HAS_KZ:
-            kz = tl.load(KZ + b * Lk + offs_n, mask=key_ok, other=0) != 0
-        else:
-            kz = key_ok
+        ka, kb, kr, _kua, _kub, _kc, _ks, _kd = _rotated_rows(
+            k_base, offs_n, key_ok, skl, offs_i, offs_r, TK + b * Lk, PK + b * Lk, rho,
+            HALF, R, REST, INTERLEAVED, HAS_REST, ROT_K)
+        v = _rows(v_base, offs_n, key_ok, svl, offs_d, mask_d)
+        kz = _zero_keys(KZ, b, Lk, offs_n, key_ok, HAS_KZ)
         s, raw = _scores(qa, qb, qr, ka, kb, kr, kz, zs, ln_zs, sm_scale,
                          HAS_REST, HAS_KZ, ZERO_PROB, DOT_F32, PREC)
         valid = _valid(offs_m, mask_m, offs_n, key_ok, kz, Lq, Lk, CAUSAL, ZERO_HARD)
-        p = tl.where(valid, exp_e(tl.where(valid, s, 0.0) - lse[:, None], EXACT_EXP), 0.0)
+        p = _probs(s, valid, lse, EXACT_EXP)
         dp = mm(do, tl.trans(v), DOT_F32, PREC)
         ds = p * (dp - delta[:, None])
         if HAS_KZ:
-            pdp = p * dp
-            row_t += tl.sum(pdp, 1)
-            row_p += tl.sum(p, 1)
-            if ZERO_PROB:
-                row_a += tl.sum(tl.where(kz[None, :], pdp, 0.0), 1)
-                row_z += tl.sum(tl.where(kz[None, :], p, 0.0), 1)
-            else:
-                row_a += tl.sum(tl.where(kz[None, :], pdp * raw, 0.0), 1)
-                row_z += tl.sum(tl.where(kz[None, :], p * raw, 0.0), 1)
-                ds = tl.where(kz[None, :], ds * zs, ds)
+            if not ZERO_HARD:  # (hard mode's zero keys have no s to move)
+                pdp = p * dp
+                row_t += tl.sum(pdp, 1)
+                row_p += tl.sum(p, 1)
+                if ZERO_PROB:
+                    row_a += tl.sum(tl.where(kz[None, :], pdp, 0.0), 1)
+                    row_z += tl.sum(tl.where(kz[None, :], p, 0.0), 1)
+                else:
+                    row_a += tl.sum(tl.where(kz[None, :], pdp * raw, 0.0), 1)
+                    row_z += tl.sum(tl.where(kz[None, :], p * raw, 0.0), 1)
+                    ds = tl.where(kz[None, :], ds * zs, ds)
         ds = (ds * sm_scale).to(dt)
         dqa += mm(ds, ka, DOT_F32, PREC)
         dqb += mm(ds, kb, DOT_F32, PREC)
@@ -436,29 +459,29 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KZ, ZS, TQ, TK, PQ, PK, RAD
             dqr += mm(ds, kr, DOT_F32, PREC)
 
     if ROT_Q:
-        ga = rho * (dqa * qc + dqb * qs)
-        gb = rho * (dqb * qc - dqa * qs)
-        dphi = rho * (dqb * qa_u - dqa * qb_u)
-        tl.store(DTQ_PART + bh * Lq + offs_m, tl.sum(dphi * qdth, 1), mask=mask_m)
+        ga, gb, dtq, drad = _unrotate(dqa, dqb, qc, qs, qa_u, qb_u, qdth, rho)
+        tl.store(DTQ_PART + bh * Lq + offs_m, dtq, mask=mask_m)
         if HAS_RAD:
             part = DRADQ_PART + (bh * n_mblocks + pid_m) * HALF
-            tl.store(part + offs_i, tl.sum(dqa * qa_u + dqb * qb_u, 0), mask=offs_i < HALF)
+            tl.store(part + offs_i, drad, mask=offs_i < HALF)
     else:
         ga = dqa
         gb = dqb
     store_split(DQ + b * sdqb + h * sdqh, offs_m, mask_m, sdql, offs_i, offs_r, ga, gb, dqr,
                 HALF, R, REST, INTERLEAVED, HAS_REST)
     if HAS_KZ:
-        # dividing by sum_j p (= 1 up to the rounding of the saved lse) also cancels the
-        # lse's rounding, which is common to a row and would otherwise add up over rows
-        p_safe = tl.where(row_p == 0.0, 1.0, row_p)
-        d_ex = row_t / p_safe
-        # a row with no zero-key terms adds nothing, even a NaN row (0 x NaN would)
-        term = tl.where((row_a == 0.0) & (row_z == 0.0), 0.0, (row_a - row_z * d_ex) / p_safe)
-        total = tl.sum(term, 0)
-        if ZERO_PROB:
-            total = total / zs
-        tl.store(DZS_PART + bh * n_mblocks + pid_m, total)
+        if not ZERO_HARD:
+            # dividing by sum_j p (= 1 up to the rounding of the saved lse) also cancels
+            # the lse's rounding, which is common to a row and would otherwise add up
+            p_safe = tl.where(row_p == 0.0, 1.0, row_p)
+            d_ex = row_t / p_safe
+            # a row with no zero-key terms adds nothing, even a NaN row (0 x NaN would)
+            term = tl.where((row_a == 0.0) & (row_z == 0.0), 0.0,
+                            (row_a - row_z * d_ex) / p_safe)
+            total = tl.sum(term, 0)
+            if ZERO_PROB:
+                total = total / zs
+            tl.store(DZS_PART + bh * n_mblocks + pid_m, total)
 
 
 # --------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ pytest.importorskip("triton")
 
 import zeromask  # noqa: E402
 from zeromask import dispatch, reference  # noqa: E402
+from zeromask.backends import RotaryArgs  # noqa: E402
 from zeromask.backends import triton as triton_backend  # noqa: E402
 
-from cases import attention_case, check_attention, f0_theta  # noqa: E402
+from cases import attention_case, check_attention, f0_theta, normalised_args  # noqa: E402
 from tolerance import assert_grad_close, assert_output_close  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -167,16 +168,20 @@ def test_attention_backward_deterministic():
 # --------------------------------------------------------------------------------------
 def test_supports_reasons():
     sup = triton_backend.BACKEND.supports
+
+    def attn(x):
+        return normalised_args(dict(q=x, k=x, v=x), x.dtype)
     q = torch.randn(1, 1, 4, 16)
-    assert sup("attention", q=q, k=q, v=q) is None  # interpreter on
-    assert "float64" in sup("attention", q=q.double(), k=q.double(), v=q.double())
+    assert sup("attention", attn(q)) is None  # interpreter on
+    assert "float64" in sup("attention", attn(q.double()))
     big = torch.randn(1, 1, 4, 264)
-    assert "256" in sup("attention", q=big, k=big, v=big)
-    assert sup("rotary", x=q) is None
+    assert "256" in sup("attention", attn(big))
+    rot = RotaryArgs(q, torch.full((1, 4), 100.0), torch.zeros(1, 4), None, 16, False)
+    assert sup("rotary", rot) is None
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        assert "TRITON_INTERPRET" in sup("attention", q=q, k=q, v=q)
+        assert "TRITON_INTERPRET" in sup("attention", attn(q))
     finally:
         os.environ["TRITON_INTERPRET"] = old
     with pytest.raises(dispatch.BackendError, match="float64"):

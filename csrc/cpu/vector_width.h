@@ -1,4 +1,4 @@
-// The vector width of the CPU kernels, shared by csrc/cpu/zeromask_cpu.cpp and the
+// The vector width of the CPU kernels, shared by csrc/cpu (vec.h) and the
 // FMA-peak probe in benchmarks/ (compiled there at benchmark time), so the probe
 // measures the vectors the kernels run.  Defines ZM_VBYTES (16, 32 or 64).
 #pragma once

@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "zeromask_args.h"
+#include "zeromask_args_py.h"
 #include "zeromask_cuda.h"
 
 namespace {

@@ -66,20 +66,36 @@ __device__ __forceinline__ void pair_idx(int i, int half, bool inter, int* a, in
   if (inter) { *a = 2 * i; *b = 2 * i + 1; } else { *a = i; *b = i + half; }
 }
 
+// The one rotation of the forward: pair i of row x (shared memory), in place, by
+// phi_i = pos * theta^(-2i/R), scaled by rho[i] (rho may be null).
+__device__ __forceinline__ void rotate_pair(float* x, int i, int R, bool inter, float theta,
+                                            float pos, const float* rho) {
+  int ia, ib;
+  pair_idx(i, R / 2, inter, &ia, &ib);
+  float c, s;
+  angle(theta, pos, i, R, &c, &s, nullptr);
+  const float r = rho ? rho[i] : 1.f;
+  const float xa = x[ia], xb = x[ib];
+  x[ia] = r * (xa * c - xb * s);
+  x[ib] = r * (xa * s + xb * c);
+}
+
 // In place rotation of row x (D floats, shared memory) by `nthreads` threads (tid).
 __device__ void rotate_row(float* x, int D, int R, bool inter, float theta, float pos,
                            const float* rho, int tid, int nthreads) {
-  const int half = R / 2;
-  for (int i = tid; i < half; i += nthreads) {
-    int ia, ib;
-    pair_idx(i, half, inter, &ia, &ib);
-    float c, s;
-    angle(theta, pos, i, R, &c, &s, nullptr);
-    const float r = rho ? rho[i] : 1.f;
-    const float xa = x[ia], xb = x[ib];
-    x[ia] = r * (xa * c - xb * s);
-    x[ib] = r * (xa * s + xb * c);
+  for (int i = tid; i < R / 2; i += nthreads) rotate_pair(x, i, R, inter, theta, pos, rho);
+}
+
+// Block-cooperative, in place: rows r < TK of a shared tile (row stride SD) at sequence
+// positions t = t0 + r < len, each rotated by its theta[t], pos[t] (this batch row's).
+__device__ void rotate_tile(float* tile, int t0, int len, const float* theta, const float* pos,
+                            const AttnParams& p) {
+  const int half = p.R / 2;
+  for (int idx = threadIdx.x; idx < TK * half; idx += blockDim.x) {
+    const int r = idx / half, i = idx % half, t = t0 + r;
+    if (t < len) rotate_pair(tile + r * SD, i, p.R, p.interleaved, theta[t], pos[t], p.radius);
   }
+  __syncthreads();
 }
 
 // Rotary backward for one row by one warp: g (dy, shared) and x (input, shared) ->
@@ -137,23 +153,7 @@ __device__ void load_key_tile(const AttnParams& p, int b, int hk, int j0, float*
     if (Vs) Vs[r * SD + d] = ok ? ld(vp + b * p.vs0 + hk * p.vs1 + j * p.vs2 + d) : 0.f;
   }
   __syncthreads();
-  const int half = p.R / 2;
-  if (p.theta_k) {
-    for (int idx = threadIdx.x; idx < TK * half; idx += blockDim.x) {
-      const int r = idx / half, i = idx % half, j = j0 + r;
-      if (j >= p.Lk) continue;
-      int ia, ib;
-      pair_idx(i, half, p.interleaved, &ia, &ib);
-      float c, s;
-      angle(p.theta_k[b * p.Lk + j], p.pos_k[b * p.Lk + j], i, p.R, &c, &s, nullptr);
-      const float rr = p.radius ? p.radius[i] : 1.f;
-      float* row = Ks + r * SD;
-      const float xa = row[ia], xb = row[ib];
-      row[ia] = rr * (xa * c - xb * s);
-      row[ib] = rr * (xa * s + xb * c);
-    }
-    __syncthreads();
-  }
+  if (p.theta_k) rotate_tile(Ks, j0, p.Lk, p.theta_k + b * p.Lk, p.pos_k + b * p.Lk, p);
   if (p.score && p.key_zero) {
     for (int idx = threadIdx.x; idx < TK * D; idx += blockDim.x) {
       const int r = idx / D, d = idx % D, j = j0 + r;
@@ -190,23 +190,7 @@ __device__ void load_query_tile(const AttnParams& p, int b, int h, int i0, float
     }
   }
   __syncthreads();
-  const int half = p.R / 2;
-  if (p.theta_q) {
-    for (int idx = threadIdx.x; idx < TK * half; idx += blockDim.x) {
-      const int r = idx / half, i = idx % half, qi = i0 + r;
-      if (qi >= p.Lq) continue;
-      int ia, ib;
-      pair_idx(i, half, p.interleaved, &ia, &ib);
-      float c, s;
-      angle(p.theta_q[b * p.Lq + qi], p.pos_q[b * p.Lq + qi], i, p.R, &c, &s, nullptr);
-      const float rr = p.radius ? p.radius[i] : 1.f;
-      float* row = Qs + r * SD;
-      const float xa = row[ia], xb = row[ib];
-      row[ia] = rr * (xa * c - xb * s);
-      row[ib] = rr * (xa * s + xb * c);
-    }
-    __syncthreads();
-  }
+  if (p.theta_q) rotate_tile(Qs, i0, p.Lq, p.theta_q + b * p.Lq, p.pos_q + b * p.Lq, p);
   for (int idx = threadIdx.x; idx < TK * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
     Qs[r * SD + d] *= p.sm_scale;
