@@ -51,8 +51,9 @@ def _evaluate(args) -> int:
     from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
     from ..data import manifest_labels
     from ..models.training import (DECODERS, evaluate, load_checkpoint, model_from_checkpoint,
-                                   score_groups, score_record, score_summary, utterance_frames)
-    from .train import PAD_FRAMES, print_samples
+                                   print_samples, score_groups, score_record, score_summary,
+                                   utterance_frames)
+    from .train import PAD_FRAMES
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,22 +26,20 @@ Example (CPU, synthesized data)::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
-import io
 import random
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..models.config import FRONTENDS, INPUT_NORMS, ModelConfig
+from ..models.training import Dist
 from . import UsageError, cli_errors
 
 logger = logging.getLogger("zeromask")
@@ -217,77 +215,6 @@ def resolve(args: argparse.Namespace):
     return model_kw, train
 
 
-class Dist:
-    """torchrun environment: rank, world size, device; no-op when single-process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        if self.enabled:
-            import torch.distributed as dist
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when any rank says True (a stop decision everyone shares)."""
-        if not self.enabled:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def mean(self, x: float) -> float:
-        if not self.enabled:
-            return x
-        import torch.distributed as dist
-        t = torch.tensor([x], device=self.device, dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def close(self):
-        if self.enabled:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-class ResumableBatches:
-    """A :class:`BucketBatchSampler` whose next epoch can start ``skip`` batches in.
-
-    ``skip`` applies once (the epoch a resume lands in), then resets to 0; the batches are
-    the sampler's own for that epoch, so a resumed run continues the interrupted sequence.
-    """
-
-    def __init__(self, sampler, skip: int = 0):
-        self.sampler, self.skip = sampler, int(skip)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        batches = list(self.sampler)[self.skip:]
-        self.skip = 0
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
 class _Interrupt:
     """SIGINT / SIGTERM during training: remember it, so the loop stops after the current
     step and saves ``last.pt``; a second signal interrupts at once (the default action)."""
@@ -338,12 +265,6 @@ def _folders(args):
     return train, test, cache
 
 
-def print_samples(result: dict, n: int, file=None) -> None:
-    file = file or sys.stdout
-    for ref, hyp, uid in list(zip(result["refs"], result["hyps"], result["ids"]))[:n]:
-        print(f"  [{uid}] ref: {ref}\n  {' ' * (len(uid) + 2)} hyp: {hyp}", file=file)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with cli_errors("zeromask-train"):
@@ -358,12 +279,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
-    from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
-    from ..models import SpeechModel
-    from ..models.training import (BucketBatchSampler, CheckpointError, evaluate,
-                                   load_checkpoint, lr_factor,
-                                   save_checkpoint, score_record, score_summary, to_device,
-                                   utterance_frames)
+    """Resume or start the run in ``args.out``: model config, data, then the
+    :class:`~zeromask.models.training.Trainer`'s loop."""
+    from ..data import CharTokenizer
+    from ..models.training import CheckpointError, Trainer, TrainingError, load_checkpoint
 
     if opt["threads"]:
         torch.set_num_threads(int(opt["threads"]))
@@ -378,9 +297,8 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
         except CheckpointError as exc:
             raise UsageError(f"cannot resume: {exc}. To start over, pass --no-resume (or "
                              f"move {last} away)") from None
-        saved = ckpt["config"]
         # the saved architecture wins; flags may only change the backend on resume
-        model_kw = dict(saved, **{k: v for k, v in model_kw.items() if k == "backend"})
+        model_kw = dict(ckpt["config"], **{k: v for k, v in model_kw.items() if k == "backend"})
         tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
     model_kw.setdefault("vocab_size", tokenizer.vocab_size)
     cfg = ModelConfig(**model_kw) if ckpt is None else ModelConfig.from_dict(model_kw)
@@ -391,14 +309,56 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
     random.seed(seed + de.rank)
     torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts)
 
+    train_ds, test_ds = _datasets(args, opt, de, tokenizer, train_dir, test_dir, cache_dir)
+    if de.main:
+        (out / "config.json").write_text(json.dumps(
+            {"model": cfg.to_dict(), "train": opt, "data": {"train": train_dir, "test": test_dir,
+                                                             "cache": cache_dir}}, indent=2))
+    try:
+        trainer = Trainer(out, cfg, tokenizer, opt, de, train_ds, test_ds, ckpt=ckpt,
+                          progress=not args.no_progress, pad_multiple=PAD_FRAMES)
+    except TrainingError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        if de.main:
+            n_test = len(test_ds.utterances) if test_ds is not None else 0
+            print(f"model {trainer.n_params / 1e6:.2f} M parameters; features "
+                  f"{list(cfg.feature_order)}; zero_mode={cfg.zero_mode} "
+                  f"zero_scaling={cfg.zero_scaling} f0_rotary={cfg.f0_rotary}; "
+                  f"{len(train_ds.utterances)} train / {n_test} test utterances; "
+                  f"world {de.world} on {de.device}")
+        interrupted = _Interrupt()
+        trainer.run(interrupted)
+        interrupted.restore()
+        if interrupted.signum is not None:  # Ctrl-C / SIGTERM: save, say how to go on, stop
+            if de.main:
+                trainer.save()
+                print(f"interrupted ({interrupted.name}) at step {trainer.step}: {last} "
+                      "saved; rerun the same command to resume", file=sys.stderr)
+            return 128 + interrupted.signum
+        if args.save_rank_states:
+            torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+                       out / f"rank{de.rank}.pt")
+        if de.main:
+            trainer.finish(final_eval=not args.no_final_eval)
+    finally:
+        trainer.close()
+    de.barrier()
+    return 0
+
+
+def _datasets(args, opt: dict, de: Dist, tokenizer, train_dir, test_dir, cache_dir):
+    """(train, test or None) datasets with every feature cached (main rank first, then the
+    others read the cache); unreadable files are skipped and named, too many end the run."""
+    from ..data import SpeechDataset, find_utterances
     train_utts = find_utterances(train_dir)
     test_utts = find_utterances(test_dir) if (test_dir and os.path.isdir(test_dir)
                                               and not args.no_eval) else []
     train_ds = SpeechDataset(train_utts, tokenizer, cache_dir=cache_dir,
                              speed_perturb=float(opt["speed_perturb"]))
     test_ds = SpeechDataset(test_utts, tokenizer, cache_dir=cache_dir) if test_utts else None
+
     def prepare(workers: int, progress: bool) -> None:
-        # unreadable files are skipped and named; too many of them end the run clearly
         try:
             for ds in (train_ds, test_ds):
                 if ds is not None:
@@ -407,248 +367,12 @@ def _train(args, model_kw: dict, opt: dict, de: Dist) -> int:
             raise UsageError(f"{exc}") from None
 
     if de.main:
-        out.mkdir(parents=True, exist_ok=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         prepare(int(opt["feature_workers"]), not args.no_progress)
-        (out / "config.json").write_text(json.dumps(
-            {"model": cfg.to_dict(), "train": opt, "data": {"train": train_dir, "test": test_dir,
-                                                             "cache": cache_dir}}, indent=2))
     de.barrier()  # the cache is full before any rank reads it
     if not de.main:  # cache hits: only the main rank's bad files are tried again, and dropped
         prepare(0, False)
-    train_utts = train_ds.utterances
-    test_utts = test_ds.utterances if test_ds is not None else []
-
-    fc = train_ds.config
-    lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in train_utts]
-    sampler = BucketBatchSampler(lengths, int(opt["batch_size"]), seed=seed, rank=de.rank,
-                                 world=de.world)
-    if len(sampler) == 0:
-        raise UsageError(f"{len(train_utts)} training utterances make no batch "
-                         f"for {de.world} rank(s)")
-    batches = ResumableBatches(sampler)
-    # its own generator: a DataLoader iterator draws a base seed, which must not move the
-    # global RNG (dropout, SpecAugment) differently in a resumed run
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches,
-                                         collate_fn=functools.partial(collate,
-                                                                      pad_multiple=PAD_FRAMES),
-                                         num_workers=int(opt["num_workers"]),
-                                         generator=torch.Generator().manual_seed(seed))
-    model = SpeechModel(cfg).to(de.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(opt["lr"]),
-                                  weight_decay=float(opt["weight_decay"]))
-    base_lr = float(opt["lr"])
-
-    def set_lr(step_now: int, elapsed_now: float) -> float:
-        # the schedule is a function of (step, elapsed): nothing to save, resumes exactly
-        lr = base_lr * lr_factor(step_now, int(opt["warmup"]), opt["max_steps"], elapsed_now,
-                                 opt["time_budget"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    step, epoch, in_epoch, elapsed0 = 0, 0, 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        extra = ckpt.get("extra", {})
-        elapsed0 = float(extra.get("elapsed", 0.0))
-        in_epoch = extra.get("batch_in_epoch")
-        if in_epoch is None:  # a checkpoint from before batch_in_epoch was saved
-            in_epoch = 0
-            note = "restarts epoch {} from its first batch".format(epoch)
-        else:
-            note = f"skips the {in_epoch} batch(es) of epoch {epoch} already trained on"
-            if not de.enabled and "python" in ckpt.get("rng", {}):
-                random.setstate(ckpt["rng"]["python"])
-        batches.skip = int(in_epoch)
-        if de.main:
-            print(f"resumed from {last} at step {step} ({elapsed0:.1f} s elapsed so far); "
-                  f"{note}")
-    net = model
-    if de.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[de.local_rank] if de.device.type == "cuda" else None,
-                  find_unused_parameters=cfg.curriculum_steps > 0)
-    eval_loader = None
-    if test_ds is not None and de.main:
-        ev_lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in test_utts]
-        order = sorted(range(len(test_utts)), key=lambda i: ev_lengths[i])
-        bs = int(opt["eval_batch_size"])
-        eval_loader = torch.utils.data.DataLoader(
-            test_ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
-            collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
-    n_params = sum(p.numel() for p in model.parameters())
-    log_fh = open(out / "log.jsonl", "a") if de.main else None
-    if de.main:
-        print(f"model {n_params / 1e6:.2f} M parameters; features {list(cfg.feature_order)}; "
-              f"zero_mode={cfg.zero_mode} zero_scaling={cfg.zero_scaling} "
-              f"f0_rotary={cfg.f0_rotary}; {len(train_utts)} train / {len(test_utts)} test "
-              f"utterances; world {de.world} on {de.device}")
-
-    def log(rec: dict):
-        if log_fh is not None:
-            log_fh.write(json.dumps(rec) + "\n")
-            log_fh.flush()
-
-    best = float("inf")
-    if ckpt is not None:
-        best = ckpt.get("extra", {}).get("best_cer", best)
-
-    def run_eval(tag: str):
-        nonlocal best, t0
-        if eval_loader is None:
-            return None
-        t_eval = time.time()
-        res = evaluate(model, eval_loader, tokenizer, de.device, max_utts=int(opt["eval_max"]),
-                       progress=not args.no_progress)
-        if tag != "final":  # evaluation does not count as training time (nor the budget)
-            t0 += time.time() - t_eval
-        text = io.StringIO()
-        print(f"[{tag} step {step}] held-out {score_summary(res)} on {res['n']} utterances",
-              file=text)
-        print_samples(res, int(opt["samples"]), file=text)
-        if bar is not None and not bar.disable:
-            bar.write(text.getvalue().rstrip("\n"))  # above the bar, which stays whole
-        else:
-            print(text.getvalue(), end="")
-        log(dict({"step": step, "eval": True, "n": res["n"], "elapsed": time.time() - t0},
-                 **score_record(res)))
-        if res["cer"] < best:
-            best = res["cer"]
-            save_checkpoint(out / "best.pt", model=model, step=step, epoch=epoch,
-                            tokenizer=tokenizer, extra={"cer": res["cer"], "wer": res["wer"]})
-        return res
-
-    def checkpoint():
-        save_checkpoint(last, model=model, optimizer=optimizer, step=step,
-                        epoch=epoch, tokenizer=tokenizer,
-                        extra={"best_cer": best, "elapsed": time.time() - t0,
-                               "batch_in_epoch": in_epoch})
-
-    t0 = time.time() - elapsed0  # elapsed time counts every invocation of this run
-    budget = opt["time_budget"]
-    max_steps = opt["max_steps"]
-    bar = None
-    # the bar runs over the limit that ends the run: seconds with a time budget (its
-    # estimate is then right), else steps
-    timed_bar = budget is not None
-    if de.main and not args.no_progress:
-        from tqdm import tqdm
-        if timed_bar:
-            bar = tqdm(total=round(float(budget)), initial=min(round(elapsed0), round(float(budget))),
-                       desc="train", unit="s", dynamic_ncols=True,
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
-                                  "[{elapsed}<{remaining}{postfix}]")
-        else:
-            bar = tqdm(total=max_steps, initial=step, desc="train", unit="step",
-                       dynamic_ncols=True)
-    interrupted = _Interrupt()
-    if bar is not None:  # log lines (the backend choice) above the bar, not through it
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        redirect = logging_redirect_tqdm()
-        redirect.__enter__()
-    model.train()
-    stop = max_steps is not None and step >= max_steps
-    if ckpt is not None and budget is not None and elapsed0 >= float(budget):
-        stop = True
-        if de.main:
-            print(f"time budget {float(budget):.1f} s already spent ({elapsed0:.1f} s): "
-                  "no further training")
-    window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
-    window_ctc = 0.0
-    last_loss = float("nan")
-    while not stop:
-        batches.set_epoch(epoch)
-        for batch in loader:
-            in_epoch += 1
-            model.set_step(step)
-            lr_now = set_lr(step, time.time() - t0)
-            tb = to_device(batch, de.device)
-            outputs = net(**tb)
-            loss = outputs["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(opt["grad_clip"]))
-            optimizer.step()
-            step += 1
-            lv = loss.item()
-            window_loss += lv
-            if "ctc_loss" in outputs:
-                window_ctc += outputs["ctc_loss"].item()
-            window_n += 1
-            window_utts += tb["input_ids"].shape[0] * de.world
-            if step % int(opt["log_every"]) == 0 or step == 1:
-                mean_loss = de.mean(window_loss / window_n)
-                dt = max(time.time() - window_t, 1e-9)
-                rec = {"step": step, "loss": mean_loss, "lr": lr_now,
-                       "steps_per_s": window_n / dt, "utts_per_s": window_utts / dt,
-                       "elapsed": time.time() - t0, "features": model.active_features(step)}
-                if "ctc_loss" in outputs:
-                    rec["ctc_loss"] = de.mean(window_ctc / window_n)
-                log(rec)
-                last_loss = mean_loss
-                if bar is not None:
-                    bar.set_postfix(step=step, loss=f"{mean_loss:.3f}", it_s=f"{window_n / dt:.2f}",
-                                    utt_s=f"{window_utts / dt:.1f}",
-                                    lr=f"{rec['lr']:.2e}")
-                window_loss, window_n, window_t, window_utts = 0.0, 0, time.time(), 0
-                window_ctc = 0.0
-            if bar is not None:
-                if timed_bar:
-                    bar.update(max(0, min(round(time.time() - t0), bar.total) - bar.n))
-                else:
-                    bar.update(1)
-            out_of_time = budget is not None and time.time() - t0 >= float(budget)
-            stop = de.any(out_of_time or (max_steps is not None and step >= max_steps)
-                          or interrupted.signum is not None)
-            if de.main and int(opt["ckpt_every"]) and step % int(opt["ckpt_every"]) == 0:
-                checkpoint()
-            if (de.main and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0
-                    and not stop):
-                run_eval("eval")
-                model.train()
-                window_t = time.time()  # throughput counts training only
-            if de.enabled and int(opt["eval_every"]) and step % int(opt["eval_every"]) == 0:
-                de.barrier()
-            if stop:
-                break
-        else:
-            epoch += 1
-            in_epoch = 0
-    if bar is not None:
-        redirect.__exit__(None, None, None)
-        bar.close()
-    interrupted.restore()
-    elapsed = time.time() - t0
-    if interrupted.signum is not None:  # Ctrl-C / SIGTERM: save, say how to go on, stop
-        if de.main:
-            checkpoint()
-            print(f"interrupted ({interrupted.name}) at step {step}: {last} saved; rerun the "
-                  "same command to resume", file=sys.stderr)
-        if log_fh is not None:
-            log_fh.close()
-        return 128 + interrupted.signum
-    if args.save_rank_states:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   out / f"rank{de.rank}.pt")
-    if de.main:
-        checkpoint()
-        res = None if args.no_final_eval else run_eval("final")
-        results = {"step": step, "epoch": epoch, "elapsed_s": elapsed,
-                   "this_invocation_s": elapsed - elapsed0, "last_loss": last_loss,
-                   "parameters": n_params, "config": cfg.to_dict()}
-        if res is not None:
-            results.update(score_record(res), n_eval=res["n"], best_cer=best)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"done: step {step}, {elapsed:.1f} s, last loss {last_loss:.4f}; "
-              f"checkpoint {last}")
-    if log_fh is not None:
-        log_fh.close()
-    de.barrier()
-    return 0
+    return train_ds, test_ds
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 Length-bucketed batching that splits the same way on every DDP rank, checkpoints that
 carry everything a resume needs (model config, tokenizer, optimizer, scheduler, step, RNG),
-and CER/WER evaluation with greedy decoding (jiwer).
+CER/WER evaluation with greedy decoding (jiwer), and :class:`Trainer`, the training loop
+in small named steps (setup, resume, one optimizer step, logging, evaluation, checkpoint).
 """
 from __future__ import annotations
 
+import functools
+import io
+import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -222,6 +227,14 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
 DECODERS = (("", "attention greedy"), ("ctc_", "CTC greedy"), ("joint_", "joint CTC/attention"))
 
 
+def print_samples(result: dict, n: int, file=None) -> None:
+    """The first ``n`` (reference, hypothesis) pairs of an :func:`evaluate` result."""
+    import sys
+    file = file or sys.stdout
+    for ref, hyp, uid in list(zip(result["refs"], result["hyps"], result["ids"]))[:n]:
+        print(f"  [{uid}] ref: {ref}\n  {' ' * (len(uid) + 2)} hyp: {hyp}", file=file)
+
+
 def score_summary(res: dict) -> str:
     """One line of the CER/WER of every decoder in an :func:`evaluate` result, and how
     many attention hypotheses never emitted the end token (their CER can exceed 1)."""
@@ -272,3 +285,411 @@ def score_record(res: dict) -> dict:
 __all__ = ["score_summary", "score_record", "score_groups", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
            "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
            "TENSOR_KEYS"]
+
+
+# --------------------------------------------------------------------------------------
+# the training loop (zeromask-train), in small named steps
+# --------------------------------------------------------------------------------------
+class Dist:
+    """torchrun environment: rank, world size, device; no-op when single-process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (a stop decision everyone shares)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, x: float) -> float:
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+        t = torch.tensor([x], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+class ResumableBatches:
+    """A :class:`BucketBatchSampler` whose next epoch can start ``skip`` batches in.
+
+    ``skip`` applies once (the epoch a resume lands in), then resets to 0; the batches are
+    the sampler's own for that epoch, so a resumed run continues the interrupted sequence.
+    """
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        batches = list(self.sampler)[self.skip:]
+        self.skip = 0
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+class TrainingError(ValueError):
+    """A run that cannot start as configured (the message says why)."""
+
+
+class _Window:
+    """Loss and throughput since the last logged step (rank-averaged when logged)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.ctc = 0.0
+        self.n = self.utts = 0
+        self.t = time.time()
+
+    def add(self, loss: float, ctc: Optional[float], utts: int) -> None:
+        self.loss += loss
+        self.ctc += ctc or 0.0
+        self.n += 1
+        self.utts += utts
+
+
+class Trainer:
+    """One training run of :class:`SpeechModel`: the loop of ``zeromask-train``.
+
+    Args:
+        out: the run folder (``last.pt``, ``best.pt``, ``log.jsonl``, ``results.json``).
+        cfg: the model's :class:`ModelConfig`; tokenizer: its :class:`CharTokenizer`.
+        opt: the training options (``zeromask.cli.train.resolve``'s second result: lr,
+            weight_decay, warmup, max_steps, time_budget (s), batch_size, eval_batch_size,
+            grad_clip, seed, log_every, ckpt_every, eval_every, eval_max, samples,
+            num_workers).
+        dist: a :class:`Dist`; train_ds / test_ds: prepared :class:`SpeechDataset` s (test_ds
+            None: no evaluation).
+        ckpt: a checkpoint of this run to resume (:func:`load_checkpoint`), or None.
+        progress: a tqdm bar over the limit that ends the run (seconds or steps).
+        pad_multiple: batches are padded to a multiple of this many frames.
+
+    :meth:`run` trains until ``max_steps``, the time budget (training time of every
+    invocation, evaluation excluded) or an interruption, and :meth:`finish` writes the
+    final checkpoint, evaluation and ``results.json``.
+    """
+
+    def __init__(self, out, cfg: ModelConfig, tokenizer: CharTokenizer, opt: dict, dist: Dist,
+                 train_ds, test_ds=None, *, ckpt: Optional[dict] = None, progress: bool = True,
+                 pad_multiple: int = 1):
+        self.out, self.cfg, self.tokenizer, self.opt, self.dist = Path(out), cfg, tokenizer, opt, dist
+        self.train_ds, self.test_ds = train_ds, test_ds
+        self.progress, self.pad_multiple = progress, int(pad_multiple)
+        self.last = self.out / "last.pt"
+        self.step = self.epoch = self.in_epoch = 0
+        self.elapsed0 = 0.0
+        self.best = float("inf")
+        self.last_loss = float("nan")
+        self.bar = None
+        self.resumed = ckpt is not None
+        self._log_fh = None
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.out / "log.jsonl", "a")
+        self._build_data()
+        self._build_model()
+        if ckpt is not None:
+            self._resume(ckpt)
+        self._wrap_ddp()
+        self.t0 = time.time() - self.elapsed0  # elapsed time counts every invocation
+
+    # -- setup --------------------------------------------------------------------------
+    def _collate(self):
+        from ..data import collate
+        return functools.partial(collate, pad_multiple=self.pad_multiple)
+
+    def _frames(self, utts) -> List[int]:
+        fc = self.train_ds.config
+        return [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in utts]
+
+    def _build_data(self) -> None:
+        opt, dist = self.opt, self.dist
+        seed = int(opt["seed"])
+        sampler = BucketBatchSampler(self._frames(self.train_ds.utterances),
+                                     int(opt["batch_size"]), seed=seed, rank=dist.rank,
+                                     world=dist.world)
+        if len(sampler) == 0:
+            raise TrainingError(f"{len(self.train_ds.utterances)} training utterances make "
+                                f"no batch for {dist.world} rank(s)")
+        self.batches = ResumableBatches(sampler)
+        # its own generator: a DataLoader iterator draws a base seed, which must not move
+        # the global RNG (dropout, SpecAugment) differently in a resumed run
+        self.loader = torch.utils.data.DataLoader(
+            self.train_ds, batch_sampler=self.batches, collate_fn=self._collate(),
+            num_workers=int(opt["num_workers"]), generator=torch.Generator().manual_seed(seed))
+        self.eval_loader = None
+        if self.test_ds is not None and dist.main:
+            lengths = self._frames(self.test_ds.utterances)
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            bs = int(opt["eval_batch_size"])
+            self.eval_loader = torch.utils.data.DataLoader(
+                self.test_ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
+                collate_fn=self._collate())
+
+    def _build_model(self) -> None:
+        self.model = SpeechModel(self.cfg).to(self.dist.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.opt["lr"]),
+                                           weight_decay=float(self.opt["weight_decay"]))
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    def _resume(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        extra = ckpt.get("extra", {})
+        self.elapsed0 = float(extra.get("elapsed", 0.0))
+        self.best = extra.get("best_cer", self.best)
+        in_epoch = extra.get("batch_in_epoch")
+        if in_epoch is None:  # a checkpoint from before batch_in_epoch was saved
+            in_epoch = 0
+            note = f"restarts epoch {self.epoch} from its first batch"
+        else:
+            note = f"skips the {in_epoch} batch(es) of epoch {self.epoch} already trained on"
+            if not self.dist.enabled and "python" in ckpt.get("rng", {}):
+                random.setstate(ckpt["rng"]["python"])
+        self.in_epoch = int(in_epoch)
+        self.batches.skip = self.in_epoch
+        if self.dist.main:
+            print(f"resumed from {self.last} at step {self.step} ({self.elapsed0:.1f} s "
+                  f"elapsed so far); {note}")
+
+    def _wrap_ddp(self) -> None:
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            dev = self.dist.device
+            self.net = DDP(self.model, device_ids=[self.dist.local_rank]
+                           if dev.type == "cuda" else None,
+                           find_unused_parameters=self.cfg.curriculum_steps > 0)
+
+    # -- the pieces of a step -----------------------------------------------------------
+    def elapsed(self) -> float:
+        """Training seconds so far, every invocation of the run together."""
+        return time.time() - self.t0
+
+    def set_lr(self) -> float:
+        """The schedule's rate now (a function of step and elapsed time: nothing to save)."""
+        o = self.opt
+        lr = float(o["lr"]) * lr_factor(self.step, int(o["warmup"]), o["max_steps"],
+                                        self.elapsed(), o["time_budget"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, batch: dict) -> Dict[str, float]:
+        """One optimizer step on ``batch``: {"loss", "ctc_loss" (None without CTC), "lr",
+        "utts" (over every rank)}."""
+        self.model.set_step(self.step)
+        lr = self.set_lr()
+        tb = to_device(batch, self.dist.device)
+        outputs = self.net(**tb)
+        loss = outputs["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.opt["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.opt["grad_clip"]))
+        self.optimizer.step()
+        self.step += 1
+        ctc = outputs["ctc_loss"].item() if "ctc_loss" in outputs else None
+        return {"loss": loss.item(), "ctc_loss": ctc, "lr": lr,
+                "utts": tb["input_ids"].shape[0] * self.dist.world}
+
+    def log(self, rec: dict) -> None:
+        """One line of ``log.jsonl`` (main rank)."""
+        if self._log_fh is not None:
+            self._log_fh.write(json.dumps(rec) + "\n")
+            self._log_fh.flush()
+
+    def _log_window(self, window: _Window, lr: float, has_ctc: bool) -> None:
+        mean_loss = self.dist.mean(window.loss / window.n)
+        dt = max(time.time() - window.t, 1e-9)
+        rec = {"step": self.step, "loss": mean_loss, "lr": lr, "steps_per_s": window.n / dt,
+               "utts_per_s": window.utts / dt, "elapsed": self.elapsed(),
+               "features": self.model.active_features(self.step)}
+        if has_ctc:
+            rec["ctc_loss"] = self.dist.mean(window.ctc / window.n)
+        self.log(rec)
+        self.last_loss = mean_loss
+        if self.bar is not None:
+            self.bar.set_postfix(step=self.step, loss=f"{mean_loss:.3f}",
+                                 it_s=f"{window.n / dt:.2f}", utt_s=f"{window.utts / dt:.1f}",
+                                 lr=f"{lr:.2e}")
+        window.reset()
+
+    def evaluate(self, tag: str) -> Optional[dict]:
+        """Score the held-out set (main rank; None without one), print it with samples, log
+        it, and keep ``best.pt``; a periodic evaluation does not count as training time."""
+        if self.eval_loader is None:
+            return None
+        t_eval = time.time()
+        res = evaluate(self.model, self.eval_loader, self.tokenizer, self.dist.device,
+                       max_utts=int(self.opt["eval_max"]), progress=self.progress)
+        if tag != "final":
+            self.t0 += time.time() - t_eval
+        text = io.StringIO()
+        print(f"[{tag} step {self.step}] held-out {score_summary(res)} on {res['n']} "
+              "utterances", file=text)
+        print_samples(res, int(self.opt["samples"]), file=text)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text.getvalue().rstrip("\n"))  # above the bar, which stays whole
+        else:
+            print(text.getvalue(), end="")
+        self.log(dict({"step": self.step, "eval": True, "n": res["n"],
+                       "elapsed": self.elapsed()}, **score_record(res)))
+        if res["cer"] < self.best:
+            self.best = res["cer"]
+            save_checkpoint(self.out / "best.pt", model=self.model, step=self.step,
+                            epoch=self.epoch, tokenizer=self.tokenizer,
+                            extra={"cer": res["cer"], "wer": res["wer"]})
+        return res
+
+    def save(self) -> None:
+        """``last.pt``: everything a resume needs (weights, optimizer, step, epoch and the
+        position in it, RNG, elapsed time, best CER)."""
+        save_checkpoint(self.last, model=self.model, optimizer=self.optimizer, step=self.step,
+                        epoch=self.epoch, tokenizer=self.tokenizer,
+                        extra={"best_cer": self.best, "elapsed": self.elapsed(),
+                               "batch_in_epoch": self.in_epoch})
+
+    def _every(self, key: str) -> bool:
+        n = int(self.opt[key])
+        return bool(n) and self.step % n == 0
+
+    def _done(self, interrupted) -> bool:
+        """The stop decision every rank shares: max_steps, the budget, a signal."""
+        budget, max_steps = self.opt["time_budget"], self.opt["max_steps"]
+        out_of_time = budget is not None and self.elapsed() >= float(budget)
+        signalled = interrupted is not None and interrupted.signum is not None
+        return self.dist.any(out_of_time or (max_steps is not None and self.step >= max_steps)
+                             or signalled)
+
+    def _open_bar(self) -> None:
+        budget = self.opt["time_budget"]
+        if not (self.dist.main and self.progress):
+            return
+        from tqdm import tqdm
+        # the bar runs over the limit that ends the run: seconds with a time budget (its
+        # estimate is then right), else steps
+        if budget is not None:
+            total = round(float(budget))
+            self.bar = tqdm(total=total, initial=min(round(self.elapsed0), total), desc="train",
+                            unit="s", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                       "[{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(total=self.opt["max_steps"], initial=self.step, desc="train",
+                            unit="step", dynamic_ncols=True)
+
+    def _advance_bar(self) -> None:
+        if self.bar is None:
+            return
+        if self.opt["time_budget"] is not None:
+            self.bar.update(max(0, min(round(self.elapsed()), self.bar.total) - self.bar.n))
+        else:
+            self.bar.update(1)
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self, interrupted=None) -> None:
+        """Train until max_steps, the time budget or ``interrupted.signum`` (an object whose
+        ``signum`` a signal handler sets) says stop."""
+        budget, max_steps = self.opt["time_budget"], self.opt["max_steps"]
+        stop = max_steps is not None and self.step >= max_steps
+        if self.resumed and budget is not None and self.elapsed0 >= float(budget):
+            stop = True
+            if self.dist.main:
+                print(f"time budget {float(budget):.1f} s already spent "
+                      f"({self.elapsed0:.1f} s): no further training")
+        self._open_bar()
+        redirect = None
+        if self.bar is not None:  # log lines (the backend choice) above the bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            redirect = logging_redirect_tqdm()
+            redirect.__enter__()
+        try:
+            self.model.train()
+            window = _Window()
+            while not stop:
+                self.batches.set_epoch(self.epoch)
+                for batch in self.loader:
+                    self.in_epoch += 1
+                    res = self.train_step(batch)
+                    window.add(res["loss"], res["ctc_loss"], res["utts"])
+                    if self._every("log_every") or self.step == 1:
+                        self._log_window(window, res["lr"], res["ctc_loss"] is not None)
+                    self._advance_bar()
+                    stop = self._done(interrupted)
+                    if self.dist.main and self._every("ckpt_every"):
+                        self.save()
+                    if self.dist.main and self._every("eval_every") and not stop:
+                        self.evaluate("eval")
+                        self.model.train()
+                        window.t = time.time()  # throughput counts training only
+                    if self.dist.enabled and self._every("eval_every"):
+                        self.dist.barrier()
+                    if stop:
+                        break
+                else:
+                    self.epoch += 1
+                    self.in_epoch = 0
+        finally:
+            if redirect is not None:
+                redirect.__exit__(None, None, None)
+            if self.bar is not None:
+                self.bar.close()
+
+    def finish(self, final_eval: bool = True) -> dict:
+        """After :meth:`run` (main rank): ``last.pt``, the final evaluation, and
+        ``results.json``, whose dict it returns."""
+        elapsed = self.elapsed()
+        self.save()
+        res = self.evaluate("final") if final_eval else None
+        results = {"step": self.step, "epoch": self.epoch, "elapsed_s": elapsed,
+                   "this_invocation_s": elapsed - self.elapsed0, "last_loss": self.last_loss,
+                   "parameters": self.n_params, "config": self.cfg.to_dict()}
+        if res is not None:
+            results.update(score_record(res), n_eval=res["n"], best_cer=self.best)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"done: step {self.step}, {elapsed:.1f} s, last loss {self.last_loss:.4f}; "
+              f"checkpoint {self.last}")
+        return results
+
+    def close(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
