@@ -37,8 +37,9 @@ Written under ``--out`` (the tables and JSON again after every finished run):
                       interval and noise verdict, and the command reproducing the row; the
                       first-character error rates; the learned zero scales
 ``results.json``      the same numbers, per run too (commands, backend, every zero scale)
-``curves_<q>.png``    per question: training loss and held-out CER against step, one colour
-                      per row, one line style per seed
+``curves_<q>.png``    per question: training loss and held-out CER against step (100 test
+                      utterances during training, the whole test set at the end), one
+                      colour per row, one line style per seed
 ``cross_attention.png``  the rows of q1 (baseline, ``score``, ``hard``, ``no-zero``; first
                       shared seed): their cross-attention on the same held-out utterance,
                       side by side
@@ -780,7 +781,9 @@ def write_table(summary: dict, args, out: Path) -> str:
         + ". A difference counts (**better** / **worse**) only when the interval excludes 0 "
         "and |Δ| is at least twice the seed noise of a difference of two means, s.d. × "
         "√(2/n) with n shared seeds; with one seed a row it never counts (the utterance "
-        "bootstrap does not see seed-to-seed variation).",
+        "bootstrap does not see seed-to-seed variation). Pure noise passes this rule about "
+        "once in 15 comparisons (tests/test_experiments.py), so in a grid of many rows one "
+        "such verdict may be chance; one that holds on both held-out sets is firmer.",
         "",
         "Whole grid: `" + summary.get("runner_command", "") + "`. A row's command trains "
         "only that row's runs and its reference's (the run folders are shared; finished runs "
@@ -824,8 +827,12 @@ def make_plots(summary: dict, args, out: Path) -> List[Path]:
             for r in summary["runs"]:
                 if r["experiment"] == exp:
                     log = Path(r["run_dir"]) / "log.jsonl"
+                    evals = read_evals(log)
+                    final = r["splits"]["test"]  # the last point: the whole test set
+                    evals.append({"step": r["steps"], final["hyp_key"].replace("hyp", "cer"):
+                                  final["cer"]})
                     curves.setdefault(exp, {})[r["seed"]] = {"losses": read_losses(log),
-                                                             "evals": read_evals(log)}
+                                                             "evals": evals}
         if curves:
             written.append(plot_question_curves(
                 curves, out / f"curves_{q}.png", title=f"{q}. {QUESTIONS[q]}",
