@@ -171,6 +171,102 @@ def test_switches_change_the_computation():
         torch.testing.assert_close(off(**b2)["loss"], off(**b)["loss"])
 
 
+def _same_weights(model, source):
+    """``model`` with every weight of ``source`` that it has (same name and shape)."""
+    mine = model.state_dict()
+    model.load_state_dict({k: v for k, v in source.state_dict().items()
+                           if k in mine and mine[k].shape == v.shape}, strict=False)
+    return model
+
+
+def test_zero_tokens_padding_or_none_attend_silence_normally():
+    """zero_tokens="padding": only the frames past an utterance's end are zero tokens, so the
+    silent stretch (and the start token) is attended normally; "none": no key at all."""
+    b = tiny_batch()
+    base = make()
+    pad = _same_weights(make(zero_tokens="padding"), base).eval()
+    none = _same_weights(make(zero_tokens="none"), base).eval()
+    base.eval()
+    z = pad.zero_mask(b["spectrogram"])
+    assert not z[0].any() and z[1, 18:].all() and not z[1, :18].any()
+    assert not none.zero_mask(b["spectrogram"]).any()
+    ids = b["input_ids"]
+    assert base.text_zero_mask(ids)[:, 0].all() and not pad.text_zero_mask(ids).any()
+    with torch.no_grad():
+        losses = [m(**b)["loss"] for m in (base, pad, none)]
+        assert abs(losses[1] - losses[0]) > 1e-5 and abs(losses[2] - losses[1]) > 1e-5
+        silent = downsample_mask(base.zero_mask(b["spectrogram"]), 2)[0]   # frames 4..6
+        on_silence = [m.cross_attention_weights(**b)["spectrogram"][0][0][:, silent].sum(-1)
+                      for m in (base, pad)]
+    assert on_silence[0].max() < 1e-4 and on_silence[1].min() > 1e-3
+    # padding still starves in "padding" mode: utterance 1's keys past frame 9 (downsampled)
+    with torch.no_grad():
+        w = pad.cross_attention_weights(**b)["spectrogram"][0][1]
+    assert w[:, 9:].sum(-1).max() < 1e-4
+    with pytest.raises(ValueError, match="zero_tokens"):
+        tiny_config(zero_tokens="silent")
+
+
+def test_distinct_start_token_is_its_own_id_and_no_zero_token():
+    """start_token="distinct": position 0 reads id vocab_size (one more embedding row, never
+    predicted), which is attended normally; 0 stays pad and end."""
+    b = tiny_batch()
+    base = make()
+    m = _same_weights(make(start_token="distinct"), base)
+    assert m.config.start_id == 12 and base.config.start_id == 0
+    assert m.embed.num_embeddings == 13 and m.head.out_features == 12
+    with torch.no_grad():
+        m.embed.weight[:12] = base.embed.weight
+        m.embed.weight[12] = base.embed.weight[0]  # same vector as id 0: only the mask differs
+        out = m(**b)
+        assert out["logits"].shape == (2, 7, 12)
+        assert abs(out["loss"] - base(**b)["loss"]) > 1e-5  # the start is no zero token
+        ids = m.decoder_ids(b["input_ids"])
+        assert (ids[:, 0] == 12).all() and torch.equal(ids[:, 1:], b["input_ids"][:, 1:])
+        assert not m.text_zero_mask(ids)[:, 0].any() and m.text_zero_mask(ids)[1, 5:].all()
+        # the start's own embedding row is what position 0 reads
+        m.embed.weight[12] += torch.randn(16, generator=torch.Generator().manual_seed(0))
+        assert abs(m(**b)["loss"] - out["loss"]) > 1e-5
+    m.eval()
+    assert "joint" in m.transcribe(**b, max_len=5)
+    with pytest.raises(ValueError, match="start_token"):
+        tiny_config(start_token="one")
+
+
+def test_no_rotary_removes_every_rotary():
+    b = tiny_batch()
+    base = make(cross_rotary=True)
+    off = _same_weights(make(rotary=False), base)
+    const = _same_weights(make(f0_rotary=False), base)
+    attns = [mod for mod in off.modules() if isinstance(mod, Attention)]
+    assert len(attns) == 7 and all(a.attn.rotary is None for a in attns)  # 3 + 1 + 3
+    assert not any("t_min" in n or "theta" in n for n, _ in off.named_parameters())
+    with torch.no_grad():
+        loss = off(**b)["loss"]
+        torch.testing.assert_close(off(**dict(b, f0=b["f0"] * 1.7))["loss"], loss)
+        assert abs(loss - const(**b)["loss"]) > 1e-5  # not the constant-theta rotary
+    with pytest.raises(ValueError, match="cross_rotary needs rotary"):
+        tiny_config(rotary=False, cross_rotary=True)
+
+
+def test_new_options_round_trip_through_a_checkpoint(tmp_path):
+    from zeromask.models.training import (load_checkpoint, model_from_checkpoint,
+                                          save_checkpoint)
+    b = tiny_batch()
+    m = make(zero_tokens="padding", start_token="distinct", rotary=False).eval()
+    save_checkpoint(tmp_path / "c.pt", model=m)
+    m2 = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).eval()
+    assert m2.config == m.config and m2.config.zero_tokens == "padding"
+    assert m2.config.start_token == "distinct" and m2.config.rotary is False
+    with torch.no_grad():
+        torch.testing.assert_close(m2(**b)["logits"], m(**b)["logits"])
+    # a config written before these fields existed loads with today's behaviour
+    old = {k: v for k, v in tiny_config().to_dict().items()
+           if k not in ("zero_tokens", "start_token", "rotary")}
+    c = ModelConfig.from_dict(old)
+    assert (c.zero_tokens, c.start_token, c.rotary) == ("silence", "zero", True)
+
+
 def test_hard_masking_matches_soft_limit_and_never_nans():
     cfg_soft = tiny_config(zero_scale=1e-30)
     cfg_hard = tiny_config(zero_scaling=False)
@@ -215,7 +311,11 @@ def test_config_round_trip():
 
 # ----------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("kw", [dict(), dict(zero_scaling=False),
-                                dict(cross_rotary=True, zero_mode="score")])
+                                dict(cross_rotary=True, zero_mode="score"),
+                                dict(zero_tokens="padding"), dict(zero_tokens="none"),
+                                dict(start_token="distinct"),
+                                dict(start_token="distinct", zero_scaling=False),
+                                dict(rotary=False)])
 def test_greedy_kv_cache_matches_full_decoding(kw):
     b = tiny_batch()
     m = make(seed=1, **kw).eval()

@@ -190,6 +190,15 @@ def test_config_file_and_flags(tmp_path):
     assert model_kw["zero_scaling"] is False and model_kw["f0_rotary"] is False
     assert model_kw["feature_order"] == ["waveform", "pitch"]
     assert opt["lr"] == 5e-4 and opt["batch_size"] == 3 and opt["max_steps"] == 7
+    assert not {"zero_tokens", "start_token", "rotary"} & set(model_kw)  # defaults: unset
+    args = train_cli.build_parser().parse_args(
+        ["--out", str(tmp_path), "--max-steps", "1", "--zero-tokens", "padding",
+         "--start-token", "distinct", "--no-rotary"])
+    model_kw, _ = train_cli.resolve(args)
+    assert (model_kw["zero_tokens"], model_kw["start_token"], model_kw["rotary"]) == \
+        ("padding", "distinct", False)
+    with pytest.raises(SystemExit):  # argparse rejects a value outside the choices
+        train_cli.build_parser().parse_args(["--out", "x", "--zero-tokens", "silent"])
     with pytest.raises(train_cli.UsageError, match="max-steps"):
         train_cli.resolve(train_cli.build_parser().parse_args(["--out", str(tmp_path)]))
     cfg.write_text(json.dumps({"train": {"learning_rate": 1}}))

@@ -8,6 +8,10 @@
 * :func:`plot_curves`: training loss vs step for several runs (one line each).
 * :func:`plot_cer_vs_time`: held-out CER (attention greedy, and CTC greedy where logged)
   against training wall-clock time, from the evaluations in ``log.jsonl``.
+* :func:`plot_question_curves`: several rows x seeds of an experiment grid, training loss
+  and held-out CER against step (zeromask-experiments' ``curves_<question>.png``).
+* :func:`plot_cross_attention_compare`: the cross-attention of several checkpoints on one
+  held-out utterance, side by side (zeromask-experiments' ``cross_attention.png``).
 
 Command line::
 
@@ -122,6 +126,123 @@ def plot_curves(curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+    return _save(fig, path)
+
+
+def plot_question_curves(runs: Dict[str, Dict[int, dict]], path: Union[str, os.PathLike],
+                         title: str = "training curves", cer_key: str = "cer") -> Path:
+    """Training loss (left) and held-out CER (right, log scale) against step.
+
+    ``runs``: ``{row: {seed: {"losses": (steps, losses), "evals": evaluation records}}}``
+    (:func:`read_losses`, :func:`read_evals`); one colour per row, one line style per seed.
+    ``cer_key``: the evaluation field drawn (e.g. ``"joint_cer"``; ``"cer"`` where a record
+    lacks it).
+    """
+    if not runs:
+        raise ValueError("no runs to plot")
+    plt = _plt()
+    fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
+    styles = ["-", "--", ":", "-."]
+    for i, (row, seeds) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        for j, seed in enumerate(sorted(seeds)):
+            r = seeds[seed]
+            ls = styles[j % len(styles)]
+            label = f"{row} (seed {seed})"
+            steps, losses = r["losses"]
+            if len(steps):
+                ax_l.plot(steps, losses, color=color, ls=ls, lw=1.1, label=label)
+            ev = [(e["step"], e.get(cer_key, e.get("cer"))) for e in r.get("evals", [])]
+            ev = [(s, c) for s, c in ev if c is not None]
+            if ev:
+                ax_c.plot([s for s, _ in ev], [max(c, 1e-4) for _, c in ev], color=color,
+                          ls=ls, marker="o", ms=3, lw=1.1, label=label)
+    ax_l.set_xlabel("optimizer step")
+    ax_l.set_ylabel("training loss")
+    ax_l.grid(alpha=0.3)
+    ax_c.set_xlabel("optimizer step")
+    ax_c.set_ylabel(f"held-out CER ({cer_key.replace('_cer', '') or 'attention'} decoder)")
+    ax_c.set_yscale("log")
+    ax_c.grid(alpha=0.3, which="both")
+    ax_l.legend(fontsize=6, ncol=2 if sum(map(len, runs.values())) > 8 else 1)
+    fig.suptitle(f"{title} (colour: row, line style: seed)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_cross_attention_compare(checkpoints: Dict[str, Union[str, os.PathLike]], data: str,
+                                 path: Union[str, os.PathLike], index: int = 0,
+                                 stage: Optional[str] = None, layer: int = 0,
+                                 cache_dir: Optional[str] = None) -> Path:
+    """The cross-attention of each checkpoint (``{label: last.pt}``) on the same held-out
+    utterance ``index`` (sorted ids of ``data``), side by side: per column the silent frames
+    (and whether that model treats them as zero tokens), the attention map (characters x
+    encoder frames, head-averaged, teacher-forced on the reference) of decoder stage
+    ``stage`` (default: the first checkpoint's first), the share of attention on silent
+    frames, and the greedy hypothesis."""
+    import torch
+    from matplotlib.colors import PowerNorm
+    from .. import zero
+    from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
+    from ..models.asr import downsample_mask
+    from ..models.training import load_checkpoint, model_from_checkpoint
+    if not checkpoints:
+        raise ValueError("no checkpoints to compare")
+    cache = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".features")
+    utts = sorted(find_utterances(data), key=lambda u: u.id)
+    plt = _plt()
+    n = len(checkpoints)
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 6.5), dpi=110, squeeze=False,
+                             gridspec_kw={"height_ratios": [0.35, 4]})
+    item = None
+    for c, (label, ckpt_path) in enumerate(checkpoints.items()):
+        ckpt = load_checkpoint(ckpt_path)
+        model = model_from_checkpoint(ckpt).eval()
+        model.set_step(int(ckpt.get("step", 0)))
+        tok = CharTokenizer.from_json(ckpt["tokenizer"])
+        if item is None:
+            ds = SpeechDataset(utts, tok, cache_dir=cache)
+            item = ds[index]
+            batch = collate([item])
+            hop_s = ds.config.hop_length / ds.config.sample_rate
+        cfg = model.config
+        st = stage or cfg.feature_order[0]
+        if st not in cfg.feature_order:
+            raise ValueError(f"{label}: stage {st!r} is not in its feature_order "
+                             f"{list(cfg.feature_order)}")
+        tensors = {k: batch[k] for k in ("spectrogram", "waveform", "pitch", "f0", "input_ids")}
+        with torch.no_grad():
+            spec = batch["spectrogram"]
+            silent = downsample_mask(zero.from_audio(
+                spec, spec, top_db=cfg.silence_top_db, threshold_db=cfg.silence_threshold_db),
+                cfg.downsample)[0].numpy()
+            is_zero = downsample_mask(model.zero_mask(spec), cfg.downsample)[0].numpy()
+            att = model.cross_attention_weights(**tensors)[st][layer][0].numpy()
+            hyp = tok.decode(model.generate(**{k: v for k, v in tensors.items()
+                                               if k != "input_ids"})[0])
+        t_end = len(silent) * cfg.downsample * hop_s
+        ax = axes[0, c]
+        ax.imshow(np.stack([silent, is_zero]).astype(float), aspect="auto", cmap="Greys",
+                  vmin=0, vmax=1.4, interpolation="nearest", extent=[0, t_end, 1.5, -0.5])
+        ax.set_yticks([0, 1])
+        ax.set_yticklabels(["silent", "zero token"], fontsize=6)
+        ax.set_xticks([])
+        on_silence = float(att[:, silent.astype(bool)].sum(-1).mean()) if silent.any() else 0.0
+        short = hyp if len(hyp) <= 40 else hyp[:37] + "..."
+        ax.set_title(f"{label}\nattention on silent frames {on_silence:.1%}\n"
+                     f"hyp: \"{short}\"", fontsize=7)
+        ax = axes[1, c]
+        chars = list(item["text"]) + ["<end>"]
+        ax.imshow(att, origin="upper", aspect="auto", cmap="viridis", interpolation="nearest",
+                  norm=PowerNorm(0.5, vmin=0.0, vmax=max(float(att.max()), 1e-9)),
+                  extent=[0, t_end, len(chars) - 0.5, -0.5])
+        if len(chars) <= 60:
+            ax.set_yticks(range(len(chars)))
+            ax.set_yticklabels(["\u2423" if ch == " " else ch for ch in chars], fontsize=5)
+        ax.set_xlabel("time (s)")
+        if c == 0:
+            ax.set_ylabel(f"predicting (stage '{st}', layer {layer}, mean of heads)")
+    fig.suptitle(f"{item['id']}: \"{item['text']}\" (cross-attention, teacher-forced; "
+                 "square-root colour scale)", fontsize=9)
     return _save(fig, path)
 
 

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..models.config import FRONTENDS, INPUT_NORMS, ModelConfig
+from ..models.config import FRONTENDS, INPUT_NORMS, START_TOKENS, ZERO_TOKENS, ModelConfig
 from ..models.training import Dist
 from . import UsageError, cli_errors
 
@@ -53,7 +53,7 @@ _MODEL_FLAGS = {
     "zero_mode": str, "zero_scale": float, "rotary_mode": str, "curriculum_steps": int,
     "max_decode_len": int, "backend": str, "silence_top_db": float, "ctc_weight": float,
     "label_smoothing": float, "conv_kernel": int, "ctc_input": str, "input_norm": str,
-    "frontend": str, "vtlp": float,
+    "frontend": str, "vtlp": float, "zero_tokens": str, "start_token": str,
 }
 _MODEL_HELP = {
     "d_model": "model width", "num_heads": "attention heads",
@@ -76,11 +76,16 @@ _MODEL_HELP = {
     "input_norm": "input scaling: fixed, or per-utterance (CMVN / RMS) on top",
     "frontend": "subsampling: linear layer + convolutions (project) or convolutions (conv)",
     "vtlp": "vocal tract length perturbation: mel-axis warp factors in [1 - x, 1 + x] (0: off)",
+    "zero_tokens": "which keys are zero tokens: silent and padding frames and text id 0 "
+                   "(silence), padding frames only (padding), or none",
+    "start_token": "decoder start token: id 0, a zero token (zero), or its own id, attended "
+                   "normally (distinct)",
 }
 _MODEL_CHOICES = {"zero_mode": ["prob", "score", "hard"], "rotary_mode": ["echo", "additive"],
                   "backend": ["reference", "cpp", "triton", "cuda"],
                   "ctc_input": ["sum", "spectrogram", "waveform", "pitch"],
-                  "input_norm": list(INPUT_NORMS), "frontend": list(FRONTENDS)}
+                  "input_norm": list(INPUT_NORMS), "frontend": list(FRONTENDS),
+                  "zero_tokens": list(ZERO_TOKENS), "start_token": list(START_TOKENS)}
 # training flag -> (type, help); the defaults are in _TRAIN_DEFAULTS
 _TRAIN_FLAGS = {
     "batch_size": (int, "utterances per optimizer step (per rank)"),
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-zero-scaling", action="store_true",
                    help="-inf masking of zero tokens instead of zero-soft scaling")
     m.add_argument("--no-f0-rotary", action="store_true", help="constant-theta rotary")
+    m.add_argument("--no-rotary", action="store_true",
+                   help="no rotary in any attention (positions from the absolute sinusoids alone)")
     m.add_argument("--learnable-zero-scale", action="store_true")
     m.add_argument("--cross-rotary", action="store_true")
     m.add_argument("--no-abs-pos", action="store_true",
@@ -195,6 +202,8 @@ def resolve(args: argparse.Namespace):
         model_kw["zero_scaling"] = False
     if args.no_f0_rotary:
         model_kw["f0_rotary"] = False
+    if args.no_rotary:
+        model_kw["rotary"] = False
     if args.learnable_zero_scale:
         model_kw["learnable_zero_scale"] = True
     if args.cross_rotary:

@@ -8,10 +8,12 @@ whose self-attention is a
 :class:`zeromask.ZeroSoftAttention` with an :class:`zeromask.F0Rotary` fed by the
 utterance's F0 contour. Silent frames (``zeromask.zero.from_audio``: log-mel energy more
 than ``silence_top_db`` below the utterance's loudest frame, or padding) are zero tokens; a
-downsampled frame is a zero token when every frame it covers is one.
+downsampled frame is a zero token when every frame it covers is one (``zero_tokens``
+chooses fewer: padding only, or none; ``rotary=False`` removes every rotary).
 
 Decoder: character embeddings, causal self-attention layers (id 0 — start, pad — is a
-zero token), then one cross-attention stage per feature in ``feature_order``, each stage
+zero token; ``start_token="distinct"`` gives the start its own id, attended normally),
+then one cross-attention stage per feature in ``feature_order``, each stage
 reading that feature's encoder output; stage ``k`` maps ``x`` to ``stage_k(x)`` and the
 result is blended ``x + sigmoid(g_k) * (stage_k(x) - x)`` with a learnable gate ``g_k``, so
 every stage builds on the one before. Labels are the text followed by one 0 ("end");
@@ -144,7 +146,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg, make_rotary(cfg, contour=cfg.f0_rotary))
+        self.attn = Attention(cfg, make_rotary(cfg, contour=cfg.f0_rotary)
+                              if cfg.rotary else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.conv = ConvModule(cfg) if cfg.conv_kernel else None
         self.ffn = FeedForward(cfg)
@@ -266,7 +269,8 @@ class DecoderSelfLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg, make_rotary(cfg, contour=False))  # text has no f0
+        self.attn = Attention(cfg, make_rotary(cfg, contour=False)  # text has no f0
+                              if cfg.rotary else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.ffn = FeedForward(cfg)
 
@@ -487,7 +491,9 @@ class SpeechModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoders = nn.ModuleDict({f: FeatureEncoder(f, cfg) for f in cfg.feature_order})
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # start_token="distinct": one more row, id vocab_size, read at position 0 only
+        self.embed = nn.Embedding(cfg.vocab_size + (cfg.start_token == "distinct"),
+                                  cfg.d_model)
         self.self_layers = nn.ModuleList(DecoderSelfLayer(cfg)
                                          for _ in range(cfg.dec_self_layers))
         self.stages = nn.ModuleDict({f: CrossStage(cfg) for f in cfg.feature_order})
@@ -515,11 +521,36 @@ class SpeechModel(nn.Module):
         self.step.fill_(int(step))
 
     # encoder --------------------------------------------------------------------------
-    def zero_mask(self, spectrogram: Tensor) -> Tensor:
-        """(B, T) frame-rate zero tokens: silent (log-mel) or padding frames."""
+    def zero_mask(self, spectrogram: Tensor, frame_lengths: Optional[Tensor] = None) -> Tensor:
+        """(B, T) frame-rate zero tokens: silent (log-mel) or padding frames; with
+        ``zero_tokens="padding"`` the frames past ``frame_lengths`` (default: inferred from
+        the exact-zero padding) only, with ``"none"`` no frame."""
         c = self.config
-        return zero.from_audio(spectrogram, spectrogram, top_db=c.silence_top_db,
-                               threshold_db=c.silence_threshold_db)
+        if c.zero_tokens == "silence":
+            return zero.from_audio(spectrogram, spectrogram, top_db=c.silence_top_db,
+                                   threshold_db=c.silence_threshold_db)
+        if c.zero_tokens == "none":
+            return torch.zeros(spectrogram.shape[:2], dtype=torch.bool,
+                               device=spectrogram.device)
+        if frame_lengths is None:
+            frame_lengths = frame_lengths_of(spectrogram)
+        return zero.lengths_to_zero(frame_lengths.to(spectrogram.device), spectrogram.shape[1])
+
+    def text_zero_mask(self, ids: Tensor) -> Tensor:
+        """(B, N) zero tokens of decoder input ids (as :meth:`decoder_ids` gives them): id
+        0 with ``zero_tokens="silence"``, none otherwise (a real token's causal keys are
+        never text padding)."""
+        if self.config.zero_tokens == "silence":
+            return zero.from_ids(ids)
+        return torch.zeros_like(ids, dtype=torch.bool)
+
+    def decoder_ids(self, input_ids: Tensor, offset: int = 0) -> Tensor:
+        """The ids the decoder reads for ``input_ids`` at positions ``offset ..``: position 0
+        (the start token) becomes ``config.start_id`` (a no-op for ``start_token="zero"``)."""
+        if offset == 0 and self.config.start_token == "distinct" and input_ids.shape[1]:
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.config.start_id
+        return input_ids
 
     def encode(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
                pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
@@ -536,7 +567,7 @@ class SpeechModel(nn.Module):
         feats = list(features) if features is not None else self.active_features()
         if frame_lengths is None:  # every caller (training, decoding) sees the same lengths
             frame_lengths = frame_lengths_of(spectrogram)
-        zero_mask = self.zero_mask(spectrogram)
+        zero_mask = self.zero_mask(spectrogram, frame_lengths)
         if self.training and self.config.vtlp > 0:
             spectrogram = vtlp_warp(spectrogram, frame_lengths, self.config.vtlp)
         if self.training and self.config.spec_augment is not None:
@@ -544,7 +575,7 @@ class SpeechModel(nn.Module):
         inputs = {"spectrogram": spectrogram, "waveform": waveform, "pitch": pitch}
         mask = downsample_mask(zero_mask, self.config.downsample)
         lengths = downsampled_lengths(frame_lengths, self.config.downsample)
-        contour = f0 if self.config.f0_rotary else None
+        contour = f0 if (self.config.rotary and self.config.f0_rotary) else None
         out = {}
         for f in feats:
             x = inputs[f]
@@ -572,8 +603,9 @@ class SpeechModel(nn.Module):
                cross_weights: Optional[Dict[str, list]] = None) -> Tensor:
         """Logits; ``cross_weights`` (a dict) receives ``{feature: [per cross layer
         (B, N, T') head-averaged attention]}``."""
+        input_ids = self.decoder_ids(input_ids)
         x = self._embed(input_ids)
-        text_zero = zero.from_ids(input_ids)
+        text_zero = self.text_zero_mask(input_ids)
         for layer in self.self_layers:
             h = layer.norm(x)
             x = x + layer.drop(layer.attn(h, h, text_zero, causal=True))
@@ -794,8 +826,9 @@ class SpeechModel(nn.Module):
         state = {"zero": torch.zeros(B, 0, dtype=torch.bool, device=device)}
 
         def step(tok: Tensor, t: int) -> Tensor:
+            tok = self.decoder_ids(tok, t)
             x = self._embed(tok, t)
-            state["zero"] = torch.cat([state["zero"], zero.from_ids(tok)], dim=1)
+            state["zero"] = torch.cat([state["zero"], self.text_zero_mask(tok)], dim=1)
             for layer, cache in zip(self.self_layers, self_cache):
                 h = layer.norm(x)
                 k, v = layer.attn.attn.project_key_value(h)

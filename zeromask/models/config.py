@@ -14,6 +14,10 @@ from ..zero import SILENCE_FLOOR_DB
 INPUT_NORMS = ("fixed", "utterance")
 #: ``ModelConfig.frontend``: how each feature is subsampled (see ``FrontEnd``)
 FRONTENDS = ("project", "conv")
+#: ``ModelConfig.zero_tokens``: which keys are zero tokens (see its docstring)
+ZERO_TOKENS = ("silence", "padding", "none")
+#: ``ModelConfig.start_token``: the decoder's start token (see its docstring)
+START_TOKENS = ("zero", "distinct")
 
 
 @dataclasses.dataclass
@@ -28,6 +32,23 @@ class ModelConfig:
                         on the same kernels.
     ``zero_scaling``    False: the same as ``zero_mode="hard"`` (kept for the earlier
                         configs and the experiments' ``--no-zero-scaling``).
+    ``zero_tokens``     which keys are zero tokens: ``"silence"`` (silent and padding
+                        audio frames, and text id 0, so the start token too), ``"padding"``
+                        (only the audio frames past an utterance's end: silence and the
+                        start token are attended normally; text needs no mask, causal
+                        attention never reaches the text padding from a real token) or
+                        ``"none"`` (no key at all, the batch padding is attended too, so an
+                        utterance's output depends on what it is batched with). Every
+                        attention stays a ZeroSoftAttention.
+    ``start_token``     ``"zero"``: the decoder's start token is id 0, a zero token (pad and
+                        end are 0 too); ``"distinct"``: the embedding has one more row, id
+                        ``vocab_size`` (:attr:`start_id`), used at position 0 of every decoder
+                        input whatever id is there (so ``[0, text...]`` inputs work
+                        unchanged); it is no zero token, and it is never predicted (the output
+                        layers keep ``vocab_size`` ids; 0 stays pad and end).
+    ``rotary``          False: no attention rotates (encoder, decoder self-attention, cross
+                        attention; ``f0_rotary`` is then unused): positions come from
+                        ``abs_pos`` (and the convolutions) alone.
     ``f0_rotary``       True: encoder self-attention rotates with theta from the utterance's
                         F0 contour (:class:`zeromask.F0Rotary`); False: constant learnable
                         theta (standard RoPE with a learnable base).
@@ -83,6 +104,9 @@ class ModelConfig:
     zero_scaling: bool = True
     zero_scale: float = 1e-6
     learnable_zero_scale: bool = False
+    zero_tokens: str = "silence"
+    start_token: str = "zero"
+    rotary: bool = True
     f0_rotary: bool = True
     rotary_mode: str = "echo"
     cross_rotary: bool = False   # rotate text queries / audio keys in cross-attention too
@@ -112,6 +136,14 @@ class ModelConfig:
                              f"got {self.feature_order}")
         if self.zero_mode not in ZERO_MODES:
             raise ValueError(f"zero_mode must be one of {ZERO_MODES}, got {self.zero_mode!r}")
+        if self.zero_tokens not in ZERO_TOKENS:
+            raise ValueError(f"zero_tokens must be one of {ZERO_TOKENS}, "
+                             f"got {self.zero_tokens!r}")
+        if self.start_token not in START_TOKENS:
+            raise ValueError(f"start_token must be one of {START_TOKENS}, "
+                             f"got {self.start_token!r}")
+        if self.cross_rotary and not self.rotary:
+            raise ValueError("cross_rotary needs rotary (rotary=False turns every rotary off)")
         if self.d_model % self.num_heads:
             raise ValueError("d_model must be divisible by num_heads")
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
@@ -154,6 +186,12 @@ class ModelConfig:
     def effective_zero_mode(self) -> str:
         """The attention's ``zero_mode``: ``"hard"`` when ``zero_scaling`` is False."""
         return self.zero_mode if self.zero_scaling else "hard"
+
+    @property
+    def start_id(self) -> int:
+        """The id the decoder reads at position 0: 0, or ``vocab_size`` when
+        ``start_token="distinct"``."""
+        return self.vocab_size if self.start_token == "distinct" else 0
 
     def layers_for(self, feature: str) -> int:
         """Encoder layers of ``feature`` (``encoder_layers`` or else ``enc_layers``)."""
