@@ -70,6 +70,33 @@ def test_eager_and_custom_op_paths_are_bitwise_equal(glue_backend, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_calls_with_nothing_to_differentiate_skip_autograd(glue_backend, monkeypatch):
+    """Under no_grad, or with no input that requires grad, an eager call runs the kernel
+    alone (no autograd Function, no graph): the same output as the recorded call."""
+    q, k, v = qkv()
+    theta = 100 + 900 * torch.rand(2, 7)
+    kw = dict(key_zero=torch.rand(2, 7) < 0.3, theta_q=theta[:, :6], theta_k=theta,
+              backend=glue_backend)
+    recorded = zeromask.zero_soft_attention(q.requires_grad_(), k, v, **kw)
+    assert recorded.grad_fn is not None
+    q = q.detach()
+    x = torch.randn(1, 2, 5, 8)
+    rot_recorded = zeromask.f0_rotary(x.clone().requires_grad_(), 500.0, backend=glue_backend)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran with nothing to differentiate")
+
+    monkeypatch.setattr(ops._EagerAttention, "apply", refuse)
+    monkeypatch.setattr(ops._EagerRotary, "apply", refuse)
+    plain = zeromask.zero_soft_attention(q, k, v, **kw)
+    with torch.no_grad():
+        quiet = zeromask.zero_soft_attention(q.requires_grad_(), k, v, **kw)
+    for out in (plain, quiet):
+        assert out.grad_fn is None and torch.equal(out, recorded.detach())
+    assert torch.equal(zeromask.f0_rotary(x, 500.0, backend=glue_backend),
+                       rot_recorded.detach())
+
+
 @pytest.mark.skipif(dispatch.available_backends()["cpp"] is not None,
                     reason="needs the cpp backend")
 def test_eager_calls_skip_the_custom_op_and_traced_calls_take_it(monkeypatch):
