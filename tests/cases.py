@@ -79,20 +79,13 @@ FLOAT32_ANGLES = ("triton", "cuda")
 _DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")
 
 
-_CALL_DEFAULTS = dict(key_zero=None, zero_scale=1e-6, zero_mode="prob", causal=False,
-                     sm_scale=None, seqlens_k=None, theta_q=None, theta_k=None, pos_q=None,
-                     pos_k=None, rotary_dim=None, interleaved=False, radius=None)
-
-
 def normalised_args(case: dict, dtype: torch.dtype = torch.float32, device="cpu"):
     """The record the backends take (:class:`zeromask.backends.AttentionArgs`) for a case,
     q/k/v in ``dtype`` and everything on ``device``, built by the public API's validation."""
-    from zeromask.ops import _normalise_attention
-    kwargs = dict(_CALL_DEFAULTS)
-    kwargs.update({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in case.items()
-                   if k not in ("q", "k", "v")})
-    return _normalise_attention(*(case[n].to(device=device, dtype=dtype) for n in "qkv"),
-                                **kwargs)
+    from zeromask.ops import _normalise_call
+    kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in case.items()
+              if k not in ("q", "k", "v")}
+    return _normalise_call(*(case[n].to(device=device, dtype=dtype) for n in "qkv"), **kwargs)
 
 
 def _run(case: dict, dtype: torch.dtype, device, backend: Optional[str],

@@ -677,15 +677,21 @@ def zero_soft_attention_weights(q: Tensor, k: Tensor, **kwargs) -> Tensor:
     through the reference, for inspection and plots, not for speed.
     """
     try:
-        bound = inspect.signature(zero_soft_attention).bind(q, k, k, **kwargs)
+        a = _normalise_call(q, k, k, **kwargs)
     except TypeError as exc:
         raise TypeError(f"zero_soft_attention_weights: {exc}") from None
+    return reference.zero_soft_attention_weights(a.q, a.k, **a.keywords())
+
+
+def _normalise_call(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> AttentionArgs:
+    """:func:`zero_soft_attention`'s keyword arguments (its defaults for those not given;
+    ``backend`` ignored) checked and normalised into the backends' record. Raises
+    TypeError for an unknown keyword, as the call itself would."""
+    bound = inspect.signature(zero_soft_attention).bind(q, k, v, **kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
     args.pop("backend")
-    args.pop("v")
-    a = _normalise_attention(v=k, **args)
-    return reference.zero_soft_attention_weights(a.q, a.k, **a.keywords())
+    return _normalise_attention(**args)
 
 
 def f0_rotary(

@@ -92,18 +92,15 @@ static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad)
   a.key_zero = a.has_zero ? x.key_zero->data_ptr<bool>() : nullptr;
   a.seqlens = x.seqlens_k.has_value() ? x.seqlens_k->data_ptr<int32_t>() : nullptr;
   a.radius = x.radius.has_value() ? x.radius->data_ptr<float>() : nullptr;
-  const auto& theta_q = x.theta_q;
-  const auto& theta_k = x.theta_k;
-  const auto& pos_q = x.pos_q;
-  const auto& pos_k = x.pos_k;
-  a.tq = make_table(theta_q, pos_q, a.B, a.Lq, a.R, need_grad);
+  a.tq = make_table(x.theta_q, x.pos_q, a.B, a.Lq, a.R, need_grad);
   // self-attention usually passes the same theta and positions for both sides: reuse
-  if (a.tq.on && a.Lq == a.Lk && theta_k.has_value() &&
-      std::memcmp(theta_q->data_ptr<float>(), theta_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0 &&
-      std::memcmp(pos_q->data_ptr<float>(), pos_k->data_ptr<float>(), a.B * a.Lk * sizeof(float)) == 0) {
+  const size_t bytes = a.B * a.Lk * sizeof(float);
+  if (a.tq.on && a.Lq == a.Lk && x.theta_k.has_value() &&
+      std::memcmp(x.theta_q->data_ptr<float>(), x.theta_k->data_ptr<float>(), bytes) == 0 &&
+      std::memcmp(x.pos_q->data_ptr<float>(), x.pos_k->data_ptr<float>(), bytes) == 0) {
     a.tk = a.tq;
   } else {
-    a.tk = make_table(theta_k, pos_k, a.B, a.Lk, a.R, need_grad);
+    a.tk = make_table(x.theta_k, x.pos_k, a.B, a.Lk, a.R, need_grad);
   }
   // zero_mode "hard": zero keys are hard-masked like keys past seqlens_k (bias -inf, no
   // d/ds), and a row that sees no other key is empty

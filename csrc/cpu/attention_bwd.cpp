@@ -289,12 +289,7 @@ std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
                                            const at::Tensor& dout, const at::Tensor& out,
                                            const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
                                            at::Tensor dv) {
-  zm_args::check_like_q(dout, x, at::kCPU, "cpp", "dout");
-  zm_args::check_like_q(out, x, at::kCPU, "cpp", "out");
-  zm_args::check_rows(lse, x, at::kCPU, "cpp", "lse");
-  zm_args::check_like_q(dq, x, at::kCPU, "cpp", "dq");
-  zm_args::check_dense(dk, x.k.sizes(), x.q.scalar_type(), at::kCPU, "cpp", "dk");
-  zm_args::check_dense(dv, x.v.sizes(), x.q.scalar_type(), at::kCPU, "cpp", "dv");
+  zm_args::check_backward_buffers(x, dout, out, lse, dq, dk, dv, at::kCPU, "cpp");
   Attn a;
   setup_attn(a, x, true);
   // torch.use_deterministic_algorithms(True): never slice a GQA group across threads, so

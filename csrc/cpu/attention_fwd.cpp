@@ -128,8 +128,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
 }
 
 void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tensor lse) {
-  zm_args::check_like_q(out, x, at::kCPU, "cpp", "out");
-  zm_args::check_rows(lse, x, at::kCPU, "cpp", "lse");
+  zm_args::check_forward_outputs(x, out, lse, at::kCPU, "cpp");
   Attn a;
   setup_attn(a, x, false);
   if (a.B * a.Hq * a.Lq == 0) return;

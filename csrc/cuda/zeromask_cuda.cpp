@@ -69,8 +69,7 @@ zmc::AttnParams attn_params(const zm_args::AttentionArgs& a) {
 void attention_fwd(const py::object& args, at::Tensor out, at::Tensor lse, int64_t stream) {
   const zm_args::AttentionArgs a = zm_args::attention_args(args, at::kCUDA, "cuda");
   zmc::AttnParams p = attn_params(a);
-  zm_args::check_like_q(out, a, at::kCUDA, "cuda", "out");
-  zm_args::check_rows(lse, a, at::kCUDA, "cuda", "lse");
+  zm_args::check_forward_outputs(a, out, lse, at::kCUDA, "cuda");
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   check_rc(zmc::attention_forward(p, dtype_of(a.q), reinterpret_cast<void*>(stream)),
@@ -85,13 +84,8 @@ void attention_bwd(const py::object& args, const at::Tensor& dout, const at::Ten
                    const std::optional<at::Tensor>& dzs, int64_t stream) {
   const zm_args::AttentionArgs a = zm_args::attention_args(args, at::kCUDA, "cuda");
   zmc::AttnParams p = attn_params(a);
-  zm_args::check_like_q(dout, a, at::kCUDA, "cuda", "dout");
-  zm_args::check_like_q(out, a, at::kCUDA, "cuda", "out");
-  zm_args::check_rows(lse, a, at::kCUDA, "cuda", "lse");
+  zm_args::check_backward_buffers(a, dout, out, lse, dq, dk, dv, at::kCUDA, "cuda");
   zm_args::check_rows(delta, a, at::kCUDA, "cuda", "delta");
-  zm_args::check_like_q(dq, a, at::kCUDA, "cuda", "dq");
-  zm_args::check_dense(dk, a.k.sizes(), a.q.scalar_type(), at::kCUDA, "cuda", "dk");
-  zm_args::check_dense(dv, a.v.sizes(), a.q.scalar_type(), at::kCUDA, "cuda", "dv");
   // the float accumulators: zeroed by the caller, present exactly when their input is
   zm_args::check_side(dtheta_q, at::kFloat, a.B * a.Lq, at::kCUDA, "cuda", "dtheta_q");
   zm_args::check_side(dtheta_k, at::kFloat, a.B * a.Lk, at::kCUDA, "cuda", "dtheta_k");

@@ -76,4 +76,34 @@ inline void check_rows(const at::Tensor& t, const AttentionArgs& a, c10::DeviceT
   check_dense(t, {a.B, a.Hq, a.Lq}, at::kFloat, device, backend, name);
 }
 
+// The forward's outputs: out like q, lse float32 (B, Hq, Lq).
+inline void check_forward_outputs(const AttentionArgs& a, const at::Tensor& out,
+                                  const at::Tensor& lse, c10::DeviceType device,
+                                  const char* backend) {
+  check_like_q(out, a, device, backend, "out");
+  check_rows(lse, a, device, backend, "lse");
+}
+
+// The backward's dense buffers: dout, out and dq like q, lse float32 (B, Hq, Lq), dk / dv
+// like k / v in q's dtype.
+inline void check_backward_buffers(const AttentionArgs& a, const at::Tensor& dout,
+                                   const at::Tensor& out, const at::Tensor& lse,
+                                   const at::Tensor& dq, const at::Tensor& dk,
+                                   const at::Tensor& dv, c10::DeviceType device,
+                                   const char* backend) {
+  check_like_q(dout, a, device, backend, "dout");
+  check_forward_outputs(a, out, lse, device, backend);
+  check_like_q(dq, a, device, backend, "dq");
+  check_dense(dk, a.k.sizes(), a.q.scalar_type(), device, backend, "dk");
+  check_dense(dv, a.v.sizes(), a.q.scalar_type(), device, backend, "dv");
+}
+
+// A (B, H, L, D) input the kernels read with its own strides: 4-D, last dim contiguous.
+inline void check_4d(const at::Tensor& t, c10::DeviceType device, const char* backend,
+                     const char* name) {
+  check_device(t, device, backend, name);
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "zeromask ", backend, " backend: ", name,
+              " must be 4-D with a contiguous last dim, got ", t.sizes());
+}
+
 }  // namespace zm_args

@@ -42,9 +42,7 @@ inline AttentionArgs attention_args(const py::handle& rec, c10::DeviceType devic
   a.interleaved = rec.attr("interleaved").cast<bool>();
 
   for (const auto* t : {&a.q, &a.k, &a.v}) {
-    check_device(*t, device, backend, "q/k/v");
-    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "zeromask ", backend,
-                " backend: q/k/v must be 4-D with a contiguous last dim, got ", t->sizes());
+    check_4d(*t, device, backend, "q/k/v");
     TORCH_CHECK(t->scalar_type() == a.q.scalar_type(), "zeromask ", backend,
                 " backend: q/k/v dtypes differ");
   }
@@ -84,9 +82,7 @@ inline RotaryArgs rotary_args(const py::handle& rec, c10::DeviceType device,
   r.radius = optional_tensor(rec, "radius");
   r.rotary_dim = rec.attr("rotary_dim").cast<int64_t>();
   r.interleaved = rec.attr("interleaved").cast<bool>();
-  check_device(r.x, device, backend, "x");
-  TORCH_CHECK(r.x.dim() == 4 && r.x.stride(3) == 1, "zeromask ", backend,
-              " backend: x must be 4-D with a contiguous last dim, got ", r.x.sizes());
+  check_4d(r.x, device, backend, "x");
   r.B = r.x.size(0); r.H = r.x.size(1); r.L = r.x.size(2); r.D = r.x.size(3);
   TORCH_CHECK(r.rotary_dim > 0 && r.rotary_dim % 2 == 0 && r.rotary_dim <= r.D, "zeromask ",
               backend, " backend: bad rotary_dim ", r.rotary_dim, " for D ", r.D);

@@ -7,7 +7,8 @@ backend never validates user input and never sees a Python float where a tensor 
 The kernel contract (every backend except ``reference``, whose autograd is PyTorch's own).
 A call's arguments travel as one record from validation (:func:`zeromask.ops.zero_soft_attention`)
 to the kernels: :class:`AttentionArgs` / :class:`RotaryArgs` (the C++ bindings read the same
-record by field name, csrc/include/zeromask_args.h).
+record by field name, csrc/include/zeromask_args_py.h, into the struct and checks of
+csrc/include/zeromask_args.h).
 
 Attention (docs/design.md 3.3)::
 

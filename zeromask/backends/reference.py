@@ -13,8 +13,9 @@ from . import AttentionArgs, Backend, RotaryArgs
 
 
 def attention_forward(a: AttentionArgs):
-    out = reference.zero_soft_attention(a.q, a.k, a.v, **a.keywords()).contiguous()
-    lse = reference.zero_soft_attention_lse(a.q, a.k, **a.keywords()).float()
+    kw = a.keywords()
+    out = reference.zero_soft_attention(a.q, a.k, a.v, **kw).contiguous()
+    lse = reference.zero_soft_attention_lse(a.q, a.k, **kw).float()
     return out, lse
 
 

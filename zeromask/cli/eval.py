@@ -8,7 +8,6 @@ read from there). ``--backend`` runs the same weights on another attention backe
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -48,11 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..data import CharTokenizer, SpeechDataset, collate, find_utterances
+    from ..data import CharTokenizer, SpeechDataset, find_utterances
     from ..data import manifest_labels
-    from ..models.training import (DECODERS, evaluate, load_checkpoint, model_from_checkpoint,
-                                   print_samples, score_groups, score_record, score_summary,
-                                   utterance_frames)
+    from ..models.training import (DECODERS, evaluate, length_sorted_loader, load_checkpoint,
+                                   model_from_checkpoint, print_samples, score_groups,
+                                   score_record, score_summary)
     from .train import PAD_FRAMES
 
     if args.threads:
@@ -72,17 +71,8 @@ def _evaluate(args) -> int:
         ds.prepare()  # unreadable files are skipped and named
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    utts = ds.utterances
-    fc = ds.config
-    lengths = [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in utts]
-    order = sorted(range(len(utts)), key=lambda i: lengths[i])
-    if args.max_utts is not None:
-        order = sorted(range(len(utts)))[: args.max_utts]
-        order.sort(key=lambda i: lengths[i])
-    bs = args.batch_size
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
-        collate_fn=functools.partial(collate, pad_multiple=PAD_FRAMES))
+    first = None if args.max_utts is None else list(range(len(ds.utterances)))[: args.max_utts]
+    loader = length_sorted_loader(ds, args.batch_size, PAD_FRAMES, first)
     by = {}  # read before the evaluation, so a bad field fails at once
     fields = [f.strip() for f in (args.by or "").split(",") if f.strip()]
     if fields:

@@ -35,6 +35,26 @@ def utterance_frames(path: str, hop_length: int, sample_rate: int) -> int:
     return 1 + n // hop_length
 
 
+def dataset_frames(ds) -> List[int]:
+    """Every utterance's feature frame count of a :class:`SpeechDataset` (from the audio
+    file's length, not its features)."""
+    fc = ds.config
+    return [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in ds.utterances]
+
+
+def length_sorted_loader(ds, batch_size: int, pad_multiple: int = 1,
+                         indices: Optional[Sequence[int]] = None):
+    """A DataLoader over ``ds`` (or its ``indices``) in batches of ``batch_size`` utterances
+    of similar length (shortest first): the least padding, for evaluation."""
+    from ..data import collate
+    lengths = dataset_frames(ds)
+    order = sorted(range(len(lengths)) if indices is None else indices,
+                   key=lambda i: lengths[i])
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=[order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+        collate_fn=functools.partial(collate, pad_multiple=pad_multiple))
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Shuffled batches of similar length, identical on every rank for one (seed, epoch).
 
@@ -429,20 +449,12 @@ class Trainer:
         self.t0 = time.time() - self.elapsed0  # elapsed time counts every invocation
 
     # -- setup --------------------------------------------------------------------------
-    def _collate(self):
-        from ..data import collate
-        return functools.partial(collate, pad_multiple=self.pad_multiple)
-
-    def _frames(self, utts) -> List[int]:
-        fc = self.train_ds.config
-        return [utterance_frames(u.audio, fc.hop_length, fc.sample_rate) for u in utts]
-
     def _build_data(self) -> None:
+        from ..data import collate
         opt, dist = self.opt, self.dist
         seed = int(opt["seed"])
-        sampler = BucketBatchSampler(self._frames(self.train_ds.utterances),
-                                     int(opt["batch_size"]), seed=seed, rank=dist.rank,
-                                     world=dist.world)
+        sampler = BucketBatchSampler(dataset_frames(self.train_ds), int(opt["batch_size"]),
+                                     seed=seed, rank=dist.rank, world=dist.world)
         if len(sampler) == 0:
             raise TrainingError(f"{len(self.train_ds.utterances)} training utterances make "
                                 f"no batch for {dist.world} rank(s)")
@@ -450,16 +462,13 @@ class Trainer:
         # its own generator: a DataLoader iterator draws a base seed, which must not move
         # the global RNG (dropout, SpecAugment) differently in a resumed run
         self.loader = torch.utils.data.DataLoader(
-            self.train_ds, batch_sampler=self.batches, collate_fn=self._collate(),
+            self.train_ds, batch_sampler=self.batches,
+            collate_fn=functools.partial(collate, pad_multiple=self.pad_multiple),
             num_workers=int(opt["num_workers"]), generator=torch.Generator().manual_seed(seed))
         self.eval_loader = None
         if self.test_ds is not None and dist.main:
-            lengths = self._frames(self.test_ds.utterances)
-            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-            bs = int(opt["eval_batch_size"])
-            self.eval_loader = torch.utils.data.DataLoader(
-                self.test_ds, batch_sampler=[order[i:i + bs] for i in range(0, len(order), bs)],
-                collate_fn=self._collate())
+            self.eval_loader = length_sorted_loader(self.test_ds, int(opt["eval_batch_size"]),
+                                                    self.pad_multiple)
 
     def _build_model(self) -> None:
         self.model = SpeechModel(self.cfg).to(self.dist.device)
