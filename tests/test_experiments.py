@@ -87,6 +87,19 @@ def test_runner_trains_evaluates_and_writes_table_json_plots(tones, tmp_path, ca
     capsys.readouterr()
     assert exp_cli.main(argv) == 0
     assert capsys.readouterr().out.count("already done, reused") == 3
+    # a grid resumed from its committed numbers (no checkpoints): the same runs and zero
+    # scales, the plots drawn from checkpoints left as they were
+    for ckpt in (out / "runs").glob("*/last.pt"):
+        ckpt.unlink()
+    drawn = (out / "cross_attention.png").stat().st_mtime_ns
+    assert exp_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done, reused") == 3
+    assert "cross_attention.png not redrawn" in printed
+    assert (out / "cross_attention.png").stat().st_mtime_ns == drawn
+    again = json.loads((out / "results.json").read_text())
+    assert [r["zero_scales"] for r in again["runs"]] == \
+        [r["zero_scales"] for r in summary["runs"]]
 
 
 def test_row_command_reproduces_the_train_command(tmp_path):

@@ -539,6 +539,17 @@ def zero_scales(checkpoint: Path) -> Dict[str, float]:
             for k, v in sd.items() if k.endswith(suffix)}
 
 
+def run_zero_scales(run_dir: Path) -> Optional[Dict[str, float]]:
+    """:func:`zero_scales` of ``run_dir/last.pt``, kept beside it in ``zero_scales.json``
+    so that a run's numbers outlive its checkpoint (the committed grid keeps no ``.pt``);
+    None when neither is there."""
+    ckpt, cached = run_dir / "last.pt", run_dir / "zero_scales.json"
+    if ckpt.exists():
+        if not cached.exists() or cached.stat().st_mtime < ckpt.stat().st_mtime:
+            _write_atomic(cached, json.dumps(zero_scales(ckpt), indent=2))
+    return _read_json(cached)
+
+
 def _read_log(path: Path) -> List[dict]:
     if not path.exists():
         return []
@@ -586,8 +597,8 @@ def read_run(args, exp: str, seed: int, d: Path, splits: Sequence[str]) -> Optio
             "first_char_error_attention": float(np.mean([e for e, _ in att.values()])),
             "unended": ev.get("unended")}
         row["eval_commands"][split] = _pretty(eval_command(args, d, split))
-    if (d / "last.pt").exists():
-        s = zero_scales(d / "last.pt")
+    s = run_zero_scales(d)
+    if s is not None:
         row["zero_scales"] = s
         if s:
             row["zero_scale"] = _mean_sd(list(s.values()))
@@ -817,6 +828,16 @@ def report(args, experiments, seeds, runs_dir: Path, out: Path) -> Optional[dict
 
 
 # ----------------------------------------------------------------------------- plots
+def _checkpoints_here(ckpts, plot: Path) -> bool:
+    """True when every checkpoint a plot is drawn from exists; else says which is missing
+    (a grid resumed from committed results keeps its numbers, not its checkpoints) and
+    that the plot, if drawn earlier, is left as it was."""
+    missing = [str(c) for c in ckpts if not Path(c).exists()]
+    if missing:
+        print(f"[experiments] {plot.name} not redrawn: no checkpoint {', '.join(missing)}",
+              flush=True)
+    return not missing
+
 def make_plots(summary: dict, args, out: Path) -> List[Path]:
     from .plots import (plot_checkpoint_utterance, plot_cross_attention_compare,
                         plot_question_curves, read_evals, read_losses)
@@ -849,14 +870,18 @@ def make_plots(summary: dict, args, out: Path) -> List[Path]:
         for e in q1:
             s = shared[0] if shared else seeds[e][0]
             ckpts[f"{e} (seed {s})"] = Path(runs[(e, s)]["run_dir"]) / "last.pt"
-        written.append(plot_cross_attention_compare(
-            ckpts, test, out / "cross_attention.png", index=args.plot_index,
-            cache_dir=os.path.join(args.data, ".features")))
+        if _checkpoints_here(ckpts.values(), out / "cross_attention.png"):
+            written.append(plot_cross_attention_compare(
+                ckpts, test, out / "cross_attention.png", index=args.plot_index,
+                cache_dir=os.path.join(args.data, ".features")))
     base = "prob" if "prob" in summary["experiments"] else None
     if base is not None:
         r0 = min((r for r in summary["runs"] if r["experiment"] == base),
                  key=lambda r: r["seed"])
         for stage in r0["feature_order"]:
+            if not _checkpoints_here([Path(r0["run_dir"]) / "last.pt"],
+                                     out / f"utterance_{stage}.png"):
+                continue
             written.append(plot_checkpoint_utterance(
                 Path(r0["run_dir"]) / "last.pt", test, out / f"utterance_{stage}.png",
                 index=args.plot_index, stage=stage,
