@@ -74,6 +74,81 @@ def attention_case(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=32, *, rotary=True, zero_fr
     return case
 
 
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+#: name -> (attention_case kwargs, dtype). Shapes are small: the Triton interpreter runs them
+CASES = {
+    "prob": (dict(), F32),
+    "prob-fp16": (dict(), F16),
+    "prob-bf16": (dict(), BF16),
+    "score": (dict(zero_mode="score"), F32),
+    "score-causal-fp16": (dict(zero_mode="score", causal=True), F16),
+    "causal": (dict(causal=True), F32),
+    "causal-radius-fp16": (dict(causal=True, radius=True), F16),
+    "causal-gqa4-bf16": (dict(causal=True, Hq=4, Hkv=1), BF16),
+    "mha": (dict(Hq=3, Hkv=3), F32),
+    "mqa": (dict(Hq=4, Hkv=1), F32),
+    "seqlens": (dict(seqlens=True), F32),
+    "seqlens-causal": (dict(seqlens=True, causal=True), F32),
+    "seqlens-causal-score-fp16": (dict(seqlens=True, causal=True, zero_mode="score"), F16),
+    "cross-lq5-lk131": (dict(Lq=5, Lk=131), F32),
+    "cross-lq5-lk131-bf16": (dict(Lq=5, Lk=131), BF16),
+    "cross-lq131-lk17": (dict(Lq=131, Lk=17), F32),
+    "cross-lq17-lk5-score": (dict(Lq=17, Lk=5, zero_mode="score"), F32),
+    "cross-causal-lq40-lk17": (dict(Lq=40, Lk=17, causal=True), F32),  # 23 empty rows
+    "cross-causal-lq17-lk131": (dict(Lq=17, Lk=131, causal=True), F32),
+    "lq1": (dict(Lq=1, Lk=17), F32),
+    "lq1-causal-fp16": (dict(Lq=1, Lk=17, causal=True), F16),
+    # a single key: softmax is exactly 1 and the exact dS is 0 (fp16: fp32's rounding of
+    # dP - delta there is beyond a floor built for nonzero gradients)
+    "lk1-fp16": (dict(Lq=17, Lk=1), F16),
+    "l1-fp16": (dict(Lq=1, Lk=1, B=1, Hq=2, Hkv=1), F16),
+    "l131": (dict(Lq=131, Lk=131, B=1, Hq=2, Hkv=1, D=16, seed=131), F32),
+    "l131-causal": (dict(Lq=131, Lk=131, B=1, Hq=1, Hkv=1, D=16, causal=True, seed=131), F32),
+    "l131-seqlens-k": (dict(Lq=17, Lk=131, Hq=2, Hkv=1, D=16, seqlens=True), F32),
+    "d16-fp16": (dict(D=16), F16),
+    "d40": (dict(D=40, Lq=33, Lk=70, seed=40), F32),
+    "d40-bf16": (dict(D=40, B=1), BF16),
+    "d64": (dict(D=64, Lq=33, Lk=70, seed=64), F32),
+    "d128": (dict(D=128, B=1, Hq=2, Hkv=1), F32),
+    "d128-causal-bf16": (dict(D=128, B=1, Hq=1, Hkv=1, causal=True), BF16),
+    "d128-rot64-interleaved-fp16": (dict(D=128, B=1, Hq=2, Hkv=1, rotary_dim=64,
+                                         interleaved=True, radius=True), F16),
+    "d256": (dict(D=256, B=1, Hq=1, Hkv=1), F32),
+    "no-rotary": (dict(rotary=False), F32),
+    "radius": (dict(radius=True), F32),
+    "rot16-of-d40": (dict(D=40, rotary_dim=16), F32),
+    "interleaved-radius": (dict(interleaved=True, radius=True), F32),
+    "interleaved-radius-bf16": (dict(interleaved=True, radius=True), BF16),
+    "interleaved-rot32-of-d64-score": (dict(D=64, rotary_dim=32, interleaved=True,
+                                            zero_mode="score"), F32),
+    "all-zero-tokens": (dict(zero_frac=1.1), F32),
+    "no-zero-tokens": (dict(zero_frac=0.0), F32),
+    "tiny-zero-scale": (dict(zero_scale=1e-6), F32),
+    "scale-one-score": (dict(zero_scale=1.0, zero_mode="score"), F32),
+    "hard": (dict(zero_mode="hard"), F32),
+    # zero keys first in some rows' view: the rows that see only zero tokens are empty
+    "hard-causal-seqlens-fp16": (dict(zero_mode="hard", causal=True, seqlens=True,
+                                      zero_frac=0.5), F16),
+    "hard-cross-causal": (dict(zero_mode="hard", Lq=40, Lk=17, causal=True, zero_frac=0.4),
+                          F32),
+    "hard-all-zero-tokens": (dict(zero_mode="hard", zero_frac=1.1), F32),
+}
+
+
+def case_named(name):
+    """The case ``CASES[name]`` (fresh random inputs in float64) and its dtype."""
+    kwargs, dtype = CASES[name]
+    case = attention_case(**kwargs)
+    if kwargs.get("zero_frac") == 0.0:
+        # no key_zero at all (the kernels' no-zero-token path): zero_scale then has no
+        # gradient, so it is left at its default float
+        case.pop("key_zero")
+        case.pop("zero_scale")
+    return case, dtype
+
+
+
 #: backends whose kernels form rotary angles in float32 (docs/design.md 3.1's rule allows it)
 FLOAT32_ANGLES = ("triton", "cuda")
 _DIFF = ("q", "k", "v", "theta_q", "theta_k", "radius", "zero_scale")

@@ -223,6 +223,7 @@ def test_env_var_selects_and_bad_names_are_rejected(monkeypatch):
 
 def test_auto_choice_is_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.setattr(ops, "_fast_attention", ops._UNSET)  # as in a fresh process
     q, k, v = qkv()
     with caplog.at_level(logging.INFO, logger="zeromask"):
         zeromask.zero_soft_attention(q, k, v)

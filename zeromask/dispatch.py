@@ -127,3 +127,21 @@ def select(op: str, device_type: str, backend: Optional[str], args) -> Backend:
             return got
         skipped.append(got)
     raise BackendError(f"no backend can run this {op} call: " + "; ".join(skipped))
+
+
+def fast_path(device_type: str = "cpu"):
+    """The ``attention_forward_fast`` entry of the backend that ``auto`` picks first on
+    ``device_type`` tensors (the ``cpp`` backend's on CPUs), or None where there is none or
+    that backend cannot load. The entry itself declines (returns None for) every call that
+    does not resolve to its backend (``backend=`` or ``ZEROMASK_BACKEND``), so it never
+    overrides a choice; the choice it makes is logged once, as :func:`select` logs."""
+    first = _AUTO_ORDER.get(device_type, ["reference"])[0]
+    b = load(first)
+    if not isinstance(b, Backend) or b.attention_forward_fast is None:
+        return None
+    key = ("attention", device_type, first, ())
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("zeromask: attention on %s uses the %s backend (first choice; its fast "
+                    "path for calls with nothing to differentiate)", device_type, first)
+    return b.attention_forward_fast

@@ -477,6 +477,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+#: dispatch.fast_path("cpu"), looked up at the first call (it loads the cpp backend)
+_UNSET = object()
+_fast_attention = _UNSET
+
+
 class _EagerAttention(torch.autograd.Function):
     """``zeromask::attention_fwd`` with its registered autograd formula, minus the custom
     op's dispatcher: same kernels, same saved tensors, same gradients (:func:`_eager`)."""
@@ -652,6 +657,18 @@ def zero_soft_attention(
         zeromask.dispatch.BackendError (a RuntimeError): an explicitly requested backend
             that cannot serve the call, with the reason.
     """
+    global _fast_attention
+    if not _compiling():
+        # eager CPU calls with nothing to differentiate, in one C++ call (per-call cost at
+        # the speech model's short shapes); it declines anything else, which runs below
+        if _fast_attention is _UNSET:
+            _fast_attention = dispatch.fast_path("cpu")
+        if _fast_attention is not None:
+            out = _fast_attention(q, k, v, key_zero, zero_scale, zero_mode, causal,
+                                  sm_scale, seqlens_k, theta_q, theta_k, pos_q, pos_k,
+                                  rotary_dim, interleaved, radius, backend)
+            if out is not None:
+                return out
     a = _normalise_attention(q, k, v, key_zero, zero_scale, zero_mode, causal, sm_scale,
                              seqlens_k, theta_q, theta_k, pos_q, pos_k, rotary_dim, interleaved,
                              radius)

@@ -3,6 +3,7 @@
 // and checks it, csrc/cpu/kernels.h runs it.
 #include <torch/extension.h>
 
+#include "fast_path.h"
 #include "kernels.h"
 #include "zeromask_args_py.h"
 
@@ -18,6 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return zm::attention_backward(zm_args::attention_args(args, at::kCPU, "cpp"), dout, out,
                                   lse, dq, dk, dv);
   }, "fused attention backward (writes dq, dk, dv; returns the partial sums)");
+  m.def("attention_forward_fast", &zm::attention_forward_fast,
+        "zero_soft_attention's forward in one call where it takes the call (eager, CPU, "
+        "nothing to differentiate, plain arguments), else None");
   m.def("rotary_fwd", [](const py::object& args, at::Tensor y) {
     zm::rotary_forward(zm_args::rotary_args(args, at::kCPU, "cpp"), y);
   }, "f0 rotary forward (writes y)");

@@ -41,35 +41,7 @@ inline AttentionArgs attention_args(const py::handle& rec, c10::DeviceType devic
   a.rotary_dim = rec.attr("rotary_dim").cast<int64_t>();
   a.interleaved = rec.attr("interleaved").cast<bool>();
 
-  for (const auto* t : {&a.q, &a.k, &a.v}) {
-    check_4d(*t, device, backend, "q/k/v");
-    TORCH_CHECK(t->scalar_type() == a.q.scalar_type(), "zeromask ", backend,
-                " backend: q/k/v dtypes differ");
-  }
-  TORCH_CHECK(a.k.sizes() == a.v.sizes() && a.k.size(0) == a.q.size(0) &&
-                  a.k.size(3) == a.q.size(3),
-              "zeromask ", backend, " backend: k/v shapes ", a.k.sizes(), ", ", a.v.sizes(),
-              " do not match q ", a.q.sizes());
-  a.B = a.q.size(0); a.Hq = a.q.size(1); a.Lq = a.q.size(2); a.D = a.q.size(3);
-  a.Hkv = a.k.size(1); a.Lk = a.k.size(2);
-  TORCH_CHECK(a.Hkv > 0 && a.Hq % a.Hkv == 0, "zeromask ", backend,
-              " backend: q heads must be a multiple of k/v heads");
-  const bool rotary = a.theta_q.has_value() || a.theta_k.has_value();
-  // rotary_dim = 0 only without rotary (head dim 1)
-  TORCH_CHECK(a.rotary_dim % 2 == 0 && a.rotary_dim <= a.D && a.rotary_dim >= 0 &&
-                  (a.rotary_dim > 0 || !rotary),
-              "zeromask ", backend, " backend: bad rotary_dim ", a.rotary_dim, " for D ", a.D);
-  TORCH_CHECK(a.theta_q.has_value() == a.pos_q.has_value() &&
-                  a.theta_k.has_value() == a.pos_k.has_value(),
-              "zeromask ", backend, " backend: positions must be given exactly with theta");
-  check_side(a.key_zero, at::kBool, a.B * a.Lk, device, backend, "key_zero");
-  check_side(a.zero_scale, at::kFloat, 1, device, backend, "zero_scale");
-  check_side(a.theta_q, at::kFloat, a.B * a.Lq, device, backend, "theta_q");
-  check_side(a.pos_q, at::kFloat, a.B * a.Lq, device, backend, "pos_q");
-  check_side(a.theta_k, at::kFloat, a.B * a.Lk, device, backend, "theta_k");
-  check_side(a.pos_k, at::kFloat, a.B * a.Lk, device, backend, "pos_k");
-  check_side(a.radius, at::kFloat, a.rotary_dim / 2, device, backend, "radius");
-  check_side(a.seqlens_k, at::kInt, a.B, device, backend, "seqlens_k");
+  check_attention_args(a, device, backend);
   return a;
 }
 

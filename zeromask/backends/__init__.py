@@ -34,7 +34,9 @@ Rotary (docs/design.md 3.1)::
 
 ``available()`` returns None when the backend can run at all in this process, else the
 reason; ``supports(op, args)`` returns None when it can serve that call, else the reason
-(op is "attention" or "rotary", args its record).
+(op is "attention" or "rotary", args its record). A backend may also offer
+``attention_forward_fast`` (see :class:`Backend`), which :func:`zeromask.dispatch.fast_path`
+hands out.
 Outputs are allocated with :func:`zeromask.outputs.new_output`, so tests can poison them.
 """
 from __future__ import annotations
@@ -132,3 +134,8 @@ class Backend:
     rotary_forward: Optional[Callable] = None
     rotary_backward: Optional[Callable] = None
     device_types: tuple = ("cpu", "cuda")
+    #: the whole of an eager call with nothing to differentiate, from the user's own
+    #: arguments (zero_soft_attention's, in order, then ``backend``), in one compiled
+    #: function: returns the output, or None where the call is not one it takes (then
+    #: the checked path runs). Optional; only ``cpp`` has one (csrc/cpu/fast_path.cpp).
+    attention_forward_fast: Optional[Callable] = None

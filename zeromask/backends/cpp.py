@@ -86,4 +86,5 @@ BACKEND = Backend(
     rotary_forward=rotary_forward,
     rotary_backward=rotary_backward,
     device_types=("cpu",),
+    attention_forward_fast=_C.attention_forward_fast if _C is not None else None,
 )

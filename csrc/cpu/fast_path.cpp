@@ -1,0 +1,277 @@
+// The CPU fast path of zeromask.zero_soft_attention: the whole call (argument checks,
+// normalisation to the kernel record, output allocation, the kernel) in one C++ function,
+// for the calls speech models make most (eager, CPU, nothing to differentiate: decoding
+// steps, evaluation, inference).  At the short sequences such models run, the Python
+// normalisation of zeromask/ops.py (~20 small tensor ops at 3-6 us each) cost several
+// times the kernel itself.
+//
+// It *accepts* a call or *declines* it, never raises on user input: it returns the output
+// tensor when every argument is of a plain, valid kind it knows (exact torch.Tensor or
+// Python float / int / bool / str / None; every value in range), and None otherwise, after
+// which ops.py runs its full path on the same call.  So every error message a user can see
+// still comes from one place, ops.py; whatever this file declines is merely slower.  Its
+// acceptance rules are ops.py's checks (tests/test_fast_path.py holds both to the same
+// cases: each call ops.py rejects is declined here, each one accepted gives ops.py's
+// result bit for bit).
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+
+#include "fast_path.h"
+#include "kernels.h"
+
+namespace zm {
+namespace {
+
+// The values ops.py's checks hold (MIN_ZERO_SCALE, MAX_POSITION).
+constexpr double MIN_ZERO_SCALE = std::numeric_limits<float>::min();
+constexpr int64_t MAX_POSITION = int64_t{1} << 24;
+
+// A tensor the fast path takes: exactly torch.Tensor (no subclass), a plain strided CPU
+// tensor with no Python, functorch or neg/conj view state.
+std::optional<at::Tensor> plain_tensor(PyObject* o) {
+  if (!THPVariable_CheckExact(o)) return std::nullopt;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.is_neg() ||
+      t.is_conj())
+    return std::nullopt;
+  const auto ks = t.key_set();
+  if (ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::FuncTorchBatched) ||
+      ks.has(c10::DispatchKey::FuncTorchGradWrapper))
+    return std::nullopt;
+  return t;
+}
+
+// A Python float or int (not bool, not a subclass such as numpy.float64) as a double.
+std::optional<double> plain_number(PyObject* o) {
+  if (PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
+  if (PyLong_CheckExact(o)) {
+    const double d = PyLong_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return std::nullopt; }
+    return d;
+  }
+  return std::nullopt;
+}
+
+std::optional<int64_t> plain_int(PyObject* o) {
+  if (!PyLong_CheckExact(o)) return std::nullopt;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow || (v == -1 && PyErr_Occurred())) { PyErr_Clear(); return std::nullopt; }
+  return v;
+}
+
+std::optional<bool> plain_bool(PyObject* o) {
+  if (o == Py_True) return true;
+  if (o == Py_False) return false;
+  return std::nullopt;
+}
+
+bool needs_grad(const at::Tensor& t) { return t.requires_grad(); }
+
+// (B, L) float32 contiguous theta from a tensor of shape (), (L,), (1, L) or (B, L) whose
+// values are finite and > 1 (ops._theta), else nullopt.
+std::optional<at::Tensor> theta_tensor(const at::Tensor& t, int64_t B, int64_t L) {
+  if (!t.is_floating_point() || t.dim() > 2) return std::nullopt;
+  if (t.dim() >= 1 && t.size(-1) != L) return std::nullopt;
+  if (t.dim() == 2 && t.size(0) != 1 && t.size(0) != B) return std::nullopt;
+  at::Tensor x = t.dim() == 2 ? t : t.reshape({1, t.dim() == 1 ? L : 1});
+  x = x.to(at::kFloat).expand({B, L}).contiguous();
+  // (a value of a wider dtype past float32's range became inf here: declined, as ops.py
+  // rejects it; a NaN fails both comparisons)
+  const float* p = x.data_ptr<float>();
+  for (int64_t i = 0, n = B * L; i < n; ++i)
+    if (!(p[i] > 1.f && p[i] < std::numeric_limits<float>::infinity())) return std::nullopt;
+  return x;
+}
+
+// (B, L) float32 positions start, start + 1, ... (ops._positions with an int offset).
+std::optional<at::Tensor> positions(int64_t start, int64_t B, int64_t L) {
+  if (std::llabs(start) + L - 1 > MAX_POSITION) return std::nullopt;
+  at::Tensor x = at::empty({B, L}, at::TensorOptions().dtype(at::kFloat));
+  float* p = x.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) p[b * L + i] = static_cast<float>(start + i);
+  return x;
+}
+
+// theta and positions of one side: (theta, pos) normalised, or nullopt to decline.
+// `theta` is None, a number or a tensor; `pos` None or an int offset; `same` the other
+// side's normalised theta when this side passed the same object for the same length
+// (self-attention: normalised once, as ops.py does).
+struct Side { std::optional<at::Tensor> theta, pos; };
+std::optional<Side> rotary_side(PyObject* theta, PyObject* pos, int64_t B, int64_t L,
+                                int64_t default_offset, bool grad,
+                                const std::optional<at::Tensor>& same = std::nullopt) {
+  Side s;
+  if (theta == Py_None) {
+    if (pos != Py_None) return std::nullopt;  // ops.py: positions without theta
+    return s;
+  }
+  if (same) {
+    s.theta = same;
+  } else if (auto v = plain_number(theta)) {
+    if (!(std::isfinite(*v) && *v > 1.0 && *v < std::numeric_limits<float>::max()))
+      return std::nullopt;
+    s.theta = at::full({B, L}, *v, at::TensorOptions().dtype(at::kFloat));
+  } else if (auto t = plain_tensor(theta)) {
+    if (grad && needs_grad(*t)) return std::nullopt;
+    s.theta = theta_tensor(*t, B, L);
+    if (!s.theta) return std::nullopt;
+  } else {
+    return std::nullopt;
+  }
+  int64_t start = default_offset;
+  if (pos != Py_None) {
+    auto p = plain_int(pos);
+    if (!p) return std::nullopt;  // a positions tensor: the full path
+    start = *p;
+  }
+  s.pos = positions(start, B, L);
+  if (!s.pos) return std::nullopt;
+  return s;
+}
+
+// ZEROMASK_BACKEND / backend= resolves to the cpp backend: "auto" or "cpp".
+bool resolves_to_cpp(PyObject* backend) {
+  std::string name;
+  if (backend == Py_None) {
+    const char* env = std::getenv("ZEROMASK_BACKEND");
+    name = env ? env : "auto";
+  } else if (PyUnicode_CheckExact(backend)) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(backend, &n);
+    if (!s) { PyErr_Clear(); return false; }
+    name.assign(s, n);
+  } else {
+    return false;
+  }
+  // (ops.py strips and lowercases; anything unusual goes there)
+  return name == "auto" || name == "cpp";
+}
+
+}  // namespace
+
+py::object attention_forward_fast(py::handle q_, py::handle k_, py::handle v_,
+                                  py::handle key_zero_, py::handle zero_scale_,
+                                  py::handle zero_mode_, py::handle causal_,
+                                  py::handle sm_scale_, py::handle seqlens_k_,
+                                  py::handle theta_q_, py::handle theta_k_, py::handle pos_q_,
+                                  py::handle pos_k_, py::handle rotary_dim_,
+                                  py::handle interleaved_, py::handle radius_,
+                                  py::handle backend_) {
+  const py::object declined = py::none();
+  if (!resolves_to_cpp(backend_.ptr()) || radius_.ptr() != Py_None ||
+      c10::impl::TorchDispatchModeTLS::stack_len() > 0)  // a dispatch mode sees every op
+    return declined;
+  auto q = plain_tensor(q_.ptr()), k = plain_tensor(k_.ptr()), v = plain_tensor(v_.ptr());
+  if (!q || !k || !v) return declined;
+  const auto dt = q->scalar_type();
+  if (!(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) ||
+      k->scalar_type() != dt || v->scalar_type() != dt)
+    return declined;
+  if (q->dim() != 4 || k->dim() != 4 || v->dim() != 4 || q->stride(3) != 1 ||
+      k->stride(3) != 1 || v->stride(3) != 1 || k->sizes() != v->sizes())
+    return declined;
+  const int64_t B = q->size(0), Hq = q->size(1), Lq = q->size(2), D = q->size(3);
+  const int64_t Hkv = k->size(1), Lk = k->size(2);
+  if (k->size(0) != B || k->size(3) != D || Hkv == 0 || Hq % Hkv || D == 0 ||
+      B * Hq * Lq * Lk == 0)
+    return declined;
+  // something to differentiate: the autograd path of ops.py
+  const bool grad = at::GradMode::is_enabled();
+  if (grad && (needs_grad(*q) || needs_grad(*k) || needs_grad(*v))) return declined;
+
+  zm_args::AttentionArgs a;
+  a.q = *q; a.k = *k; a.v = *v;
+  if (key_zero_.ptr() != Py_None) {
+    auto kz = plain_tensor(key_zero_.ptr());
+    if (!kz || kz->scalar_type() != at::kBool || kz->dim() != 2 || kz->size(0) != B ||
+        kz->size(1) != Lk)
+      return declined;
+    a.key_zero = kz->contiguous();
+  }
+  if (!PyUnicode_CheckExact(zero_mode_.ptr())) return declined;
+  const std::string mode = py::cast<std::string>(zero_mode_);
+  if (mode != "prob" && mode != "score" && mode != "hard") return declined;
+  a.score = mode == "score";
+  a.hard = mode == "hard";
+  double zs = 0;
+  if (auto n = plain_number(zero_scale_.ptr())) {
+    zs = *n;
+  } else if (auto t = plain_tensor(zero_scale_.ptr())) {
+    if (t->numel() != 1 || !t->is_floating_point() || (grad && needs_grad(*t)))
+      return declined;
+    zs = t->item<double>();
+  } else {
+    return declined;
+  }
+  if (!(zs > 0.0 && zs <= 1.0 && zs >= MIN_ZERO_SCALE)) return declined;
+  a.zero_scale = at::scalar_tensor(zs, at::TensorOptions().dtype(at::kFloat));
+  auto causal = plain_bool(causal_.ptr()), interleaved = plain_bool(interleaved_.ptr());
+  if (!causal || !interleaved) return declined;
+  a.causal = *causal;
+  a.interleaved = *interleaved;
+  if (sm_scale_.ptr() == Py_None) {
+    a.sm_scale = std::pow(static_cast<double>(D), -0.5);
+  } else {
+    auto s = plain_number(sm_scale_.ptr());
+    if (!s || !(std::isfinite(*s) && *s > 0)) return declined;
+    a.sm_scale = *s;
+  }
+  if (seqlens_k_.ptr() != Py_None) {
+    auto s = plain_tensor(seqlens_k_.ptr());
+    if (!s || !(s->scalar_type() == at::kInt || s->scalar_type() == at::kLong) ||
+        s->dim() != 1 || s->size(0) != B)
+      return declined;
+    at::Tensor s32 = s->to(at::kInt).contiguous();
+    const int32_t* p = s32.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      if (p[b] < 0 || p[b] > Lk) return declined;
+    if (s->scalar_type() == at::kLong) {  // (a value past int32 wrapped in the cast)
+      at::Tensor s64 = s->contiguous();
+      const int64_t* p64 = s64.data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b)
+        if (p64[b] != p[b]) return declined;
+    }
+    a.seqlens_k = s32;
+  }
+  const bool rotary = theta_q_.ptr() != Py_None || theta_k_.ptr() != Py_None;
+  if (rotary_dim_.ptr() == Py_None) {
+    a.rotary_dim = D - D % 2;
+    if (rotary && a.rotary_dim == 0) return declined;
+  } else {
+    auto r = plain_int(rotary_dim_.ptr());
+    if (!rotary || !r || *r <= 0 || *r % 2 || *r > D) return declined;
+    a.rotary_dim = *r;
+  }
+  auto sq = rotary_side(theta_q_.ptr(), pos_q_.ptr(), B, Lq, a.causal ? Lk - Lq : 0, grad);
+  if (!sq) return declined;
+  a.theta_q = sq->theta; a.pos_q = sq->pos;
+  const bool same = theta_k_.ptr() == theta_q_.ptr() && Lk == Lq;
+  auto sk = rotary_side(theta_k_.ptr(), pos_k_.ptr(), B, Lk, 0, grad,
+                        same ? a.theta_q : std::nullopt);
+  if (!sk) return declined;
+  a.theta_k = sk->theta; a.pos_k = sk->pos;
+
+  zm_args::check_attention_args(a, at::kCPU, "cpp");
+  at::Tensor out = at::empty({B, Hq, Lq, D}, q->options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q->options().dtype(at::kFloat));
+  const char* poison = std::getenv("ZEROMASK_POISON");  // zeromask.outputs.new_output
+  if (poison && std::strcmp(poison, "1") == 0) {
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    lse.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  {
+    py::gil_scoped_release no_gil;
+    attention_forward(a, out, lse);
+  }
+  return py::cast(out);
+}
+
+}  // namespace zm
