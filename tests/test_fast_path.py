@@ -75,22 +75,57 @@ def test_fast_path_gives_the_checked_paths_output_bit_for_bit(name, monkeypatch)
     assert_output_close("out", got, oracle, [own], dtype)
 
 
+def _grads(run, q, k, v, kw):
+    """out and the gradients of every differentiable input (q, k, v, theta_q, theta_k,
+    zero_scale) of one call, from fresh leaves."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in
+              dict(q=q, k=k, v=v, **kw).items()
+              if torch.is_tensor(t) and t.is_floating_point() and n != "radius"}
+    args = dict(kw, **{n: t for n, t in leaves.items() if n not in "qkv"})
+    out = run(leaves["q"], leaves["k"], leaves["v"], **args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
+    return out.detach(), out.grad_fn, dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_path_gradients_are_the_checked_paths_bit_for_bit(name, monkeypatch):
+    """With inputs that require grad the fast path runs its C++ autograd Function: output
+    and every gradient equal the checked path's (whose gradients test_attention.py holds
+    to the float64 reference)."""
+    q, k, v, kw, dtype = inputs(name)
+    out, fn, grads = _grads(zeromask.zero_soft_attention, q, k, v, kw)
+    want_out, want_fn, want = _grads(lambda *a, **k: checked(monkeypatch, *a, **k), q, k, v, kw)
+    assert type(fn).__name__ == "CppFunction" or "radius" in kw  # the C++ Function ran
+    assert type(want_fn).__name__ != "CppFunction"
+    assert same(out, want_out)
+    assert set(grads) == set(want)
+    for n in grads:
+        assert (grads[n] is None) == (want[n] is None), n
+        if grads[n] is not None:
+            assert same(grads[n], want[n]), n
+
+
+class Subclass(torch.Tensor):
+    pass
+
+
 def test_calls_it_does_not_take_run_the_checked_path(monkeypatch):
     """Valid calls outside the fast path's kinds are declined and still give the checked
-    path's result: something to differentiate, a radius, a positions tensor, another
+    path's result: a radius, a positions tensor, another
     backend (argument or environment), a tensor subclass, a non-contiguous last dim,
     float64, a numpy scalar, a non-bool flag, an int8 seqlens_k, a dispatch mode."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
     theta = 100 + 900 * torch.rand(2, 5, generator=g)
     base = dict(key_zero=torch.rand(2, 5, generator=g) < 0.3, theta_q=theta, theta_k=theta)
-    assert fast(q, k, v, **base) is not None  # the plain call itself is taken
+    assert fast(q, k, v, **base) is not None  # the plain call itself is taken, and with
+    assert fast(torch.nn.Parameter(q), k, v, **base) is not None  # a parameter (a plain kind)
     variants = [
-        ((q.clone().requires_grad_(), k, v), {}),
         ((q, k, v), dict(radius=torch.full((4,), 0.9))),
         ((q, k, v), dict(pos_q=torch.arange(5.0))),
         ((q, k, v), dict(backend="reference")),
-        ((torch.nn.Parameter(q.clone()), k, v), {}),
+        ((q.as_subclass(Subclass), k, v), {}),
         ((torch.randn(2, 2, 5, 16, generator=g)[..., ::2], k, v), {}),
         ((q.double(), k.double(), v.double()), {}),
         ((q, k, v), dict(zero_scale=np.float64(1e-3))),

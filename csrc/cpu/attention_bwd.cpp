@@ -314,7 +314,11 @@ std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
       attn_bwd_impl<T>(a, nsplit, dout, x.q, x.k, x.v, out, lse, dq, dk, dv, parts);
     });
   }
-  return {dtq, dtk, drad, dzs};
+  // the partial sums (per head for theta, per task for radius and zero_scale; no atomics)
+  // reduced into the gradients: float32 head sums, float64 task sums rounded once
+  return {a.tq.on ? dtq.sum(1) : at::Tensor(), a.tk.on ? dtk.sum(1) : at::Tensor(),
+          a.radius ? drad.sum(0).to(at::kFloat) : at::Tensor(),
+          a.has_zero ? dzs.sum().to(at::kFloat) : at::Tensor()};
 }
 
 }  // namespace zm

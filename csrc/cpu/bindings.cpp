@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             at::Tensor dk, at::Tensor dv) {
     return zm::attention_backward(zm_args::attention_args(args, at::kCPU, "cpp"), dout, out,
                                   lse, dq, dk, dv);
-  }, "fused attention backward (writes dq, dk, dv; returns the partial sums)");
+  }, "fused attention backward (writes dq, dk, dv; returns dtheta_q, dtheta_k, dradius, dzero_scale or None)");
   m.def("attention_forward_fast", &zm::attention_forward_fast,
         "zero_soft_attention's forward in one call where it takes the call (eager, CPU, "
         "nothing to differentiate, plain arguments), else None");

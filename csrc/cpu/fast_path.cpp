@@ -1,9 +1,10 @@
 // The CPU fast path of zeromask.zero_soft_attention: the whole call (argument checks,
 // normalisation to the kernel record, output allocation, the kernel) in one C++ function,
-// for the calls speech models make most (eager, CPU, nothing to differentiate: decoding
-// steps, evaluation, inference).  At the short sequences such models run, the Python
-// normalisation of zeromask/ops.py (~20 small tensor ops at 3-6 us each) cost several
-// times the kernel itself.
+// with the attention's autograd formula as a C++ autograd Function where an input requires
+// grad, for the calls speech models make (eager, CPU, plain arguments: training steps,
+// decoding steps, evaluation).  At the short sequences such models run, the Python
+// normalisation of zeromask/ops.py (~20 small tensor ops at 3-6 us each) and its Python
+// autograd Function cost several times the kernels themselves.
 //
 // It *accepts* a call or *declines* it, never raises on user input: it returns the output
 // tensor when every argument is of a plain, valid kind it knows (exact torch.Tensor or
@@ -72,7 +73,8 @@ std::optional<bool> plain_bool(PyObject* o) {
   return std::nullopt;
 }
 
-bool needs_grad(const at::Tensor& t) { return t.requires_grad(); }
+// Whether autograd records a call on t (grad mode on and t requires grad).
+bool needs_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 
 // (B, L) float32 contiguous theta from a tensor of shape (), (L,), (1, L) or (B, L) whose
 // values are finite and > 1 (ops._theta), else nullopt.
@@ -106,7 +108,7 @@ std::optional<at::Tensor> positions(int64_t start, int64_t B, int64_t L) {
 // (self-attention: normalised once, as ops.py does).
 struct Side { std::optional<at::Tensor> theta, pos; };
 std::optional<Side> rotary_side(PyObject* theta, PyObject* pos, int64_t B, int64_t L,
-                                int64_t default_offset, bool grad,
+                                int64_t default_offset,
                                 const std::optional<at::Tensor>& same = std::nullopt) {
   Side s;
   if (theta == Py_None) {
@@ -120,8 +122,7 @@ std::optional<Side> rotary_side(PyObject* theta, PyObject* pos, int64_t B, int64
       return std::nullopt;
     s.theta = at::full({B, L}, *v, at::TensorOptions().dtype(at::kFloat));
   } else if (auto t = plain_tensor(theta)) {
-    if (grad && needs_grad(*t)) return std::nullopt;
-    s.theta = theta_tensor(*t, B, L);
+    s.theta = theta_tensor(*t, B, L);  // (differentiable: the graph reaches the user's theta)
     if (!s.theta) return std::nullopt;
   } else {
     return std::nullopt;
@@ -155,6 +156,95 @@ bool resolves_to_cpp(PyObject* backend) {
   return name == "auto" || name == "cpp";
 }
 
+// A kernel output as zeromask.outputs.new_output allocates it: NaN-filled when the
+// environment sets ZEROMASK_POISON=1 (the test suite), so an unwritten element shows.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  const char* poison = std::getenv("ZEROMASK_POISON");
+  if (poison && std::strcmp(poison, "1") == 0) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+// (out, lse) of a checked record.
+std::pair<at::Tensor, at::Tensor> forward(zm_args::AttentionArgs& a) {
+  zm_args::check_attention_args(a, at::kCPU, "cpp");
+  at::Tensor out = new_output(a.q.sizes(), a.q.options());
+  at::Tensor lse = new_output({a.B, a.Hq, a.Lq}, a.q.options().dtype(at::kFloat));
+  attention_forward(a, out, lse);
+  return {out, lse};
+}
+
+// The attention's autograd formula in C++ (what ops.py registers for the custom op and
+// _EagerAttention, without Python's per-call cost): saves the record's tensors, out and
+// lse; the backward kernel gives every gradient.
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  using Opt = std::optional<at::Tensor>;
+
+  static zm_args::AttentionArgs record(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const Opt& key_zero,
+                                       const at::Tensor& zero_scale, const Opt& theta_q,
+                                       const Opt& theta_k, const Opt& pos_q, const Opt& pos_k,
+                                       const Opt& seqlens_k) {
+    zm_args::AttentionArgs a;
+    a.q = q; a.k = k; a.v = v; a.key_zero = key_zero; a.zero_scale = zero_scale;
+    a.theta_q = theta_q; a.theta_k = theta_k; a.pos_q = pos_q; a.pos_k = pos_k;
+    a.seqlens_k = seqlens_k;
+    return a;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const Opt& key_zero,
+                            const at::Tensor& zero_scale, const Opt& theta_q,
+                            const Opt& theta_k, const Opt& pos_q, const Opt& pos_k,
+                            const Opt& seqlens_k, bool score, bool hard, bool causal,
+                            double sm_scale, int64_t rotary_dim, bool interleaved) {
+    zm_args::AttentionArgs a = record(q, k, v, key_zero, zero_scale, theta_q, theta_k,
+                                      pos_q, pos_k, seqlens_k);
+    a.score = score; a.hard = hard; a.causal = causal; a.sm_scale = sm_scale;
+    a.rotary_dim = rotary_dim; a.interleaved = interleaved;
+    auto [out, lse] = zm::forward(a);
+    const at::Tensor none;
+    ctx->save_for_backward({q, k, v, key_zero.value_or(none), zero_scale,
+                            theta_q.value_or(none), theta_k.value_or(none),
+                            pos_q.value_or(none), pos_k.value_or(none),
+                            seqlens_k.value_or(none), out, lse});
+    ctx->saved_data["score"] = score;
+    ctx->saved_data["hard"] = hard;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["sm_scale"] = sm_scale;
+    ctx->saved_data["rotary_dim"] = rotary_dim;
+    ctx->saved_data["interleaved"] = interleaved;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list dout) {
+    const auto s = ctx->get_saved_variables();
+    auto opt = [](const at::Tensor& t) { return t.defined() ? Opt(t) : std::nullopt; };
+    zm_args::AttentionArgs a = record(s[0], s[1], s[2], opt(s[3]), s[4], opt(s[5]),
+                                      opt(s[6]), opt(s[7]), opt(s[8]), opt(s[9]));
+    a.score = ctx->saved_data["score"].toBool();
+    a.hard = ctx->saved_data["hard"].toBool();
+    a.causal = ctx->saved_data["causal"].toBool();
+    a.sm_scale = ctx->saved_data["sm_scale"].toDouble();
+    a.rotary_dim = ctx->saved_data["rotary_dim"].toInt();
+    a.interleaved = ctx->saved_data["interleaved"].toBool();
+    zm_args::check_attention_args(a, at::kCPU, "cpp");
+    const at::Tensor& out = s[10];
+    const at::Tensor& lse = s[11];
+    at::Tensor dq = new_output(a.q.sizes(), a.q.options());
+    at::Tensor dk = new_output(a.k.sizes(), a.q.options());
+    at::Tensor dv = new_output(a.v.sizes(), a.q.options());
+    at::Tensor g = dout[0].defined() ? dout[0].contiguous() : at::zeros_like(out);
+    auto grads = attention_backward(a, g, out, lse, dq, dk, dv);  // dtq, dtk, drad, dzs
+    // hard mode has no zero_scale in its math: no gradient flows to it
+    at::Tensor dzs = a.hard ? at::Tensor() : grads[3];
+    const at::Tensor none;
+    return {dq, dk, dv, none, dzs, grads[0], grads[1], none, none, none,
+            none, none, none, none, none, none};
+  }
+};
+
 }  // namespace
 
 py::object attention_forward_fast(py::handle q_, py::handle k_, py::handle v_,
@@ -183,9 +273,6 @@ py::object attention_forward_fast(py::handle q_, py::handle k_, py::handle v_,
   if (k->size(0) != B || k->size(3) != D || Hkv == 0 || Hq % Hkv || D == 0 ||
       B * Hq * Lq * Lk == 0)
     return declined;
-  // something to differentiate: the autograd path of ops.py
-  const bool grad = at::GradMode::is_enabled();
-  if (grad && (needs_grad(*q) || needs_grad(*k) || needs_grad(*v))) return declined;
 
   zm_args::AttentionArgs a;
   a.q = *q; a.k = *k; a.v = *v;
@@ -205,14 +292,15 @@ py::object attention_forward_fast(py::handle q_, py::handle k_, py::handle v_,
   if (auto n = plain_number(zero_scale_.ptr())) {
     zs = *n;
   } else if (auto t = plain_tensor(zero_scale_.ptr())) {
-    if (t->numel() != 1 || !t->is_floating_point() || (grad && needs_grad(*t)))
-      return declined;
+    if (t->numel() != 1 || !t->is_floating_point()) return declined;
     zs = t->item<double>();
+    a.zero_scale = t->reshape({}).to(at::kFloat);  // (differentiable: a learnable scale)
   } else {
     return declined;
   }
   if (!(zs > 0.0 && zs <= 1.0 && zs >= MIN_ZERO_SCALE)) return declined;
-  a.zero_scale = at::scalar_tensor(zs, at::TensorOptions().dtype(at::kFloat));
+  if (!a.zero_scale.defined())
+    a.zero_scale = at::scalar_tensor(zs, at::TensorOptions().dtype(at::kFloat));
   auto causal = plain_bool(causal_.ptr()), interleaved = plain_bool(interleaved_.ptr());
   if (!causal || !interleaved) return declined;
   a.causal = *causal;
@@ -250,26 +338,28 @@ py::object attention_forward_fast(py::handle q_, py::handle k_, py::handle v_,
     if (!rotary || !r || *r <= 0 || *r % 2 || *r > D) return declined;
     a.rotary_dim = *r;
   }
-  auto sq = rotary_side(theta_q_.ptr(), pos_q_.ptr(), B, Lq, a.causal ? Lk - Lq : 0, grad);
+  auto sq = rotary_side(theta_q_.ptr(), pos_q_.ptr(), B, Lq, a.causal ? Lk - Lq : 0);
   if (!sq) return declined;
   a.theta_q = sq->theta; a.pos_q = sq->pos;
   const bool same = theta_k_.ptr() == theta_q_.ptr() && Lk == Lq;
-  auto sk = rotary_side(theta_k_.ptr(), pos_k_.ptr(), B, Lk, 0, grad,
+  auto sk = rotary_side(theta_k_.ptr(), pos_k_.ptr(), B, Lk, 0,
                         same ? a.theta_q : std::nullopt);
   if (!sk) return declined;
   a.theta_k = sk->theta; a.pos_k = sk->pos;
 
-  zm_args::check_attention_args(a, at::kCPU, "cpp");
-  at::Tensor out = at::empty({B, Hq, Lq, D}, q->options());
-  at::Tensor lse = at::empty({B, Hq, Lq}, q->options().dtype(at::kFloat));
-  const char* poison = std::getenv("ZEROMASK_POISON");  // zeromask.outputs.new_output
-  if (poison && std::strcmp(poison, "1") == 0) {
-    out.fill_(std::numeric_limits<float>::quiet_NaN());
-    lse.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
+  const bool differentiable = needs_grad(a.q) || needs_grad(a.k) || needs_grad(a.v) ||
+                              needs_grad(a.zero_scale) ||
+                              (a.theta_q && needs_grad(*a.theta_q)) ||
+                              (a.theta_k && needs_grad(*a.theta_k));
+  if (differentiable)  // (with the GIL: autograd may call Python saved-tensor hooks)
+    return py::cast(AttentionFunction::apply(a.q, a.k, a.v, a.key_zero, a.zero_scale,
+                                             a.theta_q, a.theta_k, a.pos_q, a.pos_k,
+                                             a.seqlens_k, a.score, a.hard, a.causal,
+                                             a.sm_scale, a.rotary_dim, a.interleaved));
+  at::Tensor out;
   {
     py::gil_scoped_release no_gil;
-    attention_forward(a, out, lse);
+    out = forward(a).first;
   }
   return py::cast(out);
 }

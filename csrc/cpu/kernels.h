@@ -12,9 +12,9 @@ namespace zm {
 
 void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tensor lse);
 
-// Returns the partial sums (dtheta_q (B, Hq, Lq), dtheta_k (B, Hkv, Lk), dradius (n, R/2),
-// dzero_scale (n,)), each an empty tensor when not needed; zeromask/backends/cpp.py reduces
-// them into the outputs.  dq, dk, dv are written in full.
+// Writes dq, dk, dv in full and returns the other gradients: dtheta_q (B, Lq), dtheta_k
+// (B, Lk), dradius (R/2,), dzero_scale (0-dim), float32, each undefined (None in Python)
+// where that input is absent.
 std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
                                            const at::Tensor& dout, const at::Tensor& out,
                                            const at::Tensor& lse, at::Tensor dq, at::Tensor dk,

@@ -2,8 +2,8 @@
 
 Forward: flash-style tiles with online softmax, rotary applied on the fly, keys rotated once
 per (batch, kv head); backward: all gradients of the contract. Every output is allocated
-here with :func:`new_output` (so tests can NaN-poison it) and written by the kernel;
-per-task partial sums for theta, radius and zero_scale gradients are reduced here.
+here with :func:`new_output` (so tests can NaN-poison it) and written by the kernel, which
+also reduces its per-task partial sums for the theta, radius and zero_scale gradients.
 q/k/v are used with their own strides (contiguous last dim); nothing is copied.
 """
 from __future__ import annotations
@@ -49,14 +49,8 @@ def attention_backward(do, out, lse, a: AttentionArgs):
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=q.device)
     dv = new_output(v.shape, dtype=v.dtype, device=q.device)
-    # the kernel returns per-task partial sums (no atomics); reduce them into the outputs
-    dtq_part, dtk_part, drad_part, dzs_part = _C.attention_bwd(
-        a, do.contiguous(), out.contiguous(), lse.contiguous(), dq, dk, dv)
-    # (float32 head sums (B, H, L) for theta, float64 task sums for radius and zero_scale)
-    dtq = dtq_part.sum(1) if a.theta_q is not None else None
-    dtk = dtk_part.sum(1) if a.theta_k is not None else None
-    drad = drad_part.sum(0).float() if a.radius is not None else None
-    dzs = dzs_part.sum().float() if a.key_zero is not None else None
+    dtq, dtk, drad, dzs = _C.attention_bwd(a, do.contiguous(), out.contiguous(),
+                                           lse.contiguous(), dq, dk, dv)
     return dq, dk, dv, dtq, dtk, drad, dzs
 
 
