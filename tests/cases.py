@@ -98,6 +98,13 @@ CASES = {
     "cross-causal-lq40-lk17": (dict(Lq=40, Lk=17, causal=True), F32),  # 23 empty rows
     "cross-causal-lq17-lk131": (dict(Lq=17, Lk=131, causal=True), F32),
     "lq1": (dict(Lq=1, Lk=17), F32),
+    # the CPU kernel's small-query path (<= 4 query rows per kv head: decoding steps)
+    "decode-lq2-gqa2-causal": (dict(Lq=2, Lk=19, causal=True), F32),
+    "decode-lq1-score-seqlens": (dict(Lq=1, Lk=40, Hq=2, Hkv=2, zero_mode="score",
+                                      seqlens=True), F32),
+    "decode-lq1-hard-causal": (dict(Lq=1, Lk=9, zero_mode="hard", causal=True,
+                                    zero_frac=0.5), F32),
+    "decode-lq4-causal-bf16": (dict(Lq=4, Lk=33, Hq=2, Hkv=2, causal=True), BF16),
     "lq1-causal-fp16": (dict(Lq=1, Lk=17, causal=True), F16),
     # a single key: softmax is exactly 1 and the exact dS is 0 (fp16: fp32's rounding of
     # dP - delta there is beyond a floor built for nonzero gradients)

@@ -5,6 +5,28 @@
 
 namespace zm {
 
+// Row i of head h of batch b from its unnormalised output o, running max m and sum l.
+template <typename T>
+static inline void write_row(const Attn& a, int64_t b, int64_t h, int64_t i, const float* o,
+                             float m, float l, T* op, float* lp) {
+  T* dst = op + ((b * a.Hq + h) * a.Lq + i) * a.D;
+  float* lse = lp + (b * a.Hq + h) * a.Lq + i;
+  if (l > 0.f) {
+    const float inv = 1.0f / l;
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+    *lse = m + std::log(l);
+  } else if (l != 0.f || a.kend(b, i + 1) > a.first_ok[b]) {
+    // NaN: a NaN score, or +inf (inf - inf); or 0 although the row has keys: its logits
+    // all overflowed to -inf.  Only a row with every key hard-masked is empty (hard mode:
+    // it sees no key before the first one that is not a zero token).
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(NAN_F);
+    *lse = NAN_F;
+  } else {
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(0.f);
+    *lse = NEG_INF;
+  }
+}
+
 template <typename T>
 static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
@@ -104,25 +126,81 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
         else
           gemm<true>(Mp, a.Dp, wk, S.data(), BK, 1, vr + j0 * a.Dp, a.Dp, O.data(), a.Dp);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        T* dst = op + ((b * a.Hq + h) * a.Lq + i) * a.D;
-        float* o = O.data() + r * a.Dp;
-        if (l[r] > 0.f) {
-          const float inv = 1.0f / l[r];
-          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-          lp[(b * a.Hq + h) * a.Lq + i] = m[r] + std::log(l[r]);
-        } else if (l[r] != 0.f || a.kend(b, i + 1) > a.first_ok[b]) {
-          // NaN: a NaN score, or +inf (inf - inf); or 0 although the row has keys: its
-          // logits all overflowed to -inf.  Only a row with every key hard-masked is empty
-          // (hard mode: it sees no key before the first one that is not a zero token).
-          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(NAN_F);
-          lp[(b * a.Hq + h) * a.Lq + i] = NAN_F;
-        } else {
-          for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<T>(0.f);
-          lp[(b * a.Hq + h) * a.Lq + i] = NEG_INF;
+      for (int64_t r = 0; r < rows; ++r)
+        write_row(a, b, h, i0 + r, O.data() + r * a.Dp, m[r], l[r], op, lp);
+    }
+  });
+}
+
+// The small-query path: for each (b, kv head), the <= SMALL_ROWS query rows of its group
+// (decoding steps: one query against a KV cache) against the keys streamed from k and v
+// as they are, rotated row by row: no packs, no 64-row tiles (at Lq = 1 the packing and the
+// padded tiles of attn_fwd_impl cost more than the products).  Two passes over the keys:
+// scores (q . rot(k) + bias, causal cut), then softmax weights times v.
+constexpr int64_t SMALL_ROWS = 4;
+
+template <typename T>
+static void attn_fwd_small(const Attn& a, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t nr = a.grp * a.Lq, off = a.Lk - a.Lq;
+  at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t lo, int64_t hi) {
+    fvec Q(nr * a.Dp), O(nr * a.Dp), S(nr * a.Lkp), x(a.Dp), y(a.Dp), m(nr), l(nr);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / a.Hkv, hk = task % a.Hkv;
+      // row r: head hk * grp + r / Lq, query r % Lq
+      for (int64_t r = 0; r < nr; ++r)
+        load_q<T>(a, q, b, hk * a.grp + r / a.Lq, r % a.Lq, 1, 1, Q.data() + r * a.Dp);
+      const int64_t ke = a.kend(b, a.Lq);
+      const float* bias = a.bias.data() + b * a.Lkp;
+      std::fill(m.begin(), m.end(), NEG_INF);
+      for (int64_t j = 0; j < ke; ++j) {
+        load_row(kp + b * ks0 + hk * ks1 + j * ks2, x.data(), a.D);
+        const float* kr = x.data();
+        if (a.tk.on) {
+          rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
+          kr = y.data();
+        }
+        const float g = a.gk[b * a.Lk + j];  // score mode: the zero key's logit times s
+        for (int64_t r = 0; r < nr; ++r) {  // (rows padded with zeros to Dp)
+          const float* qr = Q.data() + r * a.Dp;
+          vf acc = vset(0.f);
+          for (int64_t d = 0; d < a.Dp; d += VL) acc += vload(qr + d) * vload(kr + d);
+          float sc = g * hsum(acc) + bias[j];
+          if (a.causal && j > r % a.Lq + off) sc = NEG_INF;
+          S[r * a.Lkp + j] = sc;
+          m[r] = std::max(m[r], sc);
         }
       }
+      for (int64_t r = 0; r < nr; ++r) {
+        float* row = S.data() + r * a.Lkp;
+        const float ms = m[r] == NEG_INF ? 0.f : m[r];  // (NaN scores stay NaN below)
+        float sum = 0.f;
+        for (int64_t j = 0; j < ke; ++j) {
+          row[j] = std::exp(row[j] - ms);
+          sum += row[j];
+        }
+        l[r] = sum;
+      }
+      std::fill(O.begin(), O.end(), 0.f);
+      for (int64_t j = 0; j < ke; ++j) {
+        load_row(vp + b * vs0 + hk * vs1 + j * vs2, x.data(), a.D);
+        for (int64_t r = 0; r < nr; ++r) {
+          // (past the causal diagonal: not read, as attn_fwd_impl's trimmed tiles do not)
+          if (a.causal && j > r % a.Lq + off) continue;
+          const vf p = vset(S[r * a.Lkp + j]);
+          float* o = O.data() + r * a.Dp;
+          for (int64_t d = 0; d < a.Dp; d += VL) vstore(o + d, vload(o + d) + p * vload(x.data() + d));
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        write_row(a, b, hk * a.grp + r / a.Lq, r % a.Lq, O.data() + r * a.Dp, m[r], l[r],
+                  op, lp);
     }
   });
 }
@@ -134,7 +212,10 @@ void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tens
   if (a.B * a.Hq * a.Lq == 0) return;
   dispatch_dtype(x.q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    attn_fwd_impl<T>(a, x.q, x.k, x.v, out, lse);
+    if (a.grp * a.Lq <= SMALL_ROWS)
+      attn_fwd_small<T>(a, x.q, x.k, x.v, out, lse);
+    else
+      attn_fwd_impl<T>(a, x.q, x.k, x.v, out, lse);
   });
 }
 
