@@ -26,8 +26,10 @@
 //     one slice unless there are fewer (b, kv head) pairs than threads), dK'/dV accumulate
 //     in per-task fp32 buffers (no atomics), dQ per query block; each task then finishes
 //     its keys (dk/dv), or, for a sliced group, phase 2 sums the slices per (batch, kv
-//     head) and finishes them; theta/radius/zero_scale gradients are
-//     per-task partial sums returned to Python and reduced there;
+//     head) and finishes them; theta/radius/zero_scale gradients are per-task partial
+//     sums (no atomics), reduced at the end of attention_backward;
+//   * forward with <= 4 query rows per kv head (decoding steps): no packs; keys and values
+//     streamed as they are (attn_fwd_small in attention_fwd.cpp);
 //   * memory O(L * D) per thread / head: tiles are BQ x BK, no L x L buffer.
 // Masked logits are -inf; the exp below maps anything below -87 to exactly 0, and a row
 // whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
