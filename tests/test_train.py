@@ -81,6 +81,18 @@ def test_train_checkpoint_resume_eval(tone_data, tmp_path, capsys):
     assert ck2["optimizer"]["state"]  # optimizer moments came along
     steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5]
+    # a line logged after the checkpoint (an interrupted run) is trained again, not kept twice
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 9.0}) + "\n")
+    assert train_cli.main(common + ["--max-steps", "6"]) == 0
+    assert [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert 9.0 not in [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    # a run folder without its checkpoint (a committed grid) starts over with a fresh log
+    for ck in out.glob("*.pt"):
+        ck.unlink()
+    assert train_cli.main(common + ["--max-steps", "2"]) == 0
+    assert [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r] == [1, 2]
+    capsys.readouterr()
     # eval CLI on the held-out folder
     assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(tone_data),
                           "--json", str(tmp_path / "ev.json"), "--no-progress",

@@ -438,13 +438,13 @@ class Trainer:
         self.bar = None
         self.resumed = ckpt is not None
         self._log_fh = None
-        if dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.out / "log.jsonl", "a")
         self._build_data()
         self._build_model()
         if ckpt is not None:
             self._resume(ckpt)
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log_fh = self._open_log()
         self._wrap_ddp()
         self.t0 = time.time() - self.elapsed0  # elapsed time counts every invocation
 
@@ -475,6 +475,26 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.opt["lr"]),
                                            weight_decay=float(self.opt["weight_decay"]))
         self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    def _open_log(self):
+        """``log.jsonl`` for appending, holding only lines up to the step training starts
+        from: emptied for a fresh run (a run folder kept without its checkpoint, as a
+        committed grid keeps it, starts over), and for a resumed one cut after the
+        checkpoint's step (the lines logged between that checkpoint and the interruption
+        are trained again)."""
+        path = self.out / "log.jsonl"
+        kept = []
+        if self.resumed and path.exists():
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= self.step:
+                        kept.append(ln)
+                except ValueError:  # a line cut short by a kill
+                    pass
+        fh = open(path, "w")
+        fh.write("".join(ln + "\n" for ln in kept))
+        fh.flush()
+        return fh
 
     def _resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
