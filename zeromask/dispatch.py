@@ -143,5 +143,5 @@ def fast_path(device_type: str = "cpu"):
     if key not in _logged:
         _logged.add(key)
         logger.info("zeromask: attention on %s uses the %s backend (first choice; its fast "
-                    "path for calls with nothing to differentiate)", device_type, first)
+                    "path for eager calls)", device_type, first)
     return b.attention_forward_fast

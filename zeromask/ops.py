@@ -659,7 +659,7 @@ def zero_soft_attention(
     """
     global _fast_attention
     if not _compiling():
-        # eager CPU calls with nothing to differentiate, in one C++ call (per-call cost at
+        # eager CPU calls, with or without gradients, in one C++ call (per-call cost at
         # the speech model's short shapes); it declines anything else, which runs below
         if _fast_attention is _UNSET:
             _fast_attention = dispatch.fast_path("cpu")

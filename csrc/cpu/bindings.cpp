@@ -20,8 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   lse, dq, dk, dv);
   }, "fused attention backward (writes dq, dk, dv; returns dtheta_q, dtheta_k, dradius, dzero_scale or None)");
   m.def("attention_forward_fast", &zm::attention_forward_fast,
-        "zero_soft_attention's forward in one call where it takes the call (eager, CPU, "
-        "nothing to differentiate, plain arguments), else None");
+        "zero_soft_attention in one call where it takes the call (eager, CPU, plain "
+        "arguments; a C++ autograd Function where an input requires grad), else None");
   m.def("rotary_fwd", [](const py::object& args, at::Tensor y) {
     zm::rotary_forward(zm_args::rotary_args(args, at::kCPU, "cpp"), y);
   }, "f0 rotary forward (writes y)");

@@ -134,8 +134,9 @@ class Backend:
     rotary_forward: Optional[Callable] = None
     rotary_backward: Optional[Callable] = None
     device_types: tuple = ("cpu", "cuda")
-    #: the whole of an eager call with nothing to differentiate, from the user's own
-    #: arguments (zero_soft_attention's, in order, then ``backend``), in one compiled
-    #: function: returns the output, or None where the call is not one it takes (then
-    #: the checked path runs). Optional; only ``cpp`` has one (csrc/cpu/fast_path.cpp).
+    #: the whole of an eager call (its autograd formula included where an input requires
+    #: grad), from the user's own arguments (zero_soft_attention's, in order, then
+    #: ``backend``), in one compiled function: returns the output, or None where the call
+    #: is not one it takes (then the checked path runs). Optional; only ``cpp`` has one
+    #: (csrc/cpu/fast_path.cpp).
     attention_forward_fast: Optional[Callable] = None
