@@ -316,12 +316,13 @@ def fake_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(exp_cli, "train_command", fake_train)
     monkeypatch.setattr(exp_cli, "eval_command", fake_eval)
     monkeypatch.setattr(exp_cli, "_prepare_cache", lambda data: None)
-    monkeypatch.setattr(exp_cli, "make_plots", lambda *a, **k: [])
+    plotted = []
+    monkeypatch.setattr(exp_cli, "make_plots", lambda *a, **k: plotted.append(1) or [])
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--experiments", "prob,score,hard",
             "--seeds", "0,1,2", "--max-steps", "30", "--parallel", "2",
             "--backend", "reference", "--bootstrap", "500"]
-    return {"argv": argv, "out": out, "calls": calls}
+    return {"argv": argv, "out": out, "calls": calls, "plotted": plotted}
 
 
 def test_resumed_grid_skips_finished_runs_and_results_are_written_as_runs_finish(
@@ -335,6 +336,7 @@ def test_resumed_grid_skips_finished_runs_and_results_are_written_as_runs_finish
     calls = g["calls"].read_text().splitlines()
     assert sorted(c.split()[0] for c in calls) == ["eval"] * 18 + ["train"] * 9
     assert len(reports) == 9 + 1  # after every finished run, and once at the end
+    assert len(g["plotted"]) == 9 + 1  # the plots too
     summary = json.loads((g["out"] / "results.json").read_text())
     assert len(summary["runs"]) == 9 and summary["splits"] == ["test", "shifted"]
     vs = {e: summary["experiments"][e]["vs_reference"] for e in ("score", "hard")}
@@ -359,6 +361,42 @@ def test_resumed_grid_skips_finished_runs_and_results_are_written_as_runs_finish
     assert exp_cli.main(g["argv"]) == 0
     assert sorted(g["calls"].read_text().splitlines()) == [
         "eval hard-s2 shifted", "eval hard-s2 test", "eval score-s1 shifted", "train hard-s2"]
+
+
+def test_plots_use_the_first_shared_seed_whose_checkpoints_are_here(tmp_path, monkeypatch):
+    """A grid resumed from committed numbers has lost its first seeds' checkpoints: the
+    side-by-side and utterance plots are drawn from the first seed whose checkpoints are all
+    here, and left alone when none is."""
+    drawn = {}
+    monkeypatch.setattr(plots, "read_evals", lambda log: [])
+    monkeypatch.setattr(plots, "read_losses", lambda log: [])
+    monkeypatch.setattr(plots, "plot_question_curves", lambda curves, path, **k: path)
+    monkeypatch.setattr(plots, "plot_cross_attention_compare",
+                        lambda ckpts, test, path, **k: drawn.setdefault("x", dict(ckpts)))
+    monkeypatch.setattr(plots, "plot_checkpoint_utterance",
+                        lambda ckpt, test, path, **k: drawn.setdefault("u", ckpt))
+    runs = []
+    for exp, seeds in (("prob", (0, 1, 2)), ("score", (0, 1, 2)), ("hard", (1, 2))):
+        for seed in seeds:
+            d = tmp_path / "runs" / f"{exp}-s{seed}"
+            d.mkdir(parents=True)
+            runs.append({"experiment": exp, "seed": seed, "run_dir": str(d), "steps": 4,
+                         "feature_order": ["spectrogram"],
+                         "splits": {"test": {"cer": 0.1, "hyp_key": "hyp_joint"}}})
+    summary = {"questions": {"q1": ["prob", "score", "hard"]}, "runs": runs,
+               "experiments": {"prob": {}, "score": {}, "hard": {}}}
+    args = exp_cli.build_parser().parse_args(
+        ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--experiments", "q1",
+         "--max-steps", "4"])
+    exp_cli.make_plots(summary, args, tmp_path)
+    assert drawn == {}  # no checkpoint at all: nothing drawn
+    for exp in ("prob", "score", "hard"):  # seed 1's are gone, seed 2's are here
+        (tmp_path / "runs" / f"{exp}-s2" / "last.pt").write_bytes(b"x")
+    (tmp_path / "runs" / "score-s0" / "last.pt").write_bytes(b"x")  # not shared with hard
+    exp_cli.make_plots(summary, args, tmp_path)
+    assert sorted(drawn["x"]) == ["hard (seed 2)", "prob (seed 2)", "score (seed 2)"]
+    assert all(str(p).endswith("-s2/last.pt") for p in drawn["x"].values())
+    assert str(drawn["u"]).endswith("prob-s2/last.pt")  # the baseline's first seed here
 
 
 def test_plan_counts_an_eval_of_an_older_checkpoint_as_missing(tmp_path):

@@ -30,7 +30,7 @@ hypothesis, so differences can be bootstrapped over utterances. The scored decod
 ``--decoder`` (joint CTC/attention by default; the attention decoder where a model has no
 CTC head).
 
-Written under ``--out`` (the tables and JSON again after every finished run):
+Written under ``--out`` (tables, JSON and plots again after every finished run):
 
 ``results.md``        the tables: per row (grouped by question) mean test and shifted CER
                       over seeds, s.d., the difference to the row's reference with its
@@ -40,10 +40,10 @@ Written under ``--out`` (the tables and JSON again after every finished run):
 ``curves_<q>.png``    per question: training loss and held-out CER against step (100 test
                       utterances during training, the whole test set at the end), one
                       colour per row, one line style per seed
-``cross_attention.png``  the rows of q1 (baseline, ``score``, ``hard``, ``no-zero``; first
-                      shared seed): their cross-attention on the same held-out utterance,
-                      side by side
-``utterance_<stage>.png``  the baseline: spectrogram + F0, energy, periodicity, zero tokens
+``cross_attention.png``  the rows of q1 (baseline, ``score``, ``hard``, ``no-zero``; the
+                      first seed they share whose checkpoints are all here): their
+                      cross-attention on the same held-out utterance, side by side
+``utterance_<stage>.png``  the baseline (its first seed with a checkpoint): spectrogram + F0, energy, periodicity, zero tokens
                       and that stage's cross-attention for one held-out utterance
 ``runs/<row>-s<seed>/``  the runs. Resuming: a run whose training finished is not trained
                       again (an interrupted one resumes from its ``last.pt``), a held-out set
@@ -858,26 +858,33 @@ def make_plots(summary: dict, args, out: Path) -> List[Path]:
             written.append(plot_question_curves(
                 curves, out / f"curves_{q}.png", title=f"{q}. {QUESTIONS[q]}",
                 cer_key=DECODER_KEYS[args.decoder][1] + "cer"))
-    # q1's rows on one utterance, side by side: the first seed they all have, else each
-    # row's first seed
+    # q1's rows on one utterance, side by side: the first seed they all have whose
+    # checkpoints are all here (a grid resumed from committed numbers has lost the earlier
+    # seeds' checkpoints), else the first seed they all have, else each row's first seed
     runs = {(r["experiment"], r["seed"]): r for r in summary["runs"]}
     q1 = summary["questions"].get("q1", [])
     seeds = {e: sorted(s for x, s in runs if x == e) for e in q1}
     shared = sorted(set.intersection(*map(set, seeds.values()))) if seeds else []
+
+    def q1_checkpoints(seed_of):
+        return {f"{e} (seed {seed_of(e)})": Path(runs[(e, seed_of(e))]["run_dir"]) / "last.pt"
+                for e in q1}
     test = os.path.join(args.data, "test")
     if len(q1) >= 2:
-        ckpts = {}
-        for e in q1:
-            s = shared[0] if shared else seeds[e][0]
-            ckpts[f"{e} (seed {s})"] = Path(runs[(e, s)]["run_dir"]) / "last.pt"
+        candidates = [q1_checkpoints(lambda e, s=s: s) for s in shared]
+        present = [c for c in candidates if all(p.exists() for p in c.values())]
+        ckpts = (present or candidates or [q1_checkpoints(lambda e: seeds[e][0])])[0]
         if _checkpoints_here(ckpts.values(), out / "cross_attention.png"):
             written.append(plot_cross_attention_compare(
                 ckpts, test, out / "cross_attention.png", index=args.plot_index,
                 cache_dir=os.path.join(args.data, ".features")))
     base = "prob" if "prob" in summary["experiments"] else None
     if base is not None:
-        r0 = min((r for r in summary["runs"] if r["experiment"] == base),
-                 key=lambda r: r["seed"])
+        base_runs = sorted((r for r in summary["runs"] if r["experiment"] == base),
+                           key=lambda r: r["seed"])
+        # its first seed with a checkpoint here, else its first seed
+        r0 = next((r for r in base_runs if (Path(r["run_dir"]) / "last.pt").exists()),
+                  base_runs[0])
         for stage in r0["feature_order"]:
             if not _checkpoints_here([Path(r0["run_dir"]) / "last.pt"],
                                      out / f"utterance_{stage}.png"):
@@ -909,7 +916,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jobs = plan(args, experiments, seeds, runs_dir)
 
         def on_done(job, rc):
-            report(args, experiments, seeds, runs_dir, out)
+            summary = report(args, experiments, seeds, runs_dir, out)
+            if summary is not None:
+                make_plots(summary, args, out)
         run_all(jobs, max(1, args.parallel), args.threads, on_done=on_done)
     summary = report(args, experiments, seeds, runs_dir, out)
     if summary is None:
