@@ -105,6 +105,13 @@ CASES = {
     "decode-lq1-hard-causal": (dict(Lq=1, Lk=9, zero_mode="hard", causal=True,
                                     zero_frac=0.5), F32),
     "decode-lq4-causal-bf16": (dict(Lq=4, Lk=33, Hq=2, Hkv=2, causal=True), BF16),
+    # (keys rotated VL at a time in a transposed block: the model's D = 24, several blocks
+    # and a partial one; interleaved pairs with radius on part of an odd head dim)
+    "decode-lq1-d24-lk70-radius": (dict(Lq=1, Lk=70, D=24, radius=True), F32),
+    "decode-lq1-d17-rot12-interleaved-radius-fp16": (dict(Lq=1, Lk=21, D=17, rotary_dim=12,
+                                                          interleaved=True, radius=True), F16),
+    "decode-lq2-mqa-score-causal": (dict(Lq=2, Lk=23, Hq=2, Hkv=1, zero_mode="score",
+                                         causal=True), F32),
     "lq1-causal-fp16": (dict(Lq=1, Lk=17, causal=True), F16),
     # a single key: softmax is exactly 1 and the exact dS is 0 (fp16: fp32's rounding of
     # dP - delta there is beyond a floor built for nonzero gradients)

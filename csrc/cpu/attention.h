@@ -28,8 +28,9 @@
 //     its keys (dk/dv), or, for a sliced group, phase 2 sums the slices per (batch, kv
 //     head) and finishes them; theta/radius/zero_scale gradients are per-task partial
 //     sums (no atomics), reduced at the end of attention_backward;
-//   * forward with <= 4 query rows per kv head (decoding steps): no packs; keys and values
-//     streamed as they are (attn_fwd_small in attention_fwd.cpp);
+//   * forward with <= 4 query rows per kv head (decoding steps): no packs or 64-row tiles;
+//     keys transposed and rotated VL at a time with a table laid out by frequency, scores
+//     by broadcast FMAs, values streamed as they are (attn_fwd_small in attention_fwd.cpp);
 //   * memory O(L * D) per thread / head: tiles are BQ x BK, no L x L buffer.
 // Masked logits are -inf; the exp below maps anything below -87 to exactly 0, and a row
 // whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
@@ -79,7 +80,10 @@ static int64_t transposed_pitch(int64_t lkp) {
 static constexpr int64_t BQ = 64;
 static constexpr int64_t BK = 128;
 
-static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad) {
+// keys_by_freq: the keys' rotary table laid out by frequency (make_table_by_freq), for the
+// forward's small-query path.
+static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad,
+                       bool keys_by_freq = false) {
   a.B = x.B; a.Hq = x.Hq; a.Lq = x.Lq; a.D = x.D; a.Hkv = x.Hkv; a.Lk = x.Lk;
   a.grp = a.Hq / a.Hkv;
   a.R = x.rotary_dim;
@@ -97,7 +101,9 @@ static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad)
   a.tq = make_table(x.theta_q, x.pos_q, a.B, a.Lq, a.R, need_grad);
   // self-attention usually passes the same theta and positions for both sides: reuse
   const size_t bytes = a.B * a.Lk * sizeof(float);
-  if (a.tq.on && a.Lq == a.Lk && x.theta_k.has_value() &&
+  if (keys_by_freq) {
+    a.tk = make_table_by_freq(x.theta_k, x.pos_k, a.B, a.Lk, a.R);
+  } else if (a.tq.on && a.Lq == a.Lk && x.theta_k.has_value() &&
       std::memcmp(x.theta_q->data_ptr<float>(), x.theta_k->data_ptr<float>(), bytes) == 0 &&
       std::memcmp(x.pos_q->data_ptr<float>(), x.pos_k->data_ptr<float>(), bytes) == 0) {
     a.tk = a.tq;

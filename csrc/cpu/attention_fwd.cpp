@@ -133,10 +133,13 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
 }
 
 // The small-query path: for each (b, kv head), the <= SMALL_ROWS query rows of its group
-// (decoding steps: one query against a KV cache) against the keys streamed from k and v
-// as they are, rotated row by row: no packs, no 64-row tiles (at Lq = 1 the packing and the
-// padded tiles of attn_fwd_impl cost more than the products).  Two passes over the keys:
-// scores (q . rot(k) + bias, causal cut), then softmax weights times v.
+// (decoding steps: one query against a KV cache): no packs of the whole head, no 64-row
+// tiles (at Lq = 1 the packing and the padded tiles of attn_fwd_impl cost more than the
+// products).  Keys VL at a time: transposed (transpose4), rotated in the transposed block
+// with the keys' table laid out by frequency (VL keys a vector op, where a row of D = 24 is
+// 12 pairs: not a whole vector), scores q . rot(k) as D broadcast FMAs (no horizontal sum
+// per key), + bias, causal cut; then the softmax's exp VL at a time, and its weights times
+// v, VL value rows at a time.
 constexpr int64_t SMALL_ROWS = 4;
 
 template <typename T>
@@ -148,54 +151,107 @@ static void attn_fwd_small(const Attn& a, const at::Tensor& q, const at::Tensor&
   const T* vp = v.data_ptr<T>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const int64_t nr = a.grp * a.Lq, off = a.Lk - a.Lq;
+  const int64_t nr = a.grp * a.Lq, off = a.Lk - a.Lq, half = a.R / 2;
+  const int64_t D = a.D, Dk = round_up(D, 4);
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t lo, int64_t hi) {
-    fvec Q(nr * a.Dp), O(nr * a.Dp), S(nr * a.Lkp), x(a.Dp), y(a.Dp), m(nr), l(nr);
+    // Kr: a block of VL key rows (stride Dk, rows past the block's keys zero); KT: the
+    // block transposed (D x VL), then rotated in place, pair by pair, VL keys at a time
+    fvec Q(nr * a.Dp), O(nr * a.Dp), S(nr * a.Lkp), Kr(VL * Dk, 0.f), KT(Dk * VL, 0.f),
+        Vr(VL * a.Dp, 0.f);
+    vf lane = vset(0.f);
+    for (int jj = 0; jj < VL; ++jj) lane[jj] = static_cast<float>(jj);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / a.Hkv, hk = task % a.Hkv;
-      // row r: head hk * grp + r / Lq, query r % Lq
-      for (int64_t r = 0; r < nr; ++r)
-        load_q<T>(a, q, b, hk * a.grp + r / a.Lq, r % a.Lq, 1, 1, Q.data() + r * a.Dp);
+      // row r: head hk * grp + r / Lq, query r % Lq; it sees keys [0, lim[r])
+      int64_t lim[SMALL_ROWS];
+      vf mv[SMALL_ROWS];
       const int64_t ke = a.kend(b, a.Lq);
+      int64_t lim_max = 0;
+      for (int64_t r = 0; r < nr; ++r) {
+        load_q<T>(a, q, b, hk * a.grp + r / a.Lq, r % a.Lq, 1, 1, Q.data() + r * a.Dp);
+        lim[r] = a.causal ? std::min<int64_t>(ke, r % a.Lq + off + 1) : ke;
+        lim_max = std::max(lim_max, lim[r]);
+        mv[r] = vset(NEG_INF);
+      }
       const float* bias = a.bias.data() + b * a.Lkp;
-      std::fill(m.begin(), m.end(), NEG_INF);
-      for (int64_t j = 0; j < ke; ++j) {
-        load_row(kp + b * ks0 + hk * ks1 + j * ks2, x.data(), a.D);
-        const float* kr = x.data();
+      const float* gk = a.gk.data() + b * a.Lk;
+      for (int64_t j0 = 0; j0 < lim_max; j0 += VL) {
+        const int64_t w = std::min<int64_t>(VL, lim_max - j0), w4 = round_up(w, 4);
+        for (int64_t jj = 0; jj < w; ++jj)
+          load_row(kp + b * ks0 + hk * ks1 + (j0 + jj) * ks2, Kr.data() + jj * Dk, D);
+        std::fill(Kr.begin() + w * Dk, Kr.begin() + w4 * Dk, 0.f);
+        for (int64_t jj = 0; jj < w4; jj += 4)
+          transpose4(Kr.data() + jj * Dk, Dk, D, KT.data() + jj, VL);
         if (a.tk.on) {
-          rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
-          kr = y.data();
+          for (int64_t i = 0; i < half; ++i) {
+            float* ka = KT.data() + (a.inter ? 2 * i : i) * VL;
+            float* kb = KT.data() + (a.inter ? 2 * i + 1 : i + half) * VL;
+            const vf c = vload(a.tk.cf(b, i) + j0), sn = vload(a.tk.sf(b, i) + j0);
+            const vf ya = vload(ka), yb = vload(kb);
+            vf u = ya * c - yb * sn, t = ya * sn + yb * c;
+            if (a.radius) {
+              u *= a.radius[i];
+              t *= a.radius[i];
+            }
+            vstore(ka, u);
+            vstore(kb, t);
+          }
         }
-        const float g = a.gk[b * a.Lk + j];  // score mode: the zero key's logit times s
-        for (int64_t r = 0; r < nr; ++r) {  // (rows padded with zeros to Dp)
+        // lanes past the block's keys hold earlier keys (or zeros): masked to -inf below
+        vf g = vset(1.f);  // score mode: the zero key's logit times s
+        if (a.score)
+          for (int64_t jj = 0; jj < w; ++jj) g[jj] = gk[j0 + jj];
+        const vf bv = vload(bias + j0), idx = lane + static_cast<float>(j0);
+        for (int64_t r = 0; r < nr; ++r) {  // (Q rows are zero past D)
           const float* qr = Q.data() + r * a.Dp;
-          vf acc = vset(0.f);
-          for (int64_t d = 0; d < a.Dp; d += VL) acc += vload(qr + d) * vload(kr + d);
-          float sc = g * hsum(acc) + bias[j];
-          if (a.causal && j > r % a.Lq + off) sc = NEG_INF;
-          S[r * a.Lkp + j] = sc;
-          m[r] = std::max(m[r], sc);
+          vf acc0 = vset(0.f), acc1 = vset(0.f);
+          int64_t d = 0;
+          for (; d + 2 <= D; d += 2) {
+            acc0 += vset(qr[d]) * vload(KT.data() + d * VL);
+            acc1 += vset(qr[d + 1]) * vload(KT.data() + (d + 1) * VL);
+          }
+          if (d < D) acc0 += vset(qr[d]) * vload(KT.data() + d * VL);
+          vf sc = g * (acc0 + acc1) + bv;
+          sc = idx < static_cast<float>(lim[r]) ? sc : vset(NEG_INF);
+          vstore(S.data() + r * a.Lkp + j0, sc);
+          mv[r] = sc > mv[r] ? sc : mv[r];
         }
       }
+      float m[SMALL_ROWS], l[SMALL_ROWS];
       for (int64_t r = 0; r < nr; ++r) {
         float* row = S.data() + r * a.Lkp;
-        const float ms = m[r] == NEG_INF ? 0.f : m[r];  // (NaN scores stay NaN below)
-        float sum = 0.f;
-        for (int64_t j = 0; j < ke; ++j) {
-          row[j] = std::exp(row[j] - ms);
-          sum += row[j];
+        m[r] = hmax(mv[r]);  // (a NaN score: its exp is NaN, so are l and the row)
+        const float ms = m[r] == NEG_INF ? 0.f : m[r];
+        vf sum = vset(0.f);
+        for (int64_t j0 = 0; j0 < lim[r]; j0 += VL) {
+          const vf e = vexp(vload(row + j0) - ms);
+          vstore(row + j0, e);
+          sum += e;
         }
-        l[r] = sum;
+        l[r] = hsum(sum);
       }
+      // P V, values VL rows at a time (staged as float rows of Dp, zero past D), each
+      // output vector accumulated in registers over the block's keys (a store per key made
+      // a store-to-load chain that was a third of the step)
       std::fill(O.begin(), O.end(), 0.f);
-      for (int64_t j = 0; j < ke; ++j) {
-        load_row(vp + b * vs0 + hk * vs1 + j * vs2, x.data(), a.D);
+      for (int64_t j0 = 0; j0 < lim_max; j0 += VL) {
+        const int64_t w = std::min<int64_t>(VL, lim_max - j0);
+        for (int64_t jj = 0; jj < w; ++jj)
+          load_row(vp + b * vs0 + hk * vs1 + (j0 + jj) * vs2, Vr.data() + jj * a.Dp, D);
         for (int64_t r = 0; r < nr; ++r) {
-          // (past the causal diagonal: not read, as attn_fwd_impl's trimmed tiles do not)
-          if (a.causal && j > r % a.Lq + off) continue;
-          const vf p = vset(S[r * a.Lkp + j]);
-          float* o = O.data() + r * a.Dp;
-          for (int64_t d = 0; d < a.Dp; d += VL) vstore(o + d, vload(o + d) + p * vload(x.data() + d));
+          // (past a row's causal diagonal: not read, as attn_fwd_impl's trimmed tiles do not)
+          const int64_t n = std::min<int64_t>(w, lim[r] - j0);
+          const float* p = S.data() + r * a.Lkp + j0;
+          for (int64_t d = 0; d < a.Dp; d += VL) {
+            vf acc0 = vload(O.data() + r * a.Dp + d), acc1 = vset(0.f);
+            int64_t jj = 0;
+            for (; jj + 2 <= n; jj += 2) {
+              acc0 += vset(p[jj]) * vload(Vr.data() + jj * a.Dp + d);
+              acc1 += vset(p[jj + 1]) * vload(Vr.data() + (jj + 1) * a.Dp + d);
+            }
+            if (jj < n) acc0 += vset(p[jj]) * vload(Vr.data() + jj * a.Dp + d);
+            vstore(O.data() + r * a.Dp + d, acc0 + acc1);
+          }
         }
       }
       for (int64_t r = 0; r < nr; ++r)
@@ -208,11 +264,12 @@ static void attn_fwd_small(const Attn& a, const at::Tensor& q, const at::Tensor&
 void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tensor lse) {
   zm_args::check_forward_outputs(x, out, lse, at::kCPU, "cpp");
   Attn a;
-  setup_attn(a, x, false);
+  const bool small = (x.Hq / x.Hkv) * x.Lq <= SMALL_ROWS;
+  setup_attn(a, x, false, small);
   if (a.B * a.Hq * a.Lq == 0) return;
   dispatch_dtype(x.q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    if (a.grp * a.Lq <= SMALL_ROWS)
+    if (small)
       attn_fwd_small<T>(a, x.q, x.k, x.v, out, lse);
     else
       attn_fwd_impl<T>(a, x.q, x.k, x.v, out, lse);

@@ -6,14 +6,52 @@
 namespace zm {
 
 struct RotTable {
-  // (B, L, R/2) each; empty when there is no rotary on that side.
+  // (B, L, R/2) each (make_table), or (B, R/2, Lp) for cs and sn (make_table_by_freq);
+  // empty when there is no rotary on that side.
   std::vector<float> cs, sn, dpdt;
-  int64_t L = 0, half = 0;
+  int64_t L = 0, half = 0, Lp = 0;
   bool on = false;
   const float* c(int64_t b, int64_t t) const { return cs.data() + (b * L + t) * half; }
   const float* s(int64_t b, int64_t t) const { return sn.data() + (b * L + t) * half; }
   const float* d(int64_t b, int64_t t) const { return dpdt.data() + (b * L + t) * half; }
+  // by frequency: cos / sin of pair i for positions 0 .. Lp of batch b
+  const float* cf(int64_t b, int64_t i) const { return cs.data() + (b * half + i) * Lp; }
+  const float* sf(int64_t b, int64_t i) const { return sn.data() + (b * half + i) * Lp; }
 };
+
+// ratio = theta^(-2/R) in double, once per run of equal theta (constant theta, e.g. a text
+// rotary, costs one exp and one log per row of B, not per position)
+static inline double theta_ratio(double theta, int64_t R, double& last_theta, double& last) {
+  if (theta != last_theta) {
+    last_theta = theta;
+    last = std::exp(-2.0 / static_cast<double>(R) * std::log(theta));
+  }
+  return last;
+}
+
+// sin(phi), cos(phi) rounded once to float: phi reduced in double to y in [-pi/4, pi/4] and
+// its quadrant, then the Taylor series of sin and cos to y^13 / y^14 in double (truncation
+// < 1e-13): as accurate as libm's sinf/cosf, in loops GCC vectorises (libm's scalar cosf +
+// sinf took ~6 ns an angle).  Split in two so each loop vectorises.
+constexpr double HALF_PI = 1.570796326794896619231;
+static inline double reduce_angle(double phi, int32_t& quad) {
+  const double k = std::nearbyint(phi * (1.0 / HALF_PI));
+  // k mod 4 in [0, 4), exactly ((int64) k & 3, without a vector int64 conversion)
+  quad = static_cast<int32_t>(k - 4.0 * std::floor(k * 0.25));
+  return phi - HALF_PI * k;
+}
+static inline void sin_cos_reduced(double x, int32_t q, float& sn, float& cs) {
+  const double z = x * x;
+  const double sp = x * (1.0 + z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (
+      1.0 / 362880 + z * (-1.0 / 39916800 + z * (1.0 / 6227020800.0)))))));
+  const double cp = 1.0 + z * (-0.5 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (
+      1.0 / 40320 + z * (-1.0 / 3628800 + z * (1.0 / 479001600 + z * (
+      -1.0 / 87178291200.0)))))));
+  // phi = y + q pi/2 (mod 2 pi)
+  const double sv = (q & 1) ? cp : sp, cv = (q & 1) ? sp : cp;
+  sn = static_cast<float>((q & 2) ? -sv : sv);
+  cs = static_cast<float>(((q + 1) & 2) ? -cv : cv);
+}
 
 // phi_i = pos * theta^(-2i/R); dphi_i/dtheta = -pos * (2i/R) * w_i / theta.  In double.
 static RotTable make_table(const std::optional<at::Tensor>& theta,
@@ -31,7 +69,6 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
   if (need_grad) t.dpdt.resize(B * L * half);
   const float* th = theta->data_ptr<float>();
   const float* ps = pos->data_ptr<float>();
-  constexpr double HALF_PI = 1.570796326794896619231;
   // Chunks of >= 16k angles (~0.1 ms): smaller tables stay serial, as a parallel region's
   // thread wake-up would cost more than it saves; at L = 2048, D = 64 the table (~0.4 ms
   // serial) was most of the standalone rotary op's time.
@@ -39,39 +76,20 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
   at::parallel_for(0, B * L, grain, [&](int64_t lo, int64_t hi) {
     std::vector<double> wv(half), y(half);
     std::vector<int32_t> quad(half);
+    double last_theta = std::numeric_limits<double>::quiet_NaN(), last = 0.0;
     for (int64_t row = lo; row < hi; ++row) {
       // w_i = theta^(-2i/R) = ratio^i, by repeated multiplication in double (error ~ i ulp
-      // of a double); phi = pos * w_i reduced in double to y in [-pi/4, pi/4] and its
-      // quadrant, then sin and cos of y by their Taylor series to y^13 / y^14 in double
-      // (truncation < 1e-13) rounded once to float: as accurate as libm's sinf/cosf, in
-      // loops GCC vectorises (libm's scalar cosf + sinf took ~6 ns an angle).
-      const double ratio = std::exp(-2.0 / static_cast<double>(R) * std::log(static_cast<double>(th[row])));
+      // of a double); phi = pos * w_i
+      const double ratio = theta_ratio(th[row], R, last_theta, last);
       const double p = ps[row];
       double w = 1.0;
       for (int64_t i = 0; i < half; ++i, w *= ratio) wv[i] = w;
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const double phi = p * wv[i];
-        const double k = std::nearbyint(phi * (1.0 / HALF_PI));
-        y[i] = phi - HALF_PI * k;
-        // k mod 4 in [0, 4), exactly ((int64) k & 3, without a vector int64 conversion)
-        quad[i] = static_cast<int32_t>(k - 4.0 * std::floor(k * 0.25));
-      }
+      for (int64_t i = 0; i < half; ++i) y[i] = reduce_angle(p * wv[i], quad[i]);
       float* cs = t.cs.data() + row * half;
       float* sn = t.sn.data() + row * half;
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const double x = y[i], z = x * x;
-        const double sp = x * (1.0 + z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (
-            1.0 / 362880 + z * (-1.0 / 39916800 + z * (1.0 / 6227020800.0)))))));
-        const double cp = 1.0 + z * (-0.5 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (
-            1.0 / 40320 + z * (-1.0 / 3628800 + z * (1.0 / 479001600 + z * (
-            -1.0 / 87178291200.0)))))));
-        const int32_t q = quad[i];  // phi = y + q pi/2 (mod 2 pi)
-        const double sv = (q & 1) ? cp : sp, cv = (q & 1) ? sp : cp;
-        sn[i] = static_cast<float>((q & 2) ? -sv : sv);
-        cs[i] = static_cast<float>(((q + 1) & 2) ? -cv : cv);
-      }
+      for (int64_t i = 0; i < half; ++i) sin_cos_reduced(y[i], quad[i], sn[i], cs[i]);
       if (need_grad) {
         float* dp = t.dpdt.data() + row * half;
         const double th_r = th[row];
@@ -80,6 +98,50 @@ static RotTable make_table(const std::optional<at::Tensor>& theta,
           const double e = -2.0 * static_cast<double>(i) / static_cast<double>(R);
           dp[i] = static_cast<float>(p * e * wv[i] / th_r);
         }
+      }
+    }
+  });
+  return t;
+}
+
+// The table of make_table (without dphi/dtheta) laid out by frequency, for kernels that
+// rotate VL positions at once: cf(b, i)[t] = cos(phi_i) of position t, t < Lp = L rounded up
+// to VL (positions past L: cos 1, sin 0).  The same double-precision angles, as vector loops
+// over positions.
+static inline RotTable make_table_by_freq(const std::optional<at::Tensor>& theta,
+                                   const std::optional<at::Tensor>& pos, int64_t B, int64_t L,
+                                   int64_t R) {
+  RotTable t;
+  if (!theta.has_value()) return t;
+  t.on = true;
+  t.L = L;
+  t.half = R / 2;
+  t.Lp = (std::max<int64_t>(L, 1) + VL - 1) / VL * VL;
+  const int64_t half = R / 2, Lp = t.Lp;
+  t.cs.assign(B * half * Lp, 1.f);
+  t.sn.assign(B * half * Lp, 0.f);
+  const float* th = theta->data_ptr<float>();
+  const float* ps = pos->data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(half * L, 1));
+  at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<double> ratio(L), w(L), p(L), y(L);
+    std::vector<int32_t> quad(L);
+    double last_theta = std::numeric_limits<double>::quiet_NaN(), last = 0.0;
+    for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t j = 0; j < L; ++j) {
+        ratio[j] = theta_ratio(th[b * L + j], R, last_theta, last);
+        p[j] = ps[b * L + j];
+        w[j] = 1.0;
+      }
+      for (int64_t i = 0; i < half; ++i) {
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) y[j] = reduce_angle(p[j] * w[j], quad[j]);
+        float* cs = t.cs.data() + (b * half + i) * Lp;
+        float* sn = t.sn.data() + (b * half + i) * Lp;
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) sin_cos_reduced(y[j], quad[j], sn[j], cs[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) w[j] *= ratio[j];
       }
     }
   });
