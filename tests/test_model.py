@@ -674,3 +674,87 @@ def test_vtlp_warps_the_mel_axis_and_keeps_padding_and_the_ends():
     m(**b)["loss"].backward()
     with pytest.raises(ValueError, match="vtlp"):
         tiny_config(vtlp=0.7)
+
+
+def test_resample_time_rescales_each_utterance_and_keeps_unvoiced_zero():
+    from zeromask.models import resample_time
+    x = torch.zeros(2, 6, 3)
+    x[0, :6] = 2.0                    # constant rows stay constant at any factor
+    x[1, :4] = torch.arange(4.0)[:, None]
+    y, n = resample_time(x, torch.tensor([6, 4]), 1.5, pad_multiple=4)
+    assert n.tolist() == [9, 6] and y.shape == (2, 12, 3)
+    assert torch.equal(y[0, :9], torch.full((9, 3), 2.0)) and not y[:, 9:].any()
+    assert not y[1, 6:].any()
+    # linear, align_corners=False: source position (j + 0.5) / 1.5 - 0.5, clamped to [0, 3]
+    src = ((torch.arange(6.0) + 0.5) / 1.5 - 0.5).clamp(0, 3)
+    torch.testing.assert_close(y[1, :6, 0], src)
+    same, n1 = resample_time(x, torch.tensor([6, 4]), 1.0)
+    assert torch.equal(same, x) and n1.tolist() == [6, 4]
+    f0 = torch.tensor([[0.0, 120.0, 0.0, 130.0, 140.0, 0.0]])
+    z, _ = resample_time(f0, torch.tensor([6]), 0.5, mode="nearest")
+    assert set(z[0].tolist()) <= {0.0, 120.0, 130.0, 140.0}     # no value between 0 and F0
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="factor"):
+            resample_time(x, torch.tensor([6, 4]), bad)
+    with pytest.raises(ValueError, match="mode"):
+        resample_time(x, torch.tensor([6, 4]), 2.0, mode="cubic")
+
+
+def test_ctc_token_log_likelihood_is_the_hand_computed_alignment_sum():
+    """T = 2 frames: [c] is p1(c) p2(c) + p1(c) p2(b) + p1(b) p2(c); [] is p1(b) p2(b); [c, c]
+    needs a blank between its repeats (3 frames): no alignment, -inf; per token."""
+    from zeromask.models import ctc_token_log_likelihood
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 2, 5, generator=g, dtype=torch.float64), -1)
+    p = lp.exp()
+    c, d = 3, 2
+    got = ctc_token_log_likelihood(lp, torch.tensor([2, 2, 2]), [[c], [], [c, c]])
+    want0 = torch.log(p[0, 0, c] * p[0, 1, c] + p[0, 0, c] * p[0, 1, 0] + p[0, 0, 0] * p[0, 1, c])
+    torch.testing.assert_close(got[0], want0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], torch.log(p[1, 0, 0] * p[1, 1, 0]), rtol=1e-5, atol=1e-6)
+    assert got[2] == -math.inf
+    two = ctc_token_log_likelihood(lp[:1], torch.tensor([2]), [[c, d]])
+    torch.testing.assert_close(two[0], torch.log(p[0, 0, c] * p[0, 1, d]) / 2, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_tempo_search_keeps_per_utterance_the_most_likely_tempo():
+    """transcribe(tempo_factors=...): factor 1 alone is plain decoding; with several, each
+    utterance gets the outputs of the factor whose joint hypothesis has the highest CTC
+    log-likelihood per token (checked against decoding each resampled batch by hand)."""
+    from zeromask.models import (ctc_token_log_likelihood, downsampled_lengths,
+                                 frame_lengths_of, resample_time)
+    b = tiny_batch(T=40)
+    b = {k: b[k] for k in ("spectrogram", "waveform", "pitch", "f0")}
+    m = make(seed=5, ctc_weight=0.5).eval()
+    plain = m.transcribe(**b, max_len=6)
+    one = m.transcribe(**b, max_len=6, tempo_factors=[1.0])
+    assert one.pop("tempo") == [1.0, 1.0] and one == plain
+    factors = [1.0, 0.5, 2.0]
+    out = m.transcribe(**b, max_len=6, tempo_factors=factors)
+    n = frame_lengths_of(b["spectrogram"])
+    by, scores = {}, {}
+    with torch.no_grad():
+        for r in factors:
+            rb = dict(b)
+            if r != 1.0:
+                rb["spectrogram"], _ = resample_time(b["spectrogram"], n, r, pad_multiple=32)
+                T = rb["spectrogram"].shape[1]
+                for k, mode in (("waveform", "linear"), ("pitch", "nearest"),
+                                ("f0", "nearest")):
+                    rb[k] = resample_time(b[k], n, r, mode=mode, pad_multiple=32)[0][:, :T]
+            by[r] = m.transcribe(**rb, max_len=6)
+            fl = frame_lengths_of(rb["spectrogram"])
+            lp = m.ctc_log_probs(m.encode(rb["spectrogram"], rb["waveform"], rb["pitch"],
+                                          rb["f0"], frame_lengths=fl))
+            scores[r] = ctc_token_log_likelihood(lp, downsampled_lengths(fl, 2), by[r]["joint"])
+    for i in range(2):
+        best = max(factors, key=lambda r: (float(scores[r][i]), -factors.index(r)))
+        assert out["tempo"][i] == best
+        for key in ("attention", "ctc", "joint", "unended"):
+            assert out[key][i] == by[best][key][i], (i, key)
+    for bad in ([], [0.0], [1.0, -2.0], [float("nan")]):
+        with pytest.raises(ValueError, match="tempo_factors"):
+            m.transcribe(**b, tempo_factors=bad)
+    with pytest.raises(ValueError, match="CTC head"):
+        make(ctc_weight=0.0).eval().transcribe(**b, tempo_factors=[1.0, 1.5])

@@ -35,9 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score each group of a manifest field, comma-separated (e.g. "
                         "engine,voice,augment; engine/augment crosses two): needs "
                         "DATA/../manifest.jsonl of zeromask-make-data")
+    p.add_argument("--tempo-search", default=None, metavar="FACTORS",
+                   help="test-time tempo search: comma-separated time-resampling factors "
+                        "(e.g. 0.65,0.8,1,1.25,1.5); per utterance the factor whose joint "
+                        "hypothesis has the best CTC log-likelihood per token is kept; one "
+                        "decoding per factor (default: off, factor 1 only)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def parse_factors(text: str) -> list:
+    """``"0.8,1,1.25"`` -> ``[0.8, 1.0, 1.25]``; ValueError naming the bad item."""
+    import math
+    out = []
+    for item in text.split(","):
+        try:
+            r = float(item)
+        except ValueError:
+            raise ValueError(f"--tempo-search: {item.strip()!r} is not a number") from None
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"--tempo-search: factors must be positive, got {item.strip()}")
+        out.append(r)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -60,6 +80,12 @@ def _evaluate(args) -> int:
     if os.path.isdir(os.path.join(data, "test")):
         data = os.path.join(data, "test")
     cache = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(data)), ".features")
+    tempo = None
+    if args.tempo_search:
+        try:
+            tempo = parse_factors(args.tempo_search)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     ckpt = load_checkpoint(args.checkpoint)
     overrides = {"backend": args.backend} if args.backend else {}
     model = model_from_checkpoint(ckpt, **overrides)
@@ -81,11 +107,17 @@ def _evaluate(args) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--by {args.by}: {exc}") from None
     t0 = time.time()
+    if tempo is not None and model.config.ctc_weight <= 0:
+        raise UsageError("--tempo-search needs a model with a CTC head (ctc_weight > 0)")
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, tempo_factors=tempo)
     dt = time.time() - t0
     print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
           f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
+    if tempo is not None:
+        chosen = res["tempos"]
+        print("tempo search: " + ", ".join(f"x{r:g} {chosen.count(r)}" for r in tempo)
+              + " utterances")
     print_samples(res, args.samples)
     groups = {}
     for field, labels in by.items():
@@ -98,12 +130,13 @@ def _evaluate(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
-             **score_record(res), "n": res["n"], "seconds": dt,
+             **score_record(res), "n": res["n"], "seconds": dt, "tempo_search": tempo,
              **({"groups": groups} if groups else {}),
              "utterances": [
                  dict({"id": res["ids"][k], "ref": res["refs"][k], "hyp": res["hyps"][k]},
                       **{p + "hyp": res[p + "hyps"][k] for p in ("ctc_", "joint_")
-                         if p + "hyps" in res})
+                         if p + "hyps" in res},
+                      **({"tempo": res["tempos"][k]} if tempo is not None else {}))
                  for k in range(len(res["ids"]))]},
             indent=2))
     return 0

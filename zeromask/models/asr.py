@@ -369,12 +369,57 @@ def frame_lengths_of(x: Tensor) -> Tensor:
     return (nonzero * idx).amax(dim=1)
 
 
+def resample_time(x: Tensor, lengths: Tensor, factor: float, mode: str = "linear",
+                  pad_multiple: int = 1) -> Tuple[Tensor, Tensor]:
+    """Each utterance's valid frames ``x[i, :lengths[i]]`` of a ``(B, T, ...)`` batch
+    resampled in time to ``max(1, round(lengths[i] * factor))`` frames (``factor`` > 1:
+    slower, longer speech), zero-padded to the longest, rounded up to ``pad_multiple``.
+
+    ``mode`` is ``"linear"`` (``F.interpolate``, ``align_corners=False``) or ``"nearest"``
+    (for F0, where 0 = unvoiced must stay 0). Returns ``(y, new_lengths)``; dtype kept.
+    Raises ValueError for a ``factor`` that is not a positive finite number or another mode.
+    """
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be a positive finite number, got {factor!r}")
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    new = torch.clamp(torch.round(lengths.double() * factor).long(), min=1)
+    T = max(1, int(new.max())) if len(new) else 1
+    T = -(-T // pad_multiple) * pad_multiple
+    y = x.new_zeros((x.shape[0], T) + tuple(x.shape[2:]))
+    for i in range(x.shape[0]):
+        n, m = int(lengths[i]), int(new[i])
+        if n < 1:
+            continue
+        seg = x[i, :n].reshape(1, n, -1).transpose(1, 2).float()          # (1, C, n)
+        kw = {"align_corners": False} if mode == "linear" else {}
+        out = F.interpolate(seg, size=m, mode=mode, **kw).transpose(1, 2)  # (1, m, C)
+        y[i, :m] = out.reshape((m,) + tuple(x.shape[2:])).to(x.dtype)
+    return y, new.to(lengths.dtype)
+
+
 def downsampled_lengths(lengths: Tensor, factor: int) -> Tensor:
     """Frame counts after the front-end's stride-2 convolutions: ceil(L / 2) per halving."""
     while factor > 1:
         lengths = (lengths + 1) // 2
         factor //= 2
     return lengths
+
+
+def ctc_token_log_likelihood(log_probs: Tensor, lengths: Tensor,
+                             hyps: Sequence[Sequence[int]], blank: int = 0) -> Tensor:
+    """(B,) float64 ``log P_ctc(hyp | x) / max(1, len(hyp))``: each hypothesis's CTC
+    log-likelihood (``F.ctc_loss``, all alignments) per token, from ``log_probs`` ``(B, T,
+    vocab)`` over ``lengths`` frames; ``-inf`` where no alignment fits the frames."""
+    B = log_probs.shape[0]
+    tl = torch.tensor([len(h) for h in hyps], dtype=torch.long)
+    flat = [t for h in hyps for t in h]
+    targets = torch.tensor(flat if flat else [blank + 1], dtype=torch.long)
+    nll = F.ctc_loss(log_probs.transpose(0, 1).float().cpu(), targets, lengths.cpu(), tl,
+                     blank=blank, reduction="none", zero_infinity=False).double()
+    out = -nll / tl.clamp(min=1).double()
+    return torch.where(torch.isfinite(out), out, torch.full((B,), -math.inf,
+                                                            dtype=torch.float64))
 
 
 def ctc_greedy(log_probs: Tensor, lengths: Tensor, blank: int = 0) -> List[List[int]]:
@@ -763,7 +808,9 @@ class SpeechModel(nn.Module):
     def transcribe(self, spectrogram: Tensor, waveform: Optional[Tensor] = None,
                    pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
                    frame_lengths: Optional[Tensor] = None, max_len: Optional[int] = None,
-                   ctc_weight: Optional[float] = None, **_ignored) -> Dict[str, List[List[int]]]:
+                   ctc_weight: Optional[float] = None,
+                   tempo_factors: Optional[Sequence[float]] = None,
+                   **_ignored) -> Dict[str, List[List[int]]]:
         """Token ids per utterance from every decoder, on one encoding of the batch:
 
         * ``"attention"``: the decoder's greedy output (:meth:`generate`), each at most as
@@ -776,13 +823,71 @@ class SpeechModel(nn.Module):
           probabilities ``psi`` (:class:`CTCPrefixScorer`) and a beam of one; ``w =
           ctc_weight`` in ``[0, 1]``, default ``config.ctc_weight``.
 
+        With ``tempo_factors`` (test-time tempo search, e.g. ``(0.65, 0.8, 1.0, 1.25,
+        1.5)``): the features are resampled in time by each factor (:func:`resample_time`:
+        linear for the spectrogram and waveform frames, nearest for pitch and F0), all three
+        decoders run on each, and per utterance the outputs of the factor whose joint
+        hypothesis has the highest CTC log-likelihood per token are kept (ties: the earlier
+        factor); ``"tempo"`` gives the factor chosen per utterance. It costs one decoding
+        per factor and undoes speaking rates outside the training range (README, shifted/).
+
         Raises:
-            ValueError: ``ctc_weight`` outside ``[0, 1]``.
+            ValueError: ``ctc_weight`` outside ``[0, 1]``; ``tempo_factors`` empty, not
+                positive finite numbers, or given to a model without a CTC head.
         """
         if ctc_weight is not None and not 0.0 <= float(ctc_weight) <= 1.0:
             raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
         if frame_lengths is None:
             frame_lengths = frame_lengths_of(spectrogram)
+        if tempo_factors is not None:
+            return self._tempo_search(spectrogram, waveform, pitch, f0, frame_lengths,
+                                      max_len, ctc_weight, tempo_factors)
+        return self._transcribe(spectrogram, waveform, pitch, f0, frame_lengths, max_len,
+                                ctc_weight)[0]
+
+    def _tempo_search(self, spectrogram, waveform, pitch, f0, frame_lengths, max_len,
+                      ctc_weight, factors) -> Dict[str, list]:
+        factors = [factors] if isinstance(factors, (int, float)) else list(factors)
+        if not factors or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0
+                                  for r in factors):
+            raise ValueError("tempo_factors must be a non-empty list of positive finite "
+                             f"numbers, got {factors!r}")
+        if self.config.ctc_weight <= 0:
+            raise ValueError("tempo_factors needs a CTC head (ctc_weight > 0) to score "
+                             "each tempo; this model has none")
+        pad = 32  # the loaders' padding (oneDNN builds a convolution per new length)
+        best: Dict[str, list] = {}
+        best_score: List[float] = []
+        for r in factors:
+            if float(r) == 1.0:
+                feats, lengths = (spectrogram, waveform, pitch, f0), frame_lengths
+            else:
+                spec, lengths = resample_time(spectrogram, frame_lengths, float(r),
+                                              pad_multiple=pad)
+                rest = [None if x is None else resample_time(
+                    x, frame_lengths, float(r), mode=mode, pad_multiple=pad)[0]
+                    for x, mode in ((waveform, "linear"), (pitch, "nearest"),
+                                    (f0, "nearest"))]
+                T = spec.shape[1]  # the same length for every stream
+                rest = [None if x is None else x[:, :T] for x in rest]
+                feats = (spec, *rest)
+            out, log_probs, out_lengths = self._transcribe(*feats, lengths, max_len,
+                                                           ctc_weight)
+            score = ctc_token_log_likelihood(log_probs, out_lengths, out["joint"])
+            out["tempo"] = [float(r)] * len(out["joint"])
+            if not best:
+                best, best_score = out, score.tolist()
+                continue
+            for i, sc in enumerate(score.tolist()):
+                if sc > best_score[i]:
+                    best_score[i] = sc
+                    for key in best:
+                        best[key][i] = out[key][i]
+        return best
+
+    def _transcribe(self, spectrogram, waveform, pitch, f0, frame_lengths, max_len,
+                    ctc_weight):
+        """(outputs, CTC log-probs or None, encoder lengths) of :meth:`transcribe`."""
         memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
         B = spectrogram.shape[0]
         # no transcript is longer than the encoder has frames (CTC's own bound): a decoder
@@ -792,13 +897,13 @@ class SpeechModel(nn.Module):
         att = self._greedy(memories, f0, B, max_len, limits=lengths, unended=unended)
         out = {"attention": att, "unended": unended}
         if self.config.ctc_weight <= 0:
-            return out
+            return out, None, lengths
         w = self.config.ctc_weight if ctc_weight is None else float(ctc_weight)
         log_probs = self.ctc_log_probs(memories)
         ctc = ctc_greedy(log_probs, lengths)
         out["ctc"] = ctc
         out["joint"] = self._joint_greedy(memories, f0, log_probs, lengths, w, max_len)
-        return out
+        return out, log_probs, lengths
 
     def _joint_greedy(self, memories, f0, log_probs: Tensor, lengths: Tensor, w: float,
                       max_len: Optional[int]) -> List[List[int]]:
@@ -853,4 +958,5 @@ class SpeechModel(nn.Module):
 
 __all__ = ["SpeechModel", "Attention", "FeatureEncoder", "FrontEnd", "CrossStage",
            "downsample_mask", "spec_augment", "vtlp_warp", "ctc_greedy", "ctc_targets",
-           "CTCPrefixScorer", "downsampled_lengths", "frame_lengths_of"]
+           "CTCPrefixScorer", "downsampled_lengths", "frame_lengths_of", "resample_time",
+           "ctc_token_log_likelihood"]

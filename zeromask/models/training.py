@@ -191,26 +191,29 @@ def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
 @torch.no_grad()
 def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
              max_utts: Optional[int] = None, max_len: Optional[int] = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, tempo_factors: Optional[Sequence[float]] = None) -> dict:
     """Greedy-decode ``loader`` and score it (character and word error rates, jiwer).
 
     Returns ``{cer, wer, n, refs, hyps, ids}`` for the attention decoder's greedy output
     and, when the model has a CTC head, ``ctc_cer``, ``ctc_wer`` and ``ctc_hyps`` for greedy
     CTC decoding of the same utterances and ``joint_cer``, ``joint_wer``, ``joint_hyps`` for
     one-pass joint CTC/attention greedy decoding with CTC prefix scores
-    (:meth:`SpeechModel.transcribe`).
+    (:meth:`SpeechModel.transcribe`). With ``tempo_factors``, transcribe's test-time tempo
+    search, and ``tempos``: the factor chosen per utterance.
     """
     import jiwer
     was_training = model.training
     model.eval()
     use_ctc = model.config.ctc_weight > 0
-    refs, hyps, ctc_hyps, joint_hyps, ids, unended = [], [], [], [], [], []
+    refs, hyps, ctc_hyps, joint_hyps, ids, unended, tempos = [], [], [], [], [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
         it = tqdm(loader, desc="eval", unit="batch", leave=False)
     for batch in it:
-        dec = model.transcribe(**to_device(batch, device), max_len=max_len)
+        dec = model.transcribe(**to_device(batch, device), max_len=max_len,
+                               tempo_factors=tempo_factors)
+        tempos.extend(dec.get("tempo", [1.0] * len(dec["attention"])))
         out = dec["attention"]
         ctc = dec.get("ctc", [[]] * len(out))
         joint = dec.get("joint", [[]] * len(out))
@@ -226,7 +229,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     if max_utts is not None:
         refs, hyps, ids = refs[:max_utts], hyps[:max_utts], ids[:max_utts]
         ctc_hyps, joint_hyps = ctc_hyps[:max_utts], joint_hyps[:max_utts]
-        unended = unended[:max_utts]
+        unended, tempos = unended[:max_utts], tempos[:max_utts]
     model.train(was_training)
     keep = [k for k, r in enumerate(refs) if r.strip()]
     if not keep:
@@ -234,7 +237,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     r = [refs[k] for k in keep]
     h = [hyps[k] for k in keep]
     res = {"cer": float(jiwer.cer(r, h)), "wer": float(jiwer.wer(r, h)), "n": len(keep),
-           "refs": refs, "hyps": hyps, "ids": ids, "unended": sum(unended)}
+           "refs": refs, "hyps": hyps, "ids": ids, "unended": sum(unended), "tempos": tempos}
     if use_ctc:
         c = [ctc_hyps[k] for k in keep]
         j = [joint_hyps[k] for k in keep]
