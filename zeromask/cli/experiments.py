@@ -791,8 +791,9 @@ def write_table(summary: dict, args, out: Path) -> str:
                     for k, v in sd.items() if k.endswith("/cer") or "attention" in k)
         + ". A difference counts (**better** / **worse**) only when the interval excludes 0 "
         "and |Δ| is at least twice the seed noise of a difference of two means, s.d. × "
-        "√(2/n) with n shared seeds; with one seed a row it never counts (the utterance "
-        "bootstrap does not see seed-to-seed variation). Pure noise passes this rule about "
+        "√(2/n) with n shared seeds and s.d. pooled over the rows with 2+ seeds (a row with "
+        "one seed is judged with the other rows' seed spread, against the larger threshold "
+        "2 s.d. √2; with no row of 2+ seeds nothing counts). Pure noise passes this rule about "
         "once in 15 comparisons (tests/test_experiments.py), so in a grid of many rows one "
         "such verdict may be chance; one that holds on both held-out sets is firmer.",
         "",
