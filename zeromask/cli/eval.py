@@ -89,6 +89,8 @@ def _evaluate(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = {"backend": args.backend} if args.backend else {}
     model = model_from_checkpoint(ckpt, **overrides)
+    if tempo is not None and model.config.ctc_weight <= 0:
+        raise UsageError("--tempo-search needs a model with a CTC head (ctc_weight > 0)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
@@ -107,8 +109,6 @@ def _evaluate(args) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--by {args.by}: {exc}") from None
     t0 = time.time()
-    if tempo is not None and model.config.ctc_weight <= 0:
-        raise UsageError("--tempo-search needs a model with a CTC head (ctc_weight > 0)")
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress, tempo_factors=tempo)
     dt = time.time() - t0

@@ -861,16 +861,13 @@ class SpeechModel(nn.Module):
         for r in factors:
             if float(r) == 1.0:
                 feats, lengths = (spectrogram, waveform, pitch, f0), frame_lengths
-            else:
+            else:  # (same lengths, factor and padding: every stream gets the same frames)
                 spec, lengths = resample_time(spectrogram, frame_lengths, float(r),
                                               pad_multiple=pad)
-                rest = [None if x is None else resample_time(
+                feats = (spec,) + tuple(None if x is None else resample_time(
                     x, frame_lengths, float(r), mode=mode, pad_multiple=pad)[0]
                     for x, mode in ((waveform, "linear"), (pitch, "nearest"),
-                                    (f0, "nearest"))]
-                T = spec.shape[1]  # the same length for every stream
-                rest = [None if x is None else x[:, :T] for x in rest]
-                feats = (spec, *rest)
+                                    (f0, "nearest")))
             out, log_probs, out_lengths = self._transcribe(*feats, lengths, max_len,
                                                            ctc_weight)
             score = ctc_token_log_likelihood(log_probs, out_lengths, out["joint"])
