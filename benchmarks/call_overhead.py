@@ -6,7 +6,9 @@ as in a decoding loop, rather than interleaved with other providers as bench.py'
     python benchmarks/call_overhead.py [--threads 1]
 
 Per shape and mode: the best of 5 loops of N calls (microseconds per call). The fused call
-has 20% zero keys and per-position theta on both sides, SDPA neither; fwd is under
+has 20% zero keys and per-position theta on both sides (the ``decode, keys rotated`` row: on
+the query only, its KV cache holding keys rotated once as they were appended, as the speech
+model's decoder keeps them), SDPA neither; fwd is under
 ``torch.no_grad()``, fwd+bwd is forward + ``autograd.grad`` of the sum to q, k, v. Also the
 time of a trivial ``(x * 2).sum()`` backward: autograd's own fixed cost on this CPU, which
 every fwd+bwd row pays.
@@ -24,7 +26,8 @@ import zeromask
 
 #: (name, B, H, Lq, Lk, D, causal)
 SHAPES = [("overhead", 1, 1, 1, 1, 16, False), ("encoder", 16, 4, 32, 32, 24, False),
-          ("decoder", 16, 4, 20, 20, 24, True), ("decode", 16, 4, 1, 64, 24, True)]
+          ("decoder", 16, 4, 20, 20, 24, True), ("decode", 16, 4, 1, 64, 24, True),
+          ("decode, keys rotated", 16, 4, 1, 64, 24, True)]
 
 
 def per_call_us(fn, n: int) -> float:
@@ -60,7 +63,7 @@ def main() -> None:
         k, v = (torch.randn(B, H, Lk, D, generator=g) for _ in range(2))
         theta = 100 + 900 * torch.rand(B, Lk, generator=g)
         kw = dict(key_zero=torch.rand(B, Lk, generator=g) < 0.2, theta_q=theta[:, -Lq:],
-                  theta_k=theta, causal=causal)
+                  theta_k=None if "keys rotated" in name else theta, causal=causal)
         sdpa_causal = causal and Lq == Lk
         n = max(5, int(2000 / (B * H * Lq * Lk / 256 + 1)))
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))

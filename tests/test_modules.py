@@ -1,5 +1,7 @@
 """ZeroSoftAttention as a drop-in for nn.MultiheadAttention; F0Rotary; zero-token helpers."""
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ from torch import nn
 import zeromask
 from zeromask import F0Rotary, ZeroSoftAttention, zero
 from zeromask.modules import resample_contour
+
+from tolerance import assert_output_close
 
 torch.manual_seed(0)
 
@@ -130,6 +134,66 @@ def test_kv_cache_steps_through_the_public_pieces_equal_the_causal_forward(num_k
             zsa.attend(torch.randn(2, 3, 7, 8), k, v)
         with pytest.raises(ValueError, match="k must be"):
             zsa.attend(q, q[:, :, :, :4], v)
+
+
+def _cpu_backends():
+    """The backends that run on this machine's CPU tensors (Triton only in its interpreter)."""
+    names = []
+    for name, why in zeromask.available_backends().items():
+        if why is not None or name == "cuda":
+            continue
+        if name == "triton" and (torch.cuda.is_available() or
+                                 os.environ.get("TRITON_INTERPRET") != "1"):
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_rotated_key_cache_equals_the_causal_forward(backend, num_kv_heads):
+    """A KV cache that keeps keys rotated (rotate_keys once per appended key, attend with
+    keys_rotated=True: only the query is rotated) gives the rows of the float64 reference's
+    causal forward, with per-key f0 theta, a learnable radius, zero tokens and a partial
+    rotary dim, for every backend, within the shared tolerance; without a rotary
+    rotate_keys returns its input; wrong heads are refused."""
+    torch.manual_seed(5)
+    rot = F0Rotary(rotary_dim=6, learnable_radius=True)
+    with torch.no_grad():
+        rot.radius.uniform_(0.7, 1.3)
+    zsa = ZeroSoftAttention(32, 4, num_kv_heads=num_kv_heads, batch_first=True,
+                            rotary=rot, zero_scale=1e-3, backend=backend).eval()
+    x = torch.randn(2, 9, 32)
+    f0 = torch.rand(2, 9) * 200 + 80
+    zero_keys = torch.rand(2, 9) < 0.3
+    zero_keys[:, 0] = True  # the start token
+
+    def full(module, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        module.backend = "reference"
+        return module(x.to(dtype), x.to(dtype), x.to(dtype), key_padding_mask=zero_keys,
+                      is_causal=True, f0=f0.to(dtype))[0]
+
+    with torch.no_grad():
+        oracle, same_dtype = full(zsa, torch.float64), full(zsa, torch.float32)
+        k_cache = torch.empty(2, zsa.num_kv_heads, 0, zsa.head_dim)
+        v_cache = k_cache.clone()
+        steps = []
+        for t in range(9):
+            k, v = zsa.project_key_value(x[:, t:t + 1])
+            k = zsa.rotate_keys(k, key_f0=f0[:, t:t + 1], key_pos=t)
+            k_cache, v_cache = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
+            steps.append(zsa.attend(zsa.project_query(x[:, t:t + 1]), k_cache, v_cache,
+                                    key_padding_mask=zero_keys[:, : t + 1],
+                                    query_f0=f0[:, t:t + 1], query_pos=t,
+                                    keys_rotated=True))
+        assert_output_close(f"rotated cache ({backend})", torch.cat(steps, 1), oracle,
+                            same_dtype, torch.float32)
+        plain = ZeroSoftAttention(32, 4, num_kv_heads=num_kv_heads, batch_first=True)
+        k, _ = plain.project_key_value(x)
+        assert plain.rotate_keys(k, key_pos=3) is k
+        with pytest.raises(ValueError, match="k must be"):
+            zsa.rotate_keys(k[..., :4])
 
 
 def test_module_rejects_bad_arguments():

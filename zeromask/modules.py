@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .ops import (MIN_ZERO_SCALE, ZERO_MODES, _check_values, zero_soft_attention,
-                  zero_soft_attention_weights)
+from .ops import (MIN_ZERO_SCALE, ZERO_MODES, _check_values, f0_rotary,
+                  zero_soft_attention, zero_soft_attention_weights)
 
 # the clamp of a learnable log zero scale: 1% above float32's smallest normal (exp rounds)
 _LOG_MIN_ZERO_SCALE = math.log(MIN_ZERO_SCALE * 1.01)
@@ -303,27 +303,60 @@ class ZeroSoftAttention(nn.Module):
                          key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
                          f0: Optional[Tensor] = None, query_f0: Optional[Tensor] = None,
                          key_f0: Optional[Tensor] = None, query_pos=None, key_pos=None,
-                         seqlens_k: Optional[Tensor] = None) -> dict:
+                         seqlens_k: Optional[Tensor] = None, keys_rotated: bool = False
+                         ) -> dict:
         """The keyword arguments of :func:`zeromask.zero_soft_attention` this module passes
         for ``B`` sequences of ``Lq`` queries and ``Lk`` keys: zero tokens, scale and mode,
         causal flag, ``seqlens_k`` and, with a rotary, each side's theta (from ``query_f0`` /
         ``key_f0``, else ``f0``, else the constant base), positions, rotary dim, layout and
-        radius."""
+        radius. ``keys_rotated=True`` (keys from :meth:`rotate_keys`) leaves out the keys'
+        theta and positions, so only the queries are rotated."""
         kw = dict(key_zero=key_padding_mask, zero_scale=self.zero_scale,
                   zero_mode=self.zero_mode, causal=bool(is_causal), seqlens_k=seqlens_k)
         if self.rotary is not None:
             qf = query_f0 if query_f0 is not None else f0
-            kf = key_f0 if key_f0 is not None else f0
-            kw.update(theta_q=self.rotary(qf, Lq, B), theta_k=self.rotary(kf, Lk, B),
-                      pos_q=query_pos, pos_k=key_pos, rotary_dim=self.rotary.rotary_dim,
-                      interleaved=self.rotary.interleaved, radius=self.rotary.radius)
+            kw.update(theta_q=self.rotary(qf, Lq, B), pos_q=query_pos,
+                      rotary_dim=self.rotary.rotary_dim, interleaved=self.rotary.interleaved,
+                      radius=self.rotary.radius)
+            if not keys_rotated:
+                kf = key_f0 if key_f0 is not None else f0
+                kw.update(theta_k=self.rotary(kf, Lk, B), pos_k=key_pos)
         return kw
+
+    def rotate_keys(self, k: Tensor, *, f0: Optional[Tensor] = None,
+                    key_f0: Optional[Tensor] = None, key_pos=None) -> Tensor:
+        """Key heads rotated by this module's rotary, once, for a KV cache that keeps them
+        rotated (the usual RoPE cache: a decoding step then rotates only its query, instead
+        of every cached key again; pass ``keys_rotated=True`` to :meth:`attend`).
+
+        Args:
+            k: ``(B, num_kv_heads, Lk, head_dim)`` from :meth:`project_key_value`.
+            f0, key_f0: the contour of these ``Lk`` keys (Hz, resampled to ``Lk``), as in
+                :meth:`forward`; None for the rotary's constant base.
+            key_pos: their positions: None (``0 .. Lk-1``), an int offset (a decoding step
+                at position ``t`` appends its key with ``key_pos=t``), ``(Lk,)`` or ``(B, Lk)``.
+
+        Returns ``k`` unchanged without a rotary, else rotated keys of ``k``'s shape and
+        dtype, equal to what :meth:`attend` would do to them. Differentiable.
+        """
+        if not torch.is_tensor(k) or k.dim() != 4 or k.shape[1] != self.num_kv_heads \
+                or k.shape[-1] != self.head_dim:
+            got = tuple(k.shape) if torch.is_tensor(k) else type(k).__name__
+            raise ValueError(f"k must be (B, {self.num_kv_heads}, L, {self.head_dim}) heads "
+                             f"of this module, got {got}")
+        if self.rotary is None:
+            return k
+        kf = key_f0 if key_f0 is not None else f0
+        theta = self.rotary(kf, k.shape[2], k.shape[0])
+        return f0_rotary(k, theta, positions=key_pos, rotary_dim=self.rotary.rotary_dim,
+                         interleaved=self.rotary.interleaved, radius=self.rotary.radius,
+                         backend=self.backend)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *,
                key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
                f0: Optional[Tensor] = None, query_f0: Optional[Tensor] = None,
                key_f0: Optional[Tensor] = None, query_pos=None, key_pos=None,
-               seqlens_k: Optional[Tensor] = None) -> Tensor:
+               seqlens_k: Optional[Tensor] = None, keys_rotated: bool = False) -> Tensor:
         """Zero-soft attention of projected heads, through ``out_proj``: batch-first
         ``(B, Lq, embed_dim)``.
 
@@ -337,6 +370,8 @@ class ZeroSoftAttention(nn.Module):
             f0, query_f0, key_f0, query_pos, key_pos: as in :meth:`forward`; for a decoding
                 step at position ``t``, ``query_pos=t``.
             seqlens_k: int ``(B,)`` hard key lengths (slots past them are never read).
+            keys_rotated: True when ``k`` comes from :meth:`rotate_keys` (a cache of
+                rotated keys): only ``q`` is rotated, ``key_f0``/``key_pos`` are unused.
 
         Equals ``forward`` on the unprojected inputs (``forward`` is built from these
         methods). Raises ValueError when the heads do not match the module.
@@ -351,7 +386,8 @@ class ZeroSoftAttention(nn.Module):
         kw = self.attention_kwargs(q.shape[0], q.shape[2], k.shape[2],
                                    key_padding_mask=key_padding_mask, is_causal=is_causal,
                                    f0=f0, query_f0=query_f0, key_f0=key_f0,
-                                   query_pos=query_pos, key_pos=key_pos, seqlens_k=seqlens_k)
+                                   query_pos=query_pos, key_pos=key_pos, seqlens_k=seqlens_k,
+                                   keys_rotated=keys_rotated)
         return self.project_output(zero_soft_attention(q, k, v, backend=self.backend, **kw))
 
     def _read_attn_mask(self, attn_mask: Optional[Tensor], is_causal: bool, B: int, lq: int,

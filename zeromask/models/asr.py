@@ -70,11 +70,12 @@ class Attention(nn.Module):
         return out
 
     def step(self, x: Tensor, k: Tensor, v: Tensor, key_zero: Optional[Tensor], pos: int,
-             key_f0: Optional[Tensor] = None) -> Tensor:
-        """One query token ``x`` ``(B, 1, E)`` at position ``pos`` against cached (unrotated)
-        key/value heads ``(B, Hkv, Lk, Dh)``; ``(B, 1, E)``."""
+             key_f0: Optional[Tensor] = None, keys_rotated: bool = False) -> Tensor:
+        """One query token ``x`` ``(B, 1, E)`` at position ``pos`` against cached key/value
+        heads ``(B, Hkv, Lk, Dh)`` (rotated once by ``ZeroSoftAttention.rotate_keys`` when
+        ``keys_rotated``, else unrotated and rotated by the kernel); ``(B, 1, E)``."""
         return self.attn.attend(self.attn.project_query(x), k, v, key_padding_mask=key_zero,
-                                key_f0=key_f0,
+                                key_f0=key_f0, keys_rotated=keys_rotated,
                                 query_pos=pos if self.attn.rotary is not None else None)
 
 
@@ -934,9 +935,13 @@ class SpeechModel(nn.Module):
             for layer, cache in zip(self.self_layers, self_cache):
                 h = layer.norm(x)
                 k, v = layer.attn.attn.project_key_value(h)
+                # the cache keeps keys rotated (text has a constant theta): each step
+                # rotates its new key once and its query, not every cached key again
+                k = layer.attn.attn.rotate_keys(k, key_pos=t)
                 cache[0] = torch.cat([cache[0], k], dim=2)
                 cache[1] = torch.cat([cache[1], v], dim=2)
-                x = x + layer.attn.step(h, cache[0], cache[1], state["zero"], t)
+                x = x + layer.attn.step(h, cache[0], cache[1], state["zero"], t,
+                                        keys_rotated=True)
                 x = layer.ffn(x)
             for f in self.config.feature_order:
                 if f not in memories:
