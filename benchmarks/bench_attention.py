@@ -79,6 +79,8 @@ def _rope(w: Workload, x: Inputs):
     if theta_q is None:
         return lambda q, k: (q, k)
     offset = query_offset(w)
+    if theta_k is None:  # a cache of rotated keys: the query alone
+        return lambda q, k: (reference.f0_rotary(q, theta_q, offset), k)
     return lambda q, k: (reference.f0_rotary(q, theta_q, offset),
                          reference.f0_rotary(k, theta_k))
 

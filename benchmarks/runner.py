@@ -40,7 +40,9 @@ SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 #: demo's config: d_model 96, 4 heads of 24; batch 16), issue 15. ``tag`` names the call.
 #: Self-attention has zero keys and per-position theta on both sides; cross-attention zero
 #: keys and no rotary (the model has none there); a decode step is one query at the last
-#: position (causal, bottom-right aligned) against a KV cache of ``length_k``.
+#: position (causal, bottom-right aligned) against a KV cache of ``length_k``, of unrotated
+#: keys (the kernel rotates every cached key each step) or, ``keys_rotated``, of keys
+#: rotated once as they were appended (only the query is rotated: the model's decoder).
 MODEL_SHAPES: List[dict] = (
     [dict(tag="overhead", batch=1, heads=1, length=1, head_dim=16)]
     + [dict(tag="encoder", batch=16, heads=4, length=n, head_dim=24) for n in (32, 128, 400)]
@@ -50,6 +52,8 @@ MODEL_SHAPES: List[dict] = (
             rotary=False)]
     + [dict(tag="decode", batch=16, heads=4, length=1, length_k=n, head_dim=24, causal=True)
        for n in (16, 64, 128)]
+    + [dict(tag="decode", batch=16, heads=4, length=1, length_k=n, head_dim=24, causal=True,
+            keys_rotated=True) for n in (16, 64, 128)]
     # head dims that are not multiples of 16, against 64, at one encoder shape (D=24 is the
     # encoder row above)
     + [dict(tag="head-dim", batch=16, heads=4, length=128, head_dim=d) for d in (40, 64, 80, 96)]
@@ -107,6 +111,7 @@ class Workload:
     length_k: Optional[int] = None   # keys (Lk); None: Lk = Lq
     rotary: bool = True     # attention: per-position theta on q and k (False: no rotary)
     tag: str = ""           # the model call this shape stands for (model suite)
+    keys_rotated: bool = False  # the keys come rotated (a cache of rotated keys): q only
 
     @property
     def lq(self) -> int:
@@ -117,11 +122,14 @@ class Workload:
         return self.length if self.length_k is None else self.length_k
 
     def shape(self) -> str:
-        """``B16 H4 L128 D24`` or ``B16 H4 Lq1 Lk64 D24``, + ``causal``/``no rotary``."""
+        """``B16 H4 L128 D24`` or ``B16 H4 Lq1 Lk64 D24``, + ``causal``/``no rotary``/``keys
+        rotated``."""
         ls = f"L{self.lq}" if self.lq == self.lk else f"Lq{self.lq} Lk{self.lk}"
         return (f"B{self.batch} H{self.heads} {ls} D{self.head_dim}"
                 + (" causal" if self.causal else "")
-                + (" no rotary" if self.op == "attention" and not self.rotary else ""))
+                + (" no rotary" if self.op == "attention" and not self.rotary else "")
+                + (" keys rotated" if self.op == "attention" and self.rotary
+                   and self.keys_rotated else ""))
 
     @property
     def group(self) -> str:
@@ -132,7 +140,9 @@ class Workload:
         ls = f"L{self.lq}" if self.lq == self.lk else f"Lq{self.lq}Lk{self.lk}"
         return (f"{self.op}-{self.mode}-B{self.batch}H{self.heads}{ls}"
                 f"D{self.head_dim}-{SHORT_DTYPE[self.dtype]}" + ("-causal" if self.causal else "")
-                + ("-norope" if self.op == "attention" and not self.rotary else ""))
+                + ("-norope" if self.op == "attention" and not self.rotary else "")
+                + ("-krot" if self.op == "attention" and self.rotary and self.keys_rotated
+                   else ""))
 
     def score_pairs(self) -> float:
         """(query, key) pairs attention computes: Lq x Lk, halved when causal with Lq = Lk
@@ -242,10 +252,11 @@ def make_inputs(w: Workload, seed: int = 0) -> Inputs:
 
 
 def thetas(w: Workload, x: Inputs) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(theta_q, theta_k) of an attention workload; (None, None) where it has no rotary."""
+    """(theta_q, theta_k) of an attention workload; (None, None) where it has no rotary,
+    theta_k None where its keys come rotated."""
     if not w.rotary:
         return None, None
-    return (x.theta if x.theta_q is None else x.theta_q), x.theta
+    return (x.theta if x.theta_q is None else x.theta_q), (None if w.keys_rotated else x.theta)
 
 
 def query_offset(w: Workload) -> Optional[int]:
@@ -541,6 +552,7 @@ class Row:
     length_k: Optional[int] = None          # keys (Lk); None: = length
     rotary: bool = True
     tag: str = ""
+    keys_rotated: bool = False
 
     @property
     def lk(self) -> int:
@@ -549,7 +561,8 @@ class Row:
     def shape(self) -> str:
         return Workload(self.op, self.mode, self.device, torch.float32, self.batch,
                         self.heads, self.length, self.head_dim, self.causal,
-                        length_k=self.length_k, rotary=self.rotary).shape()
+                        length_k=self.length_k, rotary=self.rotary,
+                        keys_rotated=self.keys_rotated).shape()
 
 
 def cell_key(r) -> tuple:
@@ -558,7 +571,7 @@ def cell_key(r) -> tuple:
     lk = get("length_k")
     return (get("op"), get("mode"), get("device"), get("dtype"), get("batch"), get("heads"),
             get("length"), get("length") if lk is None else lk, get("head_dim"),
-            bool(get("causal")), bool(get("rotary", True)))
+            bool(get("causal")), bool(get("rotary", True)), bool(get("keys_rotated", False)))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -649,7 +662,8 @@ def run_workload(provs: Sequence[Provider], w: Workload, x: Inputs, *, mem_budge
         row = rows[p.name] = Row(p.name, w.op, w.mode, w.device, SHORT_DTYPE[w.dtype],
                                  w.batch, w.heads, w.length, w.head_dim, w.causal,
                                  flops=w.flops(), bytes=w.nominal_bytes(),
-                                 length_k=w.length_k, rotary=w.rotary, tag=w.tag)
+                                 length_k=w.length_k, rotary=w.rotary, tag=w.tag,
+                                 keys_rotated=w.keys_rotated)
         try:
             steps[p.name], out, row.first_call_s = prepare(p, w, x, mem_budget)
             if ref_cache is not None:
@@ -747,7 +761,8 @@ class Config:
                                 s["length"], s["head_dim"], s.get("causal", False),
                                 self.zero_frac, self.zero_scale, self.zero_mode,
                                 length_k=s.get("length_k"), rotary=s.get("rotary", True),
-                                tag=s.get("tag", "")))
+                                tag=s.get("tag", ""),
+                                keys_rotated=s.get("keys_rotated", False)))
                 continue
             for mode in self.modes:
                 for dt in self.dtypes:

@@ -306,11 +306,12 @@ def test_model_suite_files_and_rows(model_report):
                                                  zb.SUITES["model"]["providers"])]
     assert "flex+rope" not in names and "sdpa+bias+rope" in names and "naive" in names
     assert set(data["providers"]["attention"]) == set(names)
-    want = {(s["tag"], s["length"], s.get("length_k") or s["length"], s["head_dim"])
-            for s in zb.MODEL_SHAPES}
+    want = {(s["tag"], s["length"], s.get("length_k") or s["length"], s["head_dim"],
+             s.get("keys_rotated", False)) for s in zb.MODEL_SHAPES}
+    assert any(w[-1] for w in want)  # decode steps against a cache of rotated keys too
     for mode in zb.MODES:
-        got = {(r["tag"], r["length"], r["length_k"] or r["length"], r["head_dim"])
-               for r in rows if r["mode"] == mode}
+        got = {(r["tag"], r["length"], r["length_k"] or r["length"], r["head_dim"],
+                r["keys_rotated"]) for r in rows if r["mode"] == mode}
         assert got == want, mode
     for r in rows:
         assert r["status"] in ("ok", "unavailable")
