@@ -120,6 +120,15 @@ CASES = {
     "l131": (dict(Lq=131, Lk=131, B=1, Hq=2, Hkv=1, D=16, seed=131), F32),
     "l131-causal": (dict(Lq=131, Lk=131, B=1, Hq=1, Hkv=1, D=16, causal=True, seed=131), F32),
     "l131-seqlens-k": (dict(Lq=17, Lk=131, Hq=2, Hkv=1, D=16, seqlens=True), F32),
+    # the CPU forward's transposed path (not causal, D padded by >= 1/4 of its vectors: D =
+    # 24 with AVX-512, D = 12 and 17 with AVX2 too): two query blocks, two key tiles, GQA,
+    # seqlens, score and hard modes, odd D, partial rotary, empty rows
+    "d24-lq70-lk150": (dict(D=24, Lq=70, Lk=150, seed=24), F32),
+    "d24-seqlens-score": (dict(D=24, Lq=20, Lk=45, seqlens=True, zero_mode="score"), F32),
+    "d24-hard-all-zero-tokens-bf16": (dict(D=24, zero_mode="hard", zero_frac=1.1), BF16),
+    "d12-mqa-radius-interleaved": (dict(D=12, Hq=4, Hkv=1, Lq=33, Lk=20, radius=True,
+                                        interleaved=True), F32),
+    "d17-rot10-fp16": (dict(D=17, rotary_dim=10, Lq=9, Lk=30), F16),
     "d16-fp16": (dict(D=16), F16),
     "d40": (dict(D=40, Lq=33, Lk=70, seed=40), F32),
     "d40-bf16": (dict(D=40, B=1), BF16),

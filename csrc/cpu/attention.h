@@ -31,6 +31,9 @@
 //   * forward with <= 4 query rows per kv head (decoding steps): no packs or 64-row tiles;
 //     keys transposed and rotated VL at a time with a table laid out by frequency, scores
 //     by broadcast FMAs, values streamed as they are (attn_fwd_small in attention_fwd.cpp);
+//   * forward, not causal, with a head dim that whole vectors would pad by >= 1/4 (D = 24
+//     with AVX-512): the transposed products S^T = [K | bias] [Q^T ; 1], O^T += V^T P^T,
+//     queries on the vector lanes, softmax vertical (attn_fwd_t in attention_fwd.cpp);
 //   * memory O(L * D) per thread / head: tiles are BQ x BK, no L x L buffer.
 // Masked logits are -inf; the exp below maps anything below -87 to exactly 0, and a row
 // whose keys are all hard-masked yields out 0 / lse -inf (backward: P = 0, finite grads).
