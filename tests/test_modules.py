@@ -287,3 +287,68 @@ def test_public_api_names():
     for name in ("zero_soft_attention", "f0_rotary", "ZeroSoftAttention", "F0Rotary", "zero",
                  "dispatch", "reference", "BackendError", "available_backends"):
         assert hasattr(zeromask, name), name
+
+
+def test_kv_cache_pieces_follow_the_module_layout():
+    """batch_first=False (MHA's default): the pieces take and give (L, B, E) like forward,
+    so a decoding loop written for that layout equals the causal forward (it used to read
+    L as B silently)."""
+    torch.manual_seed(11)
+    zsa = ZeroSoftAttention(32, 4, rotary=F0Rotary(), zero_scale=1e-3).eval()
+    x = torch.randn(6, 2, 32)                                  # (L, B, E)
+    zero_keys = torch.zeros(2, 6, dtype=torch.bool)
+    zero_keys[:, 0] = True
+    with torch.no_grad():
+        full, _ = zsa(x, x, x, key_padding_mask=zero_keys, is_causal=True)
+        q = zsa.project_query(x)
+        k, v = zsa.project_key_value(x)
+        assert q.shape == (2, 4, 6, 8) and k.shape == v.shape == (2, 4, 6, 8)
+        again = zsa.attend(q, k, v, key_padding_mask=zero_keys, is_causal=True)
+        assert again.shape == (6, 2, 32)
+        torch.testing.assert_close(again, full)
+        steps = []
+        for t in range(6):
+            kt, vt = zsa.project_key_value(x[: t + 1])
+            steps.append(zsa.attend(zsa.project_query(x[t:t + 1]), kt, vt,
+                                    key_padding_mask=zero_keys[:, : t + 1], query_pos=t))
+        torch.testing.assert_close(torch.cat(steps, 0), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_pieces_name_the_argument_in_errors():
+    zsa = ZeroSoftAttention(32, 4, batch_first=True, rotary=F0Rotary()).eval()
+    x = torch.randn(2, 5, 32)
+    q = zsa.project_query(x)
+    k, v = zsa.project_key_value(x)
+    with pytest.raises(ValueError, match=r"query must be \(B, L, 32\).*batch_first=True"):
+        zsa.project_query(x[0])
+    with pytest.raises(ValueError, match=r"key must be \(B, L, 32\)"):
+        zsa.project_key_value(x[0])
+    with pytest.raises(ValueError, match="key and value must share"):
+        zsa.project_key_value(x, x[:, :3])
+    with pytest.raises(ValueError, match=r"heads must be \(B, 4, L, 8\)"):
+        zsa.project_output(k[:, :2])
+    with pytest.raises(TypeError, match="k must be a floating tensor"):
+        zsa.rotate_keys(k.long())
+    with pytest.raises(TypeError, match="key_pos must be None, an int offset"):
+        zsa.rotate_keys(k, key_pos=True)
+    with pytest.raises(ValueError, match=r"key_f0 must be \(B, T\) with B = 2"):
+        zsa.rotate_keys(k, key_f0=torch.rand(3, 5) * 100 + 80)
+    with pytest.raises(TypeError, match="query_pos must be None, an int offset"):
+        zsa.attend(q, k, v, query_pos=2.0)
+    with pytest.raises(ValueError, match=r"query_f0 must be \(B, T\) with B = 2"):
+        zsa.attend(q, k, v, query_f0=torch.rand(3, 5) * 100 + 80)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, Lk\)"):
+        zsa.attend(q, k, v, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    # MHA's float key padding mask works in attend as in forward
+    mask = torch.zeros(2, 5)
+    mask[:, 0] = float("-inf")
+    with torch.no_grad():
+        torch.testing.assert_close(zsa.attend(q, k, v, key_padding_mask=mask),
+                                   zsa.attend(q, k, v, key_padding_mask=mask.isinf()))
+    with pytest.raises(ValueError, match="num_kv_heads=2 has no weights to copy"):
+        ZeroSoftAttention.from_module(nn.MultiheadAttention(32, 4), num_kv_heads=2)
+    # the per-step contour: one frame, from resample_contour at the text rate
+    f0 = torch.rand(2, 40) * 200 + 80
+    step_f0 = zeromask.resample_contour(f0, 5)[:, 3:4]
+    assert step_f0.shape == (2, 1)
+    assert zsa.rotate_keys(k[:, :, 3:4], key_f0=step_f0, key_pos=3).shape == (2, 4, 1, 8)

@@ -11,7 +11,7 @@ Public API::
 """
 from . import dispatch, reference, zero
 from .dispatch import BackendError, available_backends
-from .modules import F0Rotary, ZeroSoftAttention, swap_attention
+from .modules import F0Rotary, ZeroSoftAttention, resample_contour, swap_attention
 from .ops import f0_rotary, set_value_checks, zero_soft_attention
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "ZeroSoftAttention",
     "F0Rotary",
     "swap_attention",
+    "resample_contour",
     "zero",
     "dispatch",
     "reference",

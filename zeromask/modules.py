@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -248,6 +249,10 @@ class ZeroSoftAttention(nn.Module):
         if mha.dropout:
             raise ValueError(f"the module has attention dropout {mha.dropout}; "
                              "ZeroSoftAttention has none (set mha.dropout = 0.0 to convert)")
+        if kwargs.get("num_kv_heads") not in (None, mha.num_heads):
+            raise ValueError(f"from_module copies the module's {mha.num_heads} key/value heads: "
+                             f"num_kv_heads={kwargs['num_kv_heads']} has no weights to copy "
+                             "(build ZeroSoftAttention(..., num_kv_heads=...) and train it)")
         p = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None,
                   kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device=p.device,
@@ -270,22 +275,24 @@ class ZeroSoftAttention(nn.Module):
         return (wq, wk, wv) + tuple(self.in_proj_bias.split([self.embed_dim, kv, kv]))
 
     # the pieces of forward, public for KV-cache decoding -------------------------------
-    def project_query(self, query: Tensor) -> Tensor:
-        """Query heads ``(B, num_heads, Lq, head_dim)`` from a batch-first ``(B, Lq,
-        embed_dim)`` query (the input projection only: rotary is applied in :meth:`attend`).
-        """
+    # (inputs and outputs (B, L, E) in this module's layout: (L, B, E) unless batch_first;
+    # the heads are always (B, heads, L, head_dim))
+    def _as_batch_first(self, name: str, x, dim: int) -> Tensor:
+        """``x`` ``(B, L, dim)`` (batch_first) or ``(L, B, dim)``, checked, as ``(B, L, dim)``."""
+        if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != dim:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            layout = "(B, L, {})" if self.batch_first else "(L, B, {})"
+            raise ValueError(f"{name} must be {layout.format(dim)} (this module has "
+                             f"batch_first={self.batch_first}), got {got}")
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def _query_heads(self, query: Tensor) -> Tensor:
         wq, _, _, bq, _, _ = self._projections()
         B, L, _ = query.shape
         return F.linear(query, wq, bq).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_key_value(self, key: Tensor, value: Optional[Tensor] = None
-                          ) -> Tuple[Tensor, Tensor]:
-        """Key and value heads, each ``(B, num_kv_heads, Lk, head_dim)``, from batch-first
-        ``(B, Lk, kdim)`` keys and ``(B, Lk, vdim)`` values (``value`` defaults to ``key``).
-        They are not rotated, so a KV cache keeps them as they are and grows along dim 2.
-        """
+    def _key_value_heads(self, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
         _, wk, wv, _, bk, bv = self._projections()
-        value = key if value is None else value
         B, L = key.shape[:2]
         shape = (B, L, self.num_kv_heads, self.head_dim)
         k = F.linear(key, wk, bk).view(shape).transpose(1, 2)
@@ -293,11 +300,82 @@ class ZeroSoftAttention(nn.Module):
                                          self.head_dim).transpose(1, 2)
         return k, v
 
-    def project_output(self, heads: Tensor) -> Tensor:
-        """``(B, num_heads, Lq, head_dim)`` attention heads -> batch-first ``(B, Lq,
-        embed_dim)`` through ``out_proj``."""
+    def _merge_heads(self, heads: Tensor) -> Tensor:
         B, H, L, D = heads.shape
         return self.out_proj(heads.transpose(1, 2).reshape(B, L, H * D))
+
+    def project_query(self, query: Tensor) -> Tensor:
+        """Query heads ``(B, num_heads, Lq, head_dim)`` from a query ``(B, Lq, embed_dim)``
+        (``(Lq, B, embed_dim)`` unless ``batch_first``): the input projection only; the
+        rotary is applied in :meth:`attend`. Raises ValueError for another shape."""
+        return self._query_heads(self._as_batch_first("query", query, self.embed_dim))
+
+    def project_key_value(self, key: Tensor, value: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor]:
+        """Key and value heads, each ``(B, num_kv_heads, Lk, head_dim)``, from keys ``(B, Lk,
+        kdim)`` and values ``(B, Lk, vdim)`` (``(Lk, B, .)`` unless ``batch_first``; ``value``
+        defaults to ``key``). They are not rotated: a KV cache keeps them as they are (the
+        kernel rotates them at every step) or rotates each once with :meth:`rotate_keys`;
+        either way it grows along dim 2. Raises ValueError for other shapes."""
+        k = self._as_batch_first("key", key, self.kdim)
+        v = k if value is None else self._as_batch_first("value", value, self.vdim)
+        if v.shape[:2] != k.shape[:2]:
+            raise ValueError(f"key and value must share (B, Lk), got {tuple(key.shape)} and "
+                             f"{tuple(value.shape)}")
+        return self._key_value_heads(k, v)
+
+    def project_output(self, heads: Tensor) -> Tensor:
+        """``(B, num_heads, Lq, head_dim)`` attention heads -> ``(B, Lq, embed_dim)``
+        (``(Lq, B, embed_dim)`` unless ``batch_first``) through ``out_proj``. Raises
+        ValueError for other heads."""
+        if not torch.is_tensor(heads) or heads.dim() != 4 or heads.shape[1] != self.num_heads \
+                or heads.shape[-1] != self.head_dim:
+            got = tuple(heads.shape) if torch.is_tensor(heads) else type(heads).__name__
+            raise ValueError(f"heads must be (B, {self.num_heads}, L, {self.head_dim}), the "
+                             f"query heads of this module, got {got}")
+        out = self._merge_heads(heads)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _key_padding(self, mask: Optional[Tensor], B: int, Lk: int) -> Optional[Tensor]:
+        """``key_padding_mask`` as bool ``(B, Lk)`` (True = zero token): bool, or MHA's float
+        form (-inf = zero token, 0 = attend); TypeError / ValueError naming it otherwise."""
+        if mask is None:
+            return None
+        if not torch.is_tensor(mask):
+            raise TypeError(f"key_padding_mask must be a tensor, got {type(mask).__name__}")
+        if mask.is_floating_point():
+            # MHA's float form: -inf = padding, 0 = attend; other values are additive
+            # biases, which zero-soft attention has no way to apply
+            pad = torch.isneginf(mask)
+            if bool((mask[~pad] != 0).any()):
+                raise ValueError("key_padding_mask: a float mask may hold only 0 "
+                                 "(attend) and -inf (zero token); other additive "
+                                 "biases are not supported")
+            mask = pad
+        if mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be bool (True = zero token) or float "
+                            f"(0 / -inf), got {mask.dtype}")
+        if tuple(mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
+                             f"{tuple(mask.shape)}")
+        return mask
+
+    def _theta(self, name: str, f0: Optional[Tensor], L: int, B: int) -> Tensor:
+        """The rotary's theta ``(B, L)`` for ``L`` positions from contour ``f0`` (resampled to
+        ``L``; None: the constant base); ValueError naming ``name`` for a contour of another
+        batch."""
+        if torch.is_tensor(f0) and f0.dim() == 2 and f0.shape[0] not in (1, B):
+            raise ValueError(f"{name} must be (B, T) with B = {B} (or (T,)), got "
+                             f"{tuple(f0.shape)}")
+        return self.rotary(f0, L, B)
+
+    @staticmethod
+    def _check_position(name: str, pos) -> None:
+        if pos is None or torch.is_tensor(pos) or (
+                isinstance(pos, numbers.Integral) and not isinstance(pos, bool)):
+            return
+        raise TypeError(f"{name} must be None, an int offset (a decoding step: its position) "
+                        f"or an (L,) / (B, L) tensor, got {type(pos).__name__}")
 
     def attention_kwargs(self, B: int, Lq: int, Lk: int, *,
                          key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
@@ -311,16 +389,19 @@ class ZeroSoftAttention(nn.Module):
         ``key_f0``, else ``f0``, else the constant base), positions, rotary dim, layout and
         radius. ``keys_rotated=True`` (keys from :meth:`rotate_keys`) leaves out the keys'
         theta and positions, so only the queries are rotated."""
-        kw = dict(key_zero=key_padding_mask, zero_scale=self.zero_scale,
-                  zero_mode=self.zero_mode, causal=bool(is_causal), seqlens_k=seqlens_k)
+        kw = dict(key_zero=self._key_padding(key_padding_mask, B, Lk),
+                  zero_scale=self.zero_scale, zero_mode=self.zero_mode,
+                  causal=bool(is_causal), seqlens_k=seqlens_k)
         if self.rotary is not None:
-            qf = query_f0 if query_f0 is not None else f0
-            kw.update(theta_q=self.rotary(qf, Lq, B), pos_q=query_pos,
+            self._check_position("query_pos", query_pos)
+            qf, qname = (query_f0, "query_f0") if query_f0 is not None else (f0, "f0")
+            kw.update(theta_q=self._theta(qname, qf, Lq, B), pos_q=query_pos,
                       rotary_dim=self.rotary.rotary_dim, interleaved=self.rotary.interleaved,
                       radius=self.rotary.radius)
             if not keys_rotated:
-                kf = key_f0 if key_f0 is not None else f0
-                kw.update(theta_k=self.rotary(kf, Lk, B), pos_k=key_pos)
+                self._check_position("key_pos", key_pos)
+                kf, kname = (key_f0, "key_f0") if key_f0 is not None else (f0, "f0")
+                kw.update(theta_k=self._theta(kname, kf, Lk, B), pos_k=key_pos)
         return kw
 
     def rotate_keys(self, k: Tensor, *, f0: Optional[Tensor] = None,
@@ -331,8 +412,10 @@ class ZeroSoftAttention(nn.Module):
 
         Args:
             k: ``(B, num_kv_heads, Lk, head_dim)`` from :meth:`project_key_value`.
-            f0, key_f0: the contour of these ``Lk`` keys (Hz, resampled to ``Lk``), as in
-                :meth:`forward`; None for the rotary's constant base.
+            f0, key_f0: the contour of these ``Lk`` keys (Hz), resampled to ``Lk`` as in
+                :meth:`forward`; None for the rotary's constant base. For one appended key
+                pass its own frame (``zeromask.resample_contour(f0, T)[:, t:t + 1]`` for
+                position ``t`` of ``T``): a whole contour would be resampled to one value.
             key_pos: their positions: None (``0 .. Lk-1``), an int offset (a decoding step
                 at position ``t`` appends its key with ``key_pos=t``), ``(Lk,)`` or ``(B, Lk)``.
 
@@ -344,10 +427,13 @@ class ZeroSoftAttention(nn.Module):
             got = tuple(k.shape) if torch.is_tensor(k) else type(k).__name__
             raise ValueError(f"k must be (B, {self.num_kv_heads}, L, {self.head_dim}) heads "
                              f"of this module, got {got}")
+        if not k.is_floating_point():
+            raise TypeError(f"k must be a floating tensor, got {k.dtype}")
         if self.rotary is None:
             return k
-        kf = key_f0 if key_f0 is not None else f0
-        theta = self.rotary(kf, k.shape[2], k.shape[0])
+        self._check_position("key_pos", key_pos)
+        kf, kname = (key_f0, "key_f0") if key_f0 is not None else (f0, "f0")
+        theta = self._theta(kname, kf, k.shape[2], k.shape[0])
         return f0_rotary(k, theta, positions=key_pos, rotary_dim=self.rotary.rotary_dim,
                          interleaved=self.rotary.interleaved, radius=self.rotary.radius,
                          backend=self.backend)
@@ -357,18 +443,22 @@ class ZeroSoftAttention(nn.Module):
                f0: Optional[Tensor] = None, query_f0: Optional[Tensor] = None,
                key_f0: Optional[Tensor] = None, query_pos=None, key_pos=None,
                seqlens_k: Optional[Tensor] = None, keys_rotated: bool = False) -> Tensor:
-        """Zero-soft attention of projected heads, through ``out_proj``: batch-first
-        ``(B, Lq, embed_dim)``.
+        """Zero-soft attention of projected heads, through ``out_proj``: ``(B, Lq,
+        embed_dim)`` (``(Lq, B, embed_dim)`` unless ``batch_first``).
 
         Args:
             q: ``(B, num_heads, Lq, head_dim)`` from :meth:`project_query`.
             k, v: ``(B, num_kv_heads, Lk, head_dim)`` from :meth:`project_key_value` (a KV
-                cache: the projections of every key so far, unrotated).
+                cache: the projections of every key so far; keys unrotated, or rotated once
+                by :meth:`rotate_keys` with ``keys_rotated=True``).
             key_padding_mask: bool ``(B, Lk)``, True = zero token.
             is_causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (a one-token step against a
                 cache needs no mask: its query is the last position).
-            f0, query_f0, key_f0, query_pos, key_pos: as in :meth:`forward`; for a decoding
-                step at position ``t``, ``query_pos=t``.
+            f0, query_f0, key_f0, query_pos, key_pos: as in :meth:`forward`; each contour is
+                resampled to the positions of its side (``Lq`` queries, ``Lk`` keys), so a
+                decoding step at position ``t`` passes ``query_pos=t`` and the query's own
+                frame, ``zeromask.resample_contour(f0, T)[:, t:t + 1]``, not the whole
+                contour.
             seqlens_k: int ``(B,)`` hard key lengths (slots past them are never read).
             keys_rotated: True when ``k`` comes from :meth:`rotate_keys` (a cache of
                 rotated keys): only ``q`` is rotated, ``key_f0``/``key_pos`` are unused.
@@ -461,26 +551,11 @@ class ZeroSoftAttention(nn.Module):
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key and value must share (L, B), got {tuple(key.shape)} and "
                              f"{tuple(value.shape)}")
-        if key_padding_mask is not None:
-            if key_padding_mask.is_floating_point():
-                # MHA's float form: -inf = padding, 0 = attend; other values are additive
-                # biases, which zero-soft attention has no way to apply
-                pad = torch.isneginf(key_padding_mask)
-                if bool((key_padding_mask[~pad] != 0).any()):
-                    raise ValueError("key_padding_mask: a float mask may hold only 0 "
-                                     "(attend) and -inf (zero token); other additive "
-                                     "biases are not supported")
-                key_padding_mask = pad
-            if key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be bool (True = zero token) or float "
-                                f"(0 / -inf), got {key_padding_mask.dtype}")
-            if tuple(key_padding_mask.shape) != (B, Lk):
-                raise ValueError(f"key_padding_mask must be (B, Lk) = ({B}, {Lk}), got "
-                                 f"{tuple(key_padding_mask.shape)}")
+        key_padding_mask = self._key_padding(key_padding_mask, B, Lk)
         causal, bias = self._read_attn_mask(attn_mask, is_causal, B, Lq, Lk)
-        # batch-first views from here on, as the public pieces take them
-        q = self.project_query(query.transpose(0, 1))               # (B, Hq, Lq, Dh)
-        k, v = self.project_key_value(key.transpose(0, 1), value.transpose(0, 1))
+        # batch-first views from here on
+        q = self._query_heads(query.transpose(0, 1))                # (B, Hq, Lq, Dh)
+        k, v = self._key_value_heads(key.transpose(0, 1), value.transpose(0, 1))
         kw = self.attention_kwargs(B, Lq, Lk, key_padding_mask=key_padding_mask,
                                    is_causal=causal, f0=f0, query_f0=query_f0, key_f0=key_f0,
                                    query_pos=query_pos, key_pos=key_pos, seqlens_k=seqlens_k)
@@ -488,7 +563,7 @@ class ZeroSoftAttention(nn.Module):
             out = zero_soft_attention(q, k, v, backend=self.backend, **kw)  # (B, Hq, Lq, Dh)
         else:  # an arbitrary mask: the spec reads it (the kernels have no L x L input)
             out = reference.zero_soft_attention(q, k, v, attn_bias=bias, **kw)
-        out = self.project_output(out)                              # (B, Lq, E)
+        out = self._merge_heads(out)                                # (B, Lq, E)
         weights = None
         if need_weights:
             weights = (zero_soft_attention_weights(q, k, **kw) if bias is None else

@@ -192,7 +192,9 @@ def _positions(name: str, pos, batch: int, length: int, device, dtype, offset: i
         return _constant(("positions", start, batch, length, device, dtype),
                          lambda: (torch.arange(length, device=device, dtype=dtype) + start
                                   ).expand(batch, length).contiguous())
-    _check_tensor(name, pos)
+    if not torch.is_tensor(pos):
+        raise TypeError(f"{name} must be None, an int offset or an (L,) / (B, L) tensor, "
+                        f"got {type(pos).__name__}")
     if pos.dtype == torch.bool or pos.is_complex():
         raise TypeError(f"{name} must be an int offset or an integer/float tensor, "
                         f"got {pos.dtype}")
