@@ -145,9 +145,11 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
 // (Lkp x Dp).  Not causal (attn_fwd_impl trims the diagonal tiles; measured, it stays the
 // faster at the model's causal shapes).  Results equal attn_fwd_impl's up to summation
 // order.  Chosen where padding D to whole vectors wastes >= 1/4 of them (D = 24 with
-// AVX-512, D = 12 with AVX2): at B16 H4 D24 on an AVX-512 Xeon it takes the forward from
-// 1.21x to 1.10x SDPA's time at L = 128, 1.20x to 1.00x at L = 400, and cross-attention
-// Lq 40 x Lk 200 from 1.46x to 1.33x; at D = 40, 64 or 80 it was not faster.
+// AVX-512, D = 12 with AVX2): at B16 H4 D24 on an AVX-512 Xeon the model suite's forward
+// went from 1.40x to 1.32x SDPA's time at L = 128, 1.19x to 1.02x at L = 400, and
+// cross-attention Lq 40 x Lk 200 from 1.29x to 1.07x
+// (benchmarks/results/cpu-intel-xeon-avx512-1t/transposed-forward); at D = 40, 64 or 80 it
+// was not faster.  (The task loop is attn_fwd_impl's.)
 template <typename T>
 static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
