@@ -8,6 +8,7 @@ the float64 reference, with the same-dtype reference as the yardstick.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +18,23 @@ from zeromask import reference
 from zeromask.modules import F0Rotary
 
 from tolerance import assert_grad_close, assert_output_close
+
+
+def kernel_backends():
+    """``(name, device)`` of every kernel backend this machine runs: ``cpp`` (CPU) where
+    built, ``triton`` (compiled on a GPU, else its CPU interpreter under
+    ``TRITON_INTERPRET=1``), ``cuda`` on a GPU."""
+    gpu = torch.cuda.is_available()
+    out = []
+    for name in ("cpp", "triton", "cuda"):
+        if zeromask.available_backends().get(name) is not None:
+            continue
+        if name == "triton" and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        if name == "cuda" and not gpu:
+            continue
+        out.append((name, "cpu" if name == "cpp" else "cuda" if gpu else "cpu"))
+    return out
 
 
 def f0_contour(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,36 +10,19 @@ quirks) stay in ``test_cpp.py``, ``test_triton.py`` and ``test_cuda_compile.py``
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from zeromask import dispatch, reference
 
-from cases import CASES, attention_case, case_named, check_attention, normalised_args
+from cases import (CASES, attention_case, case_named, check_attention, kernel_backends,
+                   normalised_args)
 from tolerance import assert_output_close
 
-GPU = torch.cuda.is_available()
 F32 = torch.float32
 
 
-def _backends():
-    out = []
-    for name in ("cpp", "triton", "cuda"):
-        why = dispatch.available_backends().get(name)
-        if why is not None:
-            continue
-        if name == "triton" and not GPU and os.environ.get("TRITON_INTERPRET") != "1":
-            continue
-        device = "cpu" if name == "cpp" else "cuda" if GPU else "cpu"
-        if name == "cuda" and not GPU:
-            continue
-        out.append((name, device))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = kernel_backends()
 IDS = [b for b, _ in BACKENDS]
 
 

@@ -1,7 +1,6 @@
 """ZeroSoftAttention as a drop-in for nn.MultiheadAttention; F0Rotary; zero-token helpers."""
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import zeromask
 from zeromask import F0Rotary, ZeroSoftAttention, zero
 from zeromask.modules import resample_contour
 
+from cases import kernel_backends
 from tolerance import assert_output_close
 
 torch.manual_seed(0)
@@ -136,20 +136,9 @@ def test_kv_cache_steps_through_the_public_pieces_equal_the_causal_forward(num_k
             zsa.attend(q, q[:, :, :, :4], v)
 
 
-def _cpu_backends():
-    """The backends that run on this machine's CPU tensors (Triton only in its interpreter)."""
-    names = []
-    for name, why in zeromask.available_backends().items():
-        if why is not None or name == "cuda":
-            continue
-        if name == "triton" and (torch.cuda.is_available() or
-                                 os.environ.get("TRITON_INTERPRET") != "1"):
-            continue
-        names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
+# the reference and every kernel backend that takes CPU tensors here
+@pytest.mark.parametrize("backend", ["reference"] + [n for n, dev in kernel_backends()
+                                                     if dev == "cpu"])
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
 def test_rotated_key_cache_equals_the_causal_forward(backend, num_kv_heads):
     """A KV cache that keeps keys rotated (rotate_keys once per appended key, attend with

@@ -551,7 +551,6 @@ class ZeroSoftAttention(nn.Module):
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key and value must share (L, B), got {tuple(key.shape)} and "
                              f"{tuple(value.shape)}")
-        key_padding_mask = self._key_padding(key_padding_mask, B, Lk)
         causal, bias = self._read_attn_mask(attn_mask, is_causal, B, Lq, Lk)
         # batch-first views from here on
         q = self._query_heads(query.transpose(0, 1))                # (B, Hq, Lq, Dh)

@@ -27,31 +27,49 @@ static inline void write_row(const Attn& a, int64_t b, int64_t h, int64_t i, con
   }
 }
 
-template <typename T>
-static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+// The task loop of the tiled forwards (attn_fwd_impl, attn_fwd_t): one parallel region over
+// tasks = (b, q head, q block of BQ), handed out dynamically in chunks of consecutive q
+// blocks (a whole head when there are enough heads), so a thread that gets less CPU (a
+// shared machine) simply takes fewer chunks.  make_scratch() runs once per thread; each
+// kernel packs the keys and values of each (b, kv head) a thread meets once into that
+// scratch (a head split between threads is packed by each), which then stays hot in its
+// cache for every q block of the chunk.  body(scratch, b, h, i0, rows) runs per task.
+template <typename MakeScratch, typename Body>
+static void for_each_q_block(const Attn& a, MakeScratch&& make_scratch, Body&& body) {
   const int64_t nqb = (a.Lq + BQ - 1) / BQ;
-  T* op = out.data_ptr<T>();
-  float* lp = lse.data_ptr<float>();
-  // One parallel region over tasks = (b, q head, q block), handed out dynamically in
-  // chunks of consecutive q blocks (a whole head when there are enough heads), so a thread
-  // that gets less CPU (a shared machine) simply takes fewer chunks.  Each thread
-  // rotates/packs the keys and values of each (b, kv head) it meets once into its own
-  // scratch (a head split between threads is packed by each), which then stays hot in its
-  // cache for every q block of the chunk.
   const int64_t ntask = a.B * a.Hq * nqb;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nqb, ntask / (4 * nth)));
   const int64_t nchunk = (ntask + chunk - 1) / chunk;
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
-    fvec Qs(BQ * a.Dp), O(BQ * a.Dp), S(BQ * BK), m(BQ), l(BQ), tmax(BQ), tmaxv(BQ * RMW);
-    fbuf Kt = new_fbuf(a.D * a.ldt), Vr = new_fbuf(a.Lkp * a.Dp);
-    int64_t packed = -1;
+    auto scratch = make_scratch();
     for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
-    for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, b = bh / a.Hq, h = bh % a.Hq;
-      const int64_t hk = h / a.grp, i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
+      for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
+        const int64_t qb = task % nqb, bh = task / nqb, i0 = qb * BQ;
+        body(scratch, bh / a.Hq, bh % a.Hq, i0, std::min(BQ, a.Lq - i0));
+      }
+  });
+}
+
+template <typename T>
+static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  struct Scratch {
+    fvec Qs, O, S, m, l, tmax, tmaxv;
+    fbuf Kt, Vr;
+    int64_t packed;
+  };
+  auto make_scratch = [&] {
+    return Scratch{fvec(BQ * a.Dp), fvec(BQ * a.Dp), fvec(BQ * BK), fvec(BQ), fvec(BQ),
+                   fvec(BQ), fvec(BQ * RMW), new_fbuf(a.D * a.ldt), new_fbuf(a.Lkp * a.Dp), -1};
+  };
+  for_each_q_block(a, make_scratch, [&](Scratch& scr, int64_t b, int64_t h, int64_t i0,
+                                        int64_t rows) {
+      auto& [Qs, O, S, m, l, tmax, tmaxv, Kt, Vr, packed] = scr;
+      const int64_t hk = h / a.grp;
       const int64_t Mp = round_up(rows, 2);  // gemm takes strips of 6, 4 or 2 rows
       if (packed != b * a.Hkv + hk) {  // every element is written: no zero-fill needed
         pack_kv<T>(a, k, v, b, hk, Kt.get(), nullptr, Vr.get(), nullptr);
@@ -128,7 +146,6 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       }
       for (int64_t r = 0; r < rows; ++r)
         write_row(a, b, h, i0 + r, O.data() + r * a.Dp, m[r], l[r], op, lp);
-    }
   });
 }
 
@@ -149,42 +166,41 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
 // went from 1.40x to 1.32x SDPA's time at L = 128, 1.19x to 1.02x at L = 400, and
 // cross-attention Lq 40 x Lk 200 from 1.29x to 1.07x
 // (benchmarks/results/cpu-intel-xeon-avx512-1t/transposed-forward); at D = 40, 64 or 80 it
-// was not faster.  (The task loop is attn_fwd_impl's.)
+// was not faster.
 template <typename T>
 static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
-  const int64_t nqb = (a.Lq + BQ - 1) / BQ;
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
   TORCH_CHECK(!a.causal, "zeromask: attn_fwd_t has no causal mask");
-  const int64_t D = a.D, D1 = a.D + 1, Dm = round_up(a.D, 2);
+  const int64_t D = a.D, D1 = a.D + 1, Dm = round_up(a.D, 2), Dp = a.Dp;
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const int64_t ntask = a.B * a.Hq * nqb;
-  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nqb, ntask / (4 * nth)));
-  const int64_t nchunk = (ntask + chunk - 1) / chunk;
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, std::min(nth, nchunk), 1, [&](int64_t, int64_t) {
-    // QT: (D + 1) x BQ; ST: BK x BQ; OT: Dm x BQ (row Dm - 1 >= D stays 0: V's column D
-    // is 0); Qs: BQ x Dp (load_q's layout)
-    fvec QT(D1 * BQ), ST(BK * BQ), OT(Dm * BQ), Qs(BQ * a.Dp), m(BQ), l(BQ), orow(a.Dp);
-    fvec Ka(a.Lkp * D1), Vr(a.Lkp * a.Dp, 0.f);
-    std::vector<float> x(D);
-    int64_t packed = -1;
-    for (int64_t c = next_chunk.fetch_add(1); c < nchunk; c = next_chunk.fetch_add(1))
-    for (int64_t task = c * chunk; task < std::min(ntask, (c + 1) * chunk); ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, b = bh / a.Hq, h = bh % a.Hq;
-      const int64_t hk = h / a.grp, i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
+  // QT: (D + 1) x BQ; ST: BK x BQ; OT: Dm x BQ (row Dm - 1 >= D stays 0: V's column D is 0);
+  // Qs: BQ x Dp (load_q's layout); Ka: [g rot(k) | bias] rows of D + 1; Vr: V rows of Dp
+  struct Scratch {
+    fvec QT, ST, OT, Qs, m, l, orow, Ka, Vr;
+    std::vector<float> x;
+    int64_t packed;
+  };
+  auto make_scratch = [&] {
+    return Scratch{fvec(D1 * BQ), fvec(BK * BQ), fvec(Dm * BQ), fvec(BQ * Dp), fvec(BQ),
+                   fvec(BQ), fvec(Dp), fvec(a.Lkp * D1), fvec(a.Lkp * Dp, 0.f),
+                   std::vector<float>(D), -1};
+  };
+  for_each_q_block(a, make_scratch, [&](Scratch& scr, int64_t b, int64_t h, int64_t i0,
+                                        int64_t rows) {
+      auto& [QT, ST, OT, Qs, m, l, orow, Ka, Vr, x, packed] = scr;
+      const int64_t hk = h / a.grp;
       const int64_t Mq = round_up(rows, VL);  // queries on the lanes
-      const float* bias = a.bias.data() + b * a.Lkp;
       if (packed != b * a.Hkv + hk) {
+        const float* bias = a.bias.data() + b * a.Lkp;
         const int64_t n = a.klen(b);  // slots past seqlens_k: never read
         for (int64_t j = 0; j < a.Lkp; ++j) {
           float* kr = Ka.data() + j * D1;
-          float* vr = Vr.data() + j * a.Dp;
+          float* vr = Vr.data() + j * Dp;
           if (j < n) {
             load_row(kp + b * ks0 + hk * ks1 + j * ks2, x.data(), D);
             if (a.tk.on) rot_row(x.data(), kr, D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
@@ -259,13 +275,12 @@ static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
             vstore(o, vload(o) * alpha);
           }
         }
-        gemm<true>(Dm, Mq, wk, Vr.data() + j0 * a.Dp, 1, a.Dp, ST.data(), Mq, OT.data(), Mq);
+        gemm<true>(Dm, Mq, wk, Vr.data() + j0 * Dp, 1, Dp, ST.data(), Mq, OT.data(), Mq);
       }
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t d = 0; d < D; ++d) orow[d] = OT[d * Mq + r];
         write_row(a, b, h, i0 + r, orow.data(), m[r], l[r], op, lp);
       }
-    }
   });
 }
 
