@@ -148,6 +148,11 @@ CASES = {
                                         interleaved=True), F32),
     "d17-rot10-fp16": (dict(D=17, rotary_dim=10, Lq=9, Lk=30), F16),
     "d16-fp16": (dict(D=16), F16),
+    # the CPU backward's dK'^T / dV^T on causal diagonal tiles (K in steps of VL queries):
+    # the decoder's D = 24, two query blocks and two key tiles, and an odd D with Lq < Lk
+    "d24-causal-l150": (dict(D=24, Lq=150, Lk=150, B=1, Hq=2, Hkv=1, causal=True, seed=25), F32),
+    "d17-rot16-causal-lq40-lk70": (dict(D=17, rotary_dim=16, Lq=40, Lk=70, causal=True,
+                                        zero_mode="score"), F32),
     "d40": (dict(D=40, Lq=33, Lk=70, seed=40), F32),
     "d40-bf16": (dict(D=40, B=1), BF16),
     "d64": (dict(D=64, Lq=33, Lk=70, seed=64), F32),

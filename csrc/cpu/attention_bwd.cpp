@@ -35,6 +35,10 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   const int64_t half = a.R / 2;
   const int64_t nqb = (a.Lq + BQ - 1) / BQ;
   const int64_t slab = a.Lkp * a.Dp;
+  // dK'^T and dV^T (head dims x keys, pitch ldt): their products have the keys, a whole
+  // number of vectors, on the vector lanes, so a head dim like 24 is not padded to 32
+  const int64_t Dr = round_up(a.D, 2);  // rows: gemm takes strips of 6, 4 or 2
+  const int64_t tslab = Dr * a.ldt;
   const T* dop = dout.data_ptr<T>();
   const T* op = out.data_ptr<T>();
   const float* lp = lse.data_ptr<float>();
@@ -43,7 +47,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
-  // dk = rot^T(g_j dK'_j) (dK' summed over the nsplit slices at dKb, dVb, stride slab),
+  // dk = rot^T(g_j dK'_j) (dK'^T summed over the nsplit slices at dKb, dVb, stride tslab),
   // score-mode dzs, dv; partial sums at row ntask + kv.
   auto finish_kv = [&](int64_t kv, const float* dKb, const float* dVb) {
     std::vector<float> x(a.Dp), y(a.Dp), gk(a.Dp), gv(a.Dp), gx(a.Dp);
@@ -58,12 +62,11 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
       if (a.tk.on) parts.dtk[kv * a.Lk + j] = 0.f;
     }
     for (int64_t j = 0; j < n; ++j) {
-      std::copy(dKb + j * a.Dp, dKb + j * a.Dp + a.D, gk.begin());
-      std::copy(dVb + j * a.Dp, dVb + j * a.Dp + a.D, gv.begin());
+      for (int64_t d = 0; d < a.D; ++d) { gk[d] = dKb[d * a.ldt + j]; gv[d] = dVb[d * a.ldt + j]; }
       for (int64_t sp = 1; sp < nsplit; ++sp) {
-        const float* dk_s = dKb + sp * slab + j * a.Dp;
-        const float* dv_s = dVb + sp * slab + j * a.Dp;
-        for (int64_t d = 0; d < a.D; ++d) { gk[d] += dk_s[d]; gv[d] += dv_s[d]; }
+        const float* dk_s = dKb + sp * tslab + j;
+        const float* dv_s = dVb + sp * tslab + j;
+        for (int64_t d = 0; d < a.D; ++d) { gk[d] += dk_s[d * a.ldt]; gv[d] += dv_s[d * a.ldt]; }
       }
       const bool z = a.has_zero && a.key_zero[b * a.Lk + j];
       T* dst = dkp + ((b * a.Hkv + hk) * a.Lk + j) * a.D;
@@ -95,8 +98,8 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   // One slice per (b, kv head): each task finishes its own keys (one parallel region, and
   // the dK'/dV buffers are per thread); sliced groups keep every slice until phase 2.
   const bool fused = nsplit == 1;
-  fbuf dKs = fused ? fbuf() : new_fbuf(ntask * slab);
-  fbuf dVs = fused ? fbuf() : new_fbuf(ntask * slab);
+  fbuf dKs = fused ? fbuf() : new_fbuf(ntask * tslab);
+  fbuf dVs = fused ? fbuf() : new_fbuf(ntask * tslab);
   // ---- phase 1: (b, hk, slice of q heads) ----
   at::parallel_for(0, ntask, 1, [&](int64_t lo, int64_t hi) {
     fvec Kt(a.D * a.ldt), Kr(slab), Vt(a.D * a.ldt);
@@ -104,7 +107,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
     fvec Qs(BQ * a.Dp), dO(BQ * a.Dp), dQ(BQ * a.Dp), P(BQ * BK), dS(BQ * BK);
     std::vector<float> delta(BQ), lrow(BQ), x(a.Dp), gx(a.Dp);
     std::vector<double> drho(std::max<int64_t>(half, 1));
-    fvec own_dK(fused ? slab : 0), own_dV(fused ? slab : 0);
+    fvec own_dK(fused ? tslab : 0), own_dV(fused ? tslab : 0);
     int64_t packed = -1;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t kv = task / nsplit, sp = task % nsplit;
@@ -113,10 +116,10 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
         pack_kv<T>(a, k, v, b, hk, Kt.data(), Kr.data(), nullptr, Vt.data());
         packed = kv;
       }
-      float* dK = fused ? own_dK.data() : dKs.get() + task * slab;
-      float* dV = fused ? own_dV.data() : dVs.get() + task * slab;
-      std::fill(dK, dK + slab, 0.f);
-      std::fill(dV, dV + slab, 0.f);
+      float* dK = fused ? own_dK.data() : dKs.get() + task * tslab;
+      float* dV = fused ? own_dV.data() : dVs.get() + task * tslab;
+      std::fill(dK, dK + tslab, 0.f);
+      std::fill(dV, dV + tslab, 0.f);
       std::fill(drho.begin(), drho.end(), 0.0);
       double dlns = 0.0;
       const int64_t h_begin = hk * a.grp + (sp * a.grp) / nsplit;
@@ -158,9 +161,8 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const bool zsum = a.has_zero && !a.score;
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
-            // wk keys, wp padded to whole vectors; the products with P or dS skip the padding
-            // (wkr: rows of dV / dK, a multiple of 2 for gemm)
-            const int64_t wk = std::min(BK, ke - j0), wp = round_up(wk, VL), wkr = round_up(wk, 2);
+            // wk keys, wp padded to whole vectors (P and dS are 0 on the padding)
+            const int64_t wk = std::min(BK, ke - j0), wp = round_up(wk, VL);
             // a tile the causal diagonal crosses: see Trim (and the forward)
             const int64_t diag = i0 + (a.Lk - a.Lq) - j0;
             const bool trim = a.causal && diag + 1 < wp;
@@ -219,17 +221,17 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
                 rzs[r] += hsum(azs); rns[r] += hsum(ans); rzp[r] += hsum(azp); rnp[r] += hsum(anp);
               }
             }
-            // dV += P^T dO ; dK' += dS^T Qs ; dQs += dS K'
+            // dV^T += dO^T P ; dK'^T += Qs^T dS ; dQs += dS K'
             if (trim) {
-              gemm<true, KSTART>(wkr, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp,
-                                 dV + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
-              gemm<true, KSTART>(wkr, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp,
-                                 dK + j0 * a.Dp, a.Dp, nullptr, nullptr, diag);
+              gemm<true, KSTEPS>(Dr, wp, Mp, dO.data(), 1, a.Dp, P.data(), BK, dV + j0, a.ldt,
+                                 nullptr, nullptr, diag);
+              gemm<true, KSTEPS>(Dr, wp, Mp, Qs.data(), 1, a.Dp, dS.data(), BK, dK + j0, a.ldt,
+                                 nullptr, nullptr, diag);
               gemm<true, KEND>(Mp, a.Dp, wk, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp,
                                dQ.data(), a.Dp, nullptr, nullptr, diag);
             } else {
-              gemm<true>(wkr, a.Dp, Mp, P.data(), 1, BK, dO.data(), a.Dp, dV + j0 * a.Dp, a.Dp);
-              gemm<true>(wkr, a.Dp, Mp, dS.data(), 1, BK, Qs.data(), a.Dp, dK + j0 * a.Dp, a.Dp);
+              gemm<true>(Dr, wp, Mp, dO.data(), 1, a.Dp, P.data(), BK, dV + j0, a.ldt);
+              gemm<true>(Dr, wp, Mp, Qs.data(), 1, a.Dp, dS.data(), BK, dK + j0, a.ldt);
               gemm<true>(Mp, a.Dp, wk, dS.data(), BK, 1, Kr.data() + j0 * a.Dp, a.Dp, dQ.data(),
                          a.Dp);
             }
@@ -280,7 +282,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
   if (!fused) {
     at::parallel_for(0, nkv, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t kv = lo; kv < hi; ++kv)
-        finish_kv(kv, dKs.get() + kv * nsplit * slab, dVs.get() + kv * nsplit * slab);
+        finish_kv(kv, dKs.get() + kv * nsplit * tslab, dVs.get() + kv * nsplit * tslab);
     });
   }
 }

@@ -116,9 +116,11 @@ static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * 
 //   NCOLS:  C's columns (S = Q K^T, dP = dO V^T): strip [m, m + MR) computes the columns
 //           below strip_cols(diag, m + MR, N) only;
 //   KEND:   the K range (O += P V, dQ += dS K): t < diag + m + MR;
-//   KSTART: rows are keys, K runs over queries (dV += P^T dO, dK += dS^T Q): t >= m - diag.
+//   KSTEPS: rows are head dims, columns keys, K runs over queries (dV^T += dO^T P, dK'^T
+//           += Qs^T dS): K in steps of VL queries, each over the columns its queries reach
+//           (C is re-read per step: accumulating products only).
 // Skipped terms are exact zeros (P = 0 past the diagonal), so results are the same.
-enum Trim { NONE, NCOLS, KEND, KSTART };
+enum Trim { NONE, NCOLS, KEND, KSTEPS };
 static inline int64_t strip_cols(int64_t diag, int64_t strip_end, int64_t N) {
   return std::min(N, round_up(std::max<int64_t>(0, diag + strip_end), VL));
 }
@@ -141,7 +143,17 @@ __attribute__((noinline)) static void gemm(int64_t M, int64_t N, int64_t K, cons
     int64_t n = N, k0 = 0, k1 = K;
     if constexpr (TRIM == NCOLS) n = strip_cols(diag, m + MR, N);
     if constexpr (TRIM == KEND) k1 = std::min(K, std::max<int64_t>(0, diag + m + MR));
-    if constexpr (TRIM == KSTART) k0 = std::min(K, std::max<int64_t>(0, m - diag));
+    if constexpr (TRIM == KSTEPS) {
+      static_assert(ACC, "KSTEPS accumulates");
+      for (int64_t t0 = 0; t0 < K; t0 += VL) {
+        const int64_t kt = std::min<int64_t>(VL, K - t0);
+        const int64_t nt = strip_cols(diag, t0 + kt, N);  // keys j <= t + diag
+        if (nt > 0)
+          strip<MR, true>(nt, kt, A + m * asr + t0 * ast, asr, ast, B + t0 * ldb, ldb,
+                          C + m * ldc, ldc, nullptr, nullptr);
+      }
+      return;
+    }
     if (ACC && k1 <= k0) return;  // nothing to add
     strip<MR, ACC>(n, k1 - k0, A + m * asr + k0 * ast, asr, ast, B + k0 * ldb, ldb,
                    C + m * ldc, ldc, bias, rm(m));

@@ -149,8 +149,40 @@ static inline RotTable make_table_by_freq(const std::optional<at::Tensor>& theta
 }
 
 // The rotary pairs of a row are (x[i], x[i + R/2]) (ST = 1, halves) or (x[2i], x[2i + 1])
-// (ST = 2, interleaved), i < R/2.  The loops below are one per layout and radius / no
-// radius, without branches inside, so GCC vectorises them.
+// (ST = 2, interleaved), i < R/2.  Both loops below take 4 pairs a step in 4-lane vectors
+// (then the < 4 left one by one): a row has few pairs (12 at D = 24), fewer than one
+// AVX-512 vector holds, so a loop vectorised at the ISA's width ran them all in its scalar
+// remainder, and the backward's double dtheta sum as a serial chain of dependent adds (a
+// third of a decode step's backward).
+typedef float f4 __attribute__((vector_size(16)));
+typedef float f4u __attribute__((vector_size(16), aligned(4)));
+typedef float f8u __attribute__((vector_size(32), aligned(4)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef double d4u __attribute__((vector_size(32), aligned(8)));
+static inline f4 ld4(const float* p) { return *reinterpret_cast<const f4u*>(p); }
+static inline void st4(float* p, f4 v) { *reinterpret_cast<f4u*>(p) = v; }
+static inline d4 to_d4(f4 v) { return __builtin_convertvector(v, d4); }
+// pairs i .. i + 3 of (xa, xb) into (a, b), and back
+template <int ST>
+static inline void ld_pairs(const float* xa, const float* xb, int64_t i, f4& a, f4& b) {
+  if constexpr (ST == 1) {
+    a = ld4(xa + i); b = ld4(xb + i);
+  } else {  // xb = xa + 1: 8 floats x[2i .. 2i + 8), evens and odds
+    (void)xb;
+    const f4 lo = ld4(xa + 2 * i), hi = ld4(xa + 2 * i + 4);
+    a = __builtin_shufflevector(lo, hi, 0, 2, 4, 6);
+    b = __builtin_shufflevector(lo, hi, 1, 3, 5, 7);
+  }
+}
+template <int ST>
+static inline void st_pairs(float* ya, float* yb, int64_t i, f4 a, f4 b) {
+  if constexpr (ST == 1) {
+    st4(ya + i, a); st4(yb + i, b);
+  } else {  // yb = ya + 1
+    (void)yb;
+    *reinterpret_cast<f8u*>(ya + 2 * i) = __builtin_shufflevector(a, b, 0, 4, 1, 5, 2, 6, 3, 7);
+  }
+}
 
 // y = rot(x) (one row of D); dims >= R copied.  y may not alias x.
 template <int ST, bool RHO>
@@ -158,8 +190,16 @@ static inline void rot_pairs(const float* __restrict xa, const float* __restrict
                              float* __restrict ya, float* __restrict yb, int64_t half,
                              const float* __restrict c, const float* __restrict s,
                              const float* __restrict rho) {
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) {
+  int64_t i = 0;
+  for (; i + 4 <= half; i += 4) {
+    f4 a, b;
+    ld_pairs<ST>(xa, xb, i, a, b);
+    const f4 ci = ld4(c + i), si = ld4(s + i);
+    f4 u = a * ci - b * si, w = a * si + b * ci;
+    if (RHO) { const f4 r = ld4(rho + i); u *= r; w *= r; }
+    st_pairs<ST>(ya, yb, i, u, w);
+  }
+  for (; i < half; ++i) {
     const float a = xa[i * ST], b = xb[i * ST];
     const float u = a * c[i] - b * s[i], w = a * s[i] + b * c[i];
     ya[i * ST] = RHO ? rho[i] * u : u;
@@ -180,7 +220,7 @@ static inline void rot_row(const float* x, float* y, int64_t D, int64_t R, bool 
 }
 
 // Given x and dy = dL/d rot(x): dx, returns dL/dtheta for this row, adds dL/drho (double
-// sums; the dtheta one in SIMD lanes, i.e. reassociated, at double precision).
+// sums; the dtheta one in 4 lanes, i.e. reassociated, at double precision).
 template <int ST, bool RHO>
 static inline double rot_pairs_bwd(const float* __restrict xa, const float* __restrict xb,
                                    const float* __restrict ga, const float* __restrict gb,
@@ -188,9 +228,29 @@ static inline double rot_pairs_bwd(const float* __restrict xa, const float* __re
                                    const float* __restrict c, const float* __restrict s,
                                    const float* __restrict dpdt, const float* __restrict rho,
                                    double* __restrict drho) {
-  double dth = 0.0;
-#pragma omp simd reduction(+ : dth)
-  for (int64_t i = 0; i < half; ++i) {
+  d4 acc = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= half; i += 4) {
+    f4 a, b, g0, g1;
+    ld_pairs<ST>(xa, xb, i, a, b);
+    ld_pairs<ST>(ga, gb, i, g0, g1);
+    const f4 ci = ld4(c + i), si = ld4(s + i);
+    const f4 ya = a * ci - b * si, yb = a * si + b * ci;
+    f4 u = g0 * ci + g1 * si, w = g1 * ci - g0 * si;
+    const d4 g0d = to_d4(g0), g1d = to_d4(g1), yad = to_d4(ya), ybd = to_d4(yb);
+    d4 dphi = g1d * yad - g0d * ybd;
+    if (RHO) {
+      const f4 r = ld4(rho + i);
+      u *= r; w *= r;
+      dphi *= to_d4(r);
+      d4u* dr = reinterpret_cast<d4u*>(drho + i);
+      *dr = *dr + (g0d * yad + g1d * ybd);
+    }
+    st_pairs<ST>(dxa, dxb, i, u, w);
+    acc += dphi * to_d4(ld4(dpdt + i));
+  }
+  double dth = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i < half; ++i) {
     const float a = xa[i * ST], b = xb[i * ST], r = RHO ? rho[i] : 1.0f;
     const float ya = a * c[i] - b * s[i], yb = a * s[i] + b * c[i];
     const float g0 = ga[i * ST], g1 = gb[i * ST];
