@@ -24,6 +24,7 @@
 //     Q K^T tile reads D rows of it, which would otherwise share one L1 set);
 //   * backward: phase 1 splits over (batch, kv head, slice of the GQA group's q heads;
 //     one slice unless there are fewer (b, kv head) pairs than threads), dK'/dV accumulate
+//     transposed (head dims x keys, keys on the vector lanes: no product pads the head dim)
 //     in per-task fp32 buffers (no atomics), dQ per query block; each task then finishes
 //     its keys (dk/dv), or, for a sliced group, phase 2 sums the slices per (batch, kv
 //     head) and finishes them; theta/radius/zero_scale gradients are per-task partial
