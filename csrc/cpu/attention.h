@@ -177,25 +177,27 @@ static void pack_kv(const Attn& a, const at::Tensor& k, const at::Tensor& v, int
   std::vector<float> x(a.D), ys(4 * a.Dp, 0.f), vs(4 * a.Dp, 0.f);
   const int64_t n = a.klen(b);  // slots past seqlens_k are garbage by contract: never read
   for (int64_t j0 = 0; j0 < a.Lkp; j0 += 4) {
+    // rotated keys straight into Kr's rows where there is Kr (its padding columns stay 0),
+    // the score factor applied by rot_row: a wider vector load of what the rotation just
+    // stored 4 floats at a time (a copy, a scaling) stalls on store forwarding
+    float* kb = Kr ? Kr + j0 * a.Dp : ys.data();
     for (int64_t jj = 0; jj < 4; ++jj) {
       const int64_t j = j0 + jj;
-      float* y = ys.data() + jj * a.Dp;
+      float* y = kb + jj * a.Dp;
       float* vv = vs.data() + jj * a.Dp;
       if (j < n) {
         load_row(kp + b * ks0 + h * ks1 + j * ks2, x.data(), a.D);
-        if (a.tk.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
-        else std::copy(x.begin(), x.end(), y);
         const float g = a.gk[b * a.Lk + j];
-        if (g != 1.f) for (int64_t d = 0; d < a.D; ++d) y[d] *= g;
+        if (a.tk.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius, g);
+        else for (int64_t d = 0; d < a.D; ++d) y[d] = x[d] * g;
         load_row(vp + b * vs0 + h * vs1 + j * vs2, vv, a.D);
       } else {
         std::fill(y, y + a.Dp, 0.f);
         std::fill(vv, vv + a.Dp, 0.f);
       }
-      if (Kr) std::copy(y, y + a.Dp, Kr + j * a.Dp);
       if (Vr) std::copy(vv, vv + a.Dp, Vr + j * a.Dp);
     }
-    transpose4(ys.data(), a.Dp, a.D, Kt + j0, a.ldt);
+    transpose4(kb, a.Dp, a.D, Kt + j0, a.ldt);
     if (Vt) transpose4(vs.data(), a.Dp, a.D, Vt + j0, a.ldt);
   }
 }
@@ -212,9 +214,8 @@ static void load_q(const Attn& a, const at::Tensor& q, int64_t b, int64_t h, int
     const int64_t i = i0 + r;
     float* y = Qs + r * a.Dp;
     load_row(qp + b * s0 + h * s1 + i * s2, x.data(), a.D);
-    if (a.tq.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tq.c(b, i), a.tq.s(b, i), a.radius);
-    else std::copy(x.begin(), x.end(), y);
-    for (int64_t d = 0; d < a.D; ++d) y[d] *= a.sm_scale;
+    if (a.tq.on) rot_row(x.data(), y, a.D, a.R, a.inter, a.tq.c(b, i), a.tq.s(b, i), a.radius, a.sm_scale);
+    else for (int64_t d = 0; d < a.D; ++d) y[d] = x[d] * a.sm_scale;
   }
 }
 

@@ -203,10 +203,9 @@ static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
           float* vr = Vr.data() + j * Dp;
           if (j < n) {
             load_row(kp + b * ks0 + hk * ks1 + j * ks2, x.data(), D);
-            if (a.tk.on) rot_row(x.data(), kr, D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
-            else std::copy(x.begin(), x.end(), kr);
-            const float g = a.gk[b * a.Lk + j];
-            if (g != 1.f) for (int64_t d = 0; d < D; ++d) kr[d] *= g;
+            const float g = a.gk[b * a.Lk + j];  // (applied by rot_row: see pack_kv)
+            if (a.tk.on) rot_row(x.data(), kr, D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius, g);
+            else for (int64_t d = 0; d < D; ++d) kr[d] = x[d] * g;
             load_row(vp + b * vs0 + hk * vs1 + j * vs2, vr, D);
           } else {
             std::fill(kr, kr + D, 0.f);
@@ -217,11 +216,11 @@ static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
         packed = b * a.Hkv + hk;
       }
       load_q<T>(a, q, b, h, i0, rows, Mq, Qs.data());  // rows >= rows: zeros
-      for (int64_t i = 0; i < Mq; ++i) {
-        const float* qr = Qs.data() + i * a.Dp;
-        for (int64_t d = 0; d < D; ++d) QT[d * Mq + i] = qr[d];
-        QT[D * Mq + i] = 1.f;  // (padding queries too: 0 * -inf would be NaN)
-      }
+      // (Mq is a multiple of VL >= 4; a column store per element was a third of this loop
+      // nest's own time at L = 32)
+      for (int64_t i = 0; i < Mq; i += 4) transpose4(Qs.data() + i * a.Dp, a.Dp, D, QT.data() + i, Mq);
+      std::fill(QT.begin() + D * Mq, QT.begin() + (D + 1) * Mq, 1.f);  // (padding queries
+      // too: 0 * -inf would be NaN)
       std::fill(OT.begin(), OT.begin() + Dm * Mq, 0.f);
       std::fill(m.begin(), m.begin() + Mq, NEG_INF);
       std::fill(l.begin(), l.begin() + Mq, 0.f);

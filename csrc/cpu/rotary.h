@@ -184,12 +184,14 @@ static inline void st_pairs(float* ya, float* yb, int64_t i, f4 a, f4 b) {
   }
 }
 
-// y = rot(x) (one row of D); dims >= R copied.  y may not alias x.
+// y = scale * rot(x) (one row of D, the product rounded after the rotation's); dims >= R
+// copied (times scale).  y may not alias x.  (The scale is applied in registers: a wider
+// vector load of what the 4-float stores here just wrote stalls on store forwarding.)
 template <int ST, bool RHO>
 static inline void rot_pairs(const float* __restrict xa, const float* __restrict xb,
                              float* __restrict ya, float* __restrict yb, int64_t half,
                              const float* __restrict c, const float* __restrict s,
-                             const float* __restrict rho) {
+                             const float* __restrict rho, float scale) {
   int64_t i = 0;
   for (; i + 4 <= half; i += 4) {
     f4 a, b;
@@ -197,26 +199,27 @@ static inline void rot_pairs(const float* __restrict xa, const float* __restrict
     const f4 ci = ld4(c + i), si = ld4(s + i);
     f4 u = a * ci - b * si, w = a * si + b * ci;
     if (RHO) { const f4 r = ld4(rho + i); u *= r; w *= r; }
-    st_pairs<ST>(ya, yb, i, u, w);
+    st_pairs<ST>(ya, yb, i, u * scale, w * scale);
   }
   for (; i < half; ++i) {
     const float a = xa[i * ST], b = xb[i * ST];
     const float u = a * c[i] - b * s[i], w = a * s[i] + b * c[i];
-    ya[i * ST] = RHO ? rho[i] * u : u;
-    yb[i * ST] = RHO ? rho[i] * w : w;
+    ya[i * ST] = (RHO ? rho[i] * u : u) * scale;
+    yb[i * ST] = (RHO ? rho[i] * w : w) * scale;
   }
 }
 static inline void rot_row(const float* x, float* y, int64_t D, int64_t R, bool inter,
-                           const float* c, const float* s, const float* rho) {
+                           const float* c, const float* s, const float* rho,
+                           float scale = 1.f) {
   const int64_t half = R / 2;
   if (inter) {
-    if (rho) rot_pairs<2, true>(x, x + 1, y, y + 1, half, c, s, rho);
-    else rot_pairs<2, false>(x, x + 1, y, y + 1, half, c, s, rho);
+    if (rho) rot_pairs<2, true>(x, x + 1, y, y + 1, half, c, s, rho, scale);
+    else rot_pairs<2, false>(x, x + 1, y, y + 1, half, c, s, rho, scale);
   } else {
-    if (rho) rot_pairs<1, true>(x, x + half, y, y + half, half, c, s, rho);
-    else rot_pairs<1, false>(x, x + half, y, y + half, half, c, s, rho);
+    if (rho) rot_pairs<1, true>(x, x + half, y, y + half, half, c, s, rho, scale);
+    else rot_pairs<1, false>(x, x + half, y, y + half, half, c, s, rho, scale);
   }
-  for (int64_t d = R; d < D; ++d) y[d] = x[d];
+  for (int64_t d = R; d < D; ++d) y[d] = x[d] * scale;
 }
 
 // Given x and dy = dL/d rot(x): dx, returns dL/dtheta for this row, adds dL/drho (double
