@@ -389,3 +389,21 @@ def test_causal_cross_shapes_agree_with_the_reference():
             _, out, _ = zb.prepare(p, w, x, 2**30)
             err, tol = zb.check_output(p, w, x, out, cache)
             assert err <= tol, (p.name, err, tol)
+
+
+def test_ab_builds_compares_two_builds_in_one_process():
+    """benchmarks/ab_builds.py loads another build's extension beside this one's: this
+    checkout's own .so as the base must run, print a row per mode and a ratio near 1."""
+    ext = pytest.importorskip("zeromask._C_cpu")
+    res = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), "--base", ext.__file__,
+                          "--rounds", "3", "--shapes", "overhead"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| overhead |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["fwd", "fwd+bwd"], res.stdout
+    for r in rows:
+        ratio = float(r.split("|")[6])
+        assert 0.2 < ratio < 5.0, r
+    bad = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), "--base", "/nonexistent.so"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--base: no such file" in bad.stderr
