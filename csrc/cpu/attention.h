@@ -142,23 +142,19 @@ static void setup_attn(Attn& a, const zm_args::AttentionArgs& x, bool need_grad,
 // dst[d * ld + jj] = src[jj * sp + d] for jj < 4, d < D: four rows into four columns, by
 // 4 x 4 blocks in registers (scalar stores at the column stride were a tenth of the
 // backward's own loops at D = 24).
-typedef float v4f __attribute__((vector_size(16)));
-typedef float v4fu __attribute__((vector_size(16), aligned(4)));
 static inline void transpose4(const float* src, int64_t sp, int64_t D, float* dst, int64_t ld) {
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
-    const v4f r0 = *reinterpret_cast<const v4fu*>(src + d);
-    const v4f r1 = *reinterpret_cast<const v4fu*>(src + sp + d);
-    const v4f r2 = *reinterpret_cast<const v4fu*>(src + 2 * sp + d);
-    const v4f r3 = *reinterpret_cast<const v4fu*>(src + 3 * sp + d);
-    const v4f t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
-    const v4f t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
-    const v4f t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
-    const v4f t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
-    *reinterpret_cast<v4fu*>(dst + d * ld) = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-    *reinterpret_cast<v4fu*>(dst + (d + 1) * ld) = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-    *reinterpret_cast<v4fu*>(dst + (d + 2) * ld) = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-    *reinterpret_cast<v4fu*>(dst + (d + 3) * ld) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+    const f4 r0 = ld4(src + d), r1 = ld4(src + sp + d);
+    const f4 r2 = ld4(src + 2 * sp + d), r3 = ld4(src + 3 * sp + d);
+    const f4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
+    const f4 t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+    const f4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
+    const f4 t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+    st4(dst + d * ld, __builtin_shufflevector(t0, t2, 0, 1, 4, 5));
+    st4(dst + (d + 1) * ld, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
+    st4(dst + (d + 2) * ld, __builtin_shufflevector(t1, t3, 0, 1, 4, 5));
+    st4(dst + (d + 3) * ld, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
   }
   for (; d < D; ++d)
     for (int64_t jj = 0; jj < 4; ++jj) dst[d * ld + jj] = src[jj * sp + d];

@@ -219,8 +219,8 @@ static void attn_fwd_t(const Attn& a, const at::Tensor& q, const at::Tensor& k,
       // (Mq is a multiple of VL >= 4; a column store per element was a third of this loop
       // nest's own time at L = 32)
       for (int64_t i = 0; i < Mq; i += 4) transpose4(Qs.data() + i * a.Dp, a.Dp, D, QT.data() + i, Mq);
-      std::fill(QT.begin() + D * Mq, QT.begin() + (D + 1) * Mq, 1.f);  // (padding queries
-      // too: 0 * -inf would be NaN)
+      // row D of ones, padding queries too (0 * -inf would be NaN)
+      std::fill(QT.begin() + D * Mq, QT.begin() + (D + 1) * Mq, 1.f);
       std::fill(OT.begin(), OT.begin() + Dm * Mq, 0.f);
       std::fill(m.begin(), m.begin() + Mq, NEG_INF);
       std::fill(l.begin(), l.begin() + Mq, 0.f);

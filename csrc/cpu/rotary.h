@@ -154,13 +154,9 @@ static inline RotTable make_table_by_freq(const std::optional<at::Tensor>& theta
 // AVX-512 vector holds, so a loop vectorised at the ISA's width ran them all in its scalar
 // remainder, and the backward's double dtheta sum as a serial chain of dependent adds (a
 // third of a decode step's backward).
-typedef float f4 __attribute__((vector_size(16)));
-typedef float f4u __attribute__((vector_size(16), aligned(4)));
 typedef float f8u __attribute__((vector_size(32), aligned(4)));
 typedef double d4 __attribute__((vector_size(32)));
 typedef double d4u __attribute__((vector_size(32), aligned(8)));
-static inline f4 ld4(const float* p) { return *reinterpret_cast<const f4u*>(p); }
-static inline void st4(float* p, f4 v) { *reinterpret_cast<f4u*>(p) = v; }
 static inline d4 to_d4(f4 v) { return __builtin_convertvector(v, d4); }
 // pairs i .. i + 3 of (xa, xb) into (a, b), and back
 template <int ST>

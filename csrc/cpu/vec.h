@@ -39,6 +39,11 @@ constexpr float LOG2E = 1.44269504088896341f;
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// 4 floats whatever the ISA (rows of few rotary pairs, 4 x 4 transposes); unaligned.
+typedef float f4 __attribute__((vector_size(16)));
+typedef float f4u __attribute__((vector_size(16), aligned(4)));
+static inline f4 ld4(const float* p) { return *reinterpret_cast<const f4u*>(p); }
+static inline void st4(float* p, f4 v) { *reinterpret_cast<f4u*>(p) = v; }
 #ifdef __AVX512F__
 static inline vf vset(float x) { vf v = {}; return v + x; }
 #else
