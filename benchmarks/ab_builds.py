@@ -9,7 +9,8 @@ differ by more than a kernel change does; here both builds run in the same secon
 same inputs, through the same fast-path entry (``attention_forward_fast``: the whole eager
 call, its checks and its C++ autograd Function included). Per shape and mode: the best of
 ``--rounds`` rounds of N back-to-back calls per build (N sized to ~20 ms), in microseconds
-per call, and new ÷ base. The fused call has 20% zero keys and per-position theta on both
+per call, and new ÷ base. The shapes are the model suite's (runner.MODEL_SHAPES) but its
+rotated-key decode rows; the fused call has 20% zero keys and per-position theta on both
 sides (no rotary on cross-attention, as in the speech model). 1 thread unless --threads.
 """
 from __future__ import annotations
@@ -22,18 +23,12 @@ from pathlib import Path
 import torch
 
 import zeromask._C_cpu as this_build
+from runner import MODEL_SHAPES, cpu_name
 
-#: (tag, B, H, Lq, Lk, D, causal, rotary): the model suite's calls
-SHAPES = [("overhead", 1, 1, 1, 1, 16, False, True),
-          ("encoder", 16, 4, 32, 32, 24, False, True),
-          ("encoder", 16, 4, 128, 128, 24, False, True),
-          ("encoder", 16, 4, 400, 400, 24, False, True),
-          ("decoder", 16, 4, 20, 20, 24, True, True),
-          ("decoder", 16, 4, 60, 60, 24, True, True),
-          ("cross", 16, 4, 40, 200, 24, False, False),
-          ("decode", 16, 4, 1, 64, 24, True, True),
-          ("head-dim", 16, 4, 128, 128, 40, False, True),
-          ("head-dim", 16, 4, 128, 128, 64, False, True)]
+#: (tag, B, H, Lq, Lk, D, causal, rotary) of the model suite's calls
+SHAPES = [(s["tag"], s["batch"], s["heads"], s["length"], s.get("length_k", s["length"]),
+           s["head_dim"], s.get("causal", False), s.get("rotary", True))
+          for s in MODEL_SHAPES if not s.get("keys_rotated")]
 
 
 def load_build(path: Path):
@@ -97,9 +92,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = load_build(args.base)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), "unknown CPU")
-    print(f"{cpu}, {args.threads} thread(s), torch {torch.__version__}; base {args.base}")
+    print(f"{cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; base {args.base}")
     print("| call | shape | mode | base us | this build us | this ÷ base |")
     print("|---|---|---|---:|---:|---:|")
     for shape in SHAPES:

@@ -16,13 +16,13 @@ every fwd+bwd row pays.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 import zeromask
+from runner import cpu_name  # /proc/cpuinfo's model name, as every benchmark prints it
 
 #: (name, B, H, Lq, Lk, D, causal)
 SHAPES = [("overhead", 1, 1, 1, 1, 16, False), ("encoder", 16, 4, 32, 32, 24, False),
@@ -47,13 +47,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"{cpu}, {args.threads} thread(s), torch {torch.__version__}, "
+    print(f"{cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
           f"zeromask {zeromask.__version__}")
     print("| call | shape | mode | fused us | SDPA us | fused ÷ SDPA |")
     print("|---|---|---|---:|---:|---:|")
