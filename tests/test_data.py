@@ -284,6 +284,27 @@ def test_wide_train_ranges_cover_shifted_and_leave_test_and_shifted_unchanged():
         synth.make_dataset("/nonexistent", 10, train_ranges="huge")
 
 
+def test_rooms_train_ranges_widen_only_noise_and_reverberation():
+    narrow = _big_plan()[0]
+    rooms = _big_plan(train_ranges=synth.TRAIN_RANGES["rooms"])[0]
+    assert ([p for p in rooms if p["split"] != "train"]
+            == [p for p in narrow if p["split"] != "train"])
+    keep = ("text", "engine", "voice", "speed", "pitch")
+    tr_n = [p for p in narrow if p["split"] == "train"]
+    tr_r = [p for p in rooms if p["split"] == "train"]
+    assert [[p[k] for k in keep] for p in tr_r] == [[p[k] for k in keep] for p in tr_n]
+    assert [bool(p["augment"]) for p in tr_r] == [bool(p["augment"]) for p in tr_n]
+    snr = [p["augment"]["noise"]["snr_db"] for p in tr_r if p["augment"] and p["augment"]["noise"]]
+    rt60 = [p["augment"]["reverb"]["rt60"] for p in tr_r
+            if p["augment"] and p["augment"]["reverb"]]
+    assert snr and rt60
+    assert all(synth.WIDE_SNR_DB[0] <= x <= synth.WIDE_SNR_DB[1] for x in snr)
+    assert all(synth.WIDE_RT60[0] <= x <= synth.WIDE_RT60[1] for x in rt60)
+    # some rooms lie outside the narrow ranges: shifted/'s 10-15 dB SNRs and 0.4-0.6 s RT60s
+    assert any(x < synth.TRAIN_SNR_DB[0] for x in snr)
+    assert any(x > synth.TRAIN_RT60[1] for x in rt60)
+
+
 def test_plan_splits_engines_and_ranges():
     plans, train_v, test_v, heldout = _big_plan()
     by = {s: [p for p in plans if p["split"] == s] for s in ("train", "test", "shifted")}

@@ -120,10 +120,14 @@ class TrainRanges(NamedTuple):
 #: ``--train-ranges``: ``narrow`` keeps train/ in test/'s speed and pitch ranges (shifted/'s
 #: prosody and rooms are then outside training); ``wide`` widens the augmentation of train/
 #: over shifted/'s speeds, pitches, SNRs and RT60s, so that shifted/ differs from training
-#: only in engine (festival), accent (en-029) and texts.
+#: only in engine (festival), accent (en-029) and texts; ``rooms`` widens only the noise and
+#: reverberation (speeds and pitches stay narrow, for the test-time tempo search to undo).
+WIDE_SNR_DB = (8.0, 35.0)
+WIDE_RT60 = (0.1, 0.65)
 TRAIN_RANGES = {
     "narrow": TrainRanges(TRAIN_SPEED, TRAIN_PITCH, TRAIN_SNR_DB, TRAIN_RT60),
-    "wide": TrainRanges((0.55, 1.6), (-7.0, 7.0), (8.0, 35.0), (0.1, 0.65)),
+    "wide": TrainRanges((0.55, 1.6), (-7.0, 7.0), WIDE_SNR_DB, WIDE_RT60),
+    "rooms": TrainRanges(TRAIN_SPEED, TRAIN_PITCH, WIDE_SNR_DB, WIDE_RT60),
 }
 
 INSTALL_HINT = ("espeak-ng is not installed (or not on PATH). Install it with "
@@ -854,4 +858,5 @@ __all__ = ["make_dataset", "plan_dataset", "render_utterance", "plan_id", "Datas
            "EspeakNotFound", "FliteNotFound", "FestivalNotFound", "ACCENTS", "HELDOUT_ACCENTS",
            "VARIANTS", "FLITE_VOICES", "FESTIVAL_VOICES", "TRAIN_ENGINES", "TRAIN_SPEED",
            "TRAIN_PITCH", "SHIFTED_SPEED", "SHIFTED_PITCH", "TRAIN_SNR_DB", "TRAIN_RT60",
+           "WIDE_SNR_DB", "WIDE_RT60",
            "SHIFTED_SNR_DB", "SHIFTED_RT60", "INSTALL_HINT", "FLITE_HINT", "FESTIVAL_HINT"]
