@@ -106,6 +106,22 @@ def test_fast_path_gradients_are_the_checked_paths_bit_for_bit(name, monkeypatch
             assert same(grads[n], want[n]), n
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if "radius" not in case_named(n)[0]])
+def test_a_fixed_zero_scale_skips_its_gradient_and_changes_no_other(name, monkeypatch):
+    """Only q, k, v require grad (zero_scale a fixed tensor or float, as in the speech
+    model): the C++ backward skips prob mode's sums for d ln s, and dq, dk, dv are bitwise
+    those of the checked path, which computes every gradient."""
+    q, k, v, kw, dtype = inputs(name)
+    kw = dict(kw, zero_scale=torch.tensor(float(kw.get("zero_scale", 1e-6))))
+    got, want = ([t.detach().clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
+    out = zeromask.zero_soft_attention(*got, **kw)
+    assert type(out.grad_fn).__name__ == "CppFunction"
+    ref = checked(monkeypatch, *want, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
+    for g, w in zip(torch.autograd.grad(out, got, dout), torch.autograd.grad(ref, want, dout)):
+        assert same(g, w)
+
+
 class Subclass(torch.Tensor):
     pass
 

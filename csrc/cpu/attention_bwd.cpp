@@ -72,12 +72,13 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
       T* dst = dkp + ((b * a.Hkv + hk) * a.Lk + j) * a.D;
       load_row(kp + b * s0 + hk * s1 + j * s2, x.data(), a.D);
       if (z && a.score) {
-        // dL/ds = kr_j . dK'_j, kr = rot(k) (unscaled)
-        if (a.tk.on) rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
-        else std::copy(x.begin(), x.begin() + a.D, y.begin());
-        double dot = 0.0;
-        for (int64_t d = 0; d < a.D; ++d) dot += static_cast<double>(y[d]) * gk[d];
-        dzs += dot;
+        if (parts.dzs) {  // dL/ds = kr_j . dK'_j, kr = rot(k) (unscaled)
+          if (a.tk.on) rot_row(x.data(), y.data(), a.D, a.R, a.inter, a.tk.c(b, j), a.tk.s(b, j), a.radius);
+          else std::copy(x.begin(), x.begin() + a.D, y.begin());
+          double dot = 0.0;
+          for (int64_t d = 0; d < a.D; ++d) dot += static_cast<double>(y[d]) * gk[d];
+          dzs += dot;
+        }
         for (int64_t d = 0; d < a.D; ++d) gk[d] *= a.zs;
       }
       if (a.tk.on) {
@@ -158,7 +159,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           }
           std::fill(rzs.begin(), rzs.end(), 0.0); std::fill(rns.begin(), rns.end(), 0.0);
           std::fill(rzp.begin(), rzp.end(), 0.0); std::fill(rnp.begin(), rnp.end(), 0.0);
-          const bool zsum = a.has_zero && !a.score;
+          const bool zsum = a.has_zero && !a.score && parts.dzs;  // (prob mode's d ln s)
           const int64_t ke = a.kend(b, i0 + rows);
           for (int64_t j0 = 0; j0 < ke; j0 += BK) {
             // wk keys, wp padded to whole vectors (P and dS are 0 on the padding)
@@ -290,7 +291,7 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
 std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
                                            const at::Tensor& dout, const at::Tensor& out,
                                            const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
-                                           at::Tensor dv) {
+                                           at::Tensor dv, bool need_dzero_scale) {
   zm_args::check_backward_buffers(x, dout, out, lse, dq, dk, dv, at::kCPU, "cpp");
   Attn a;
   setup_attn(a, x, true);
@@ -305,11 +306,12 @@ std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
   at::Tensor dtq = a.tq.on ? at::empty({a.B, a.Hq, a.Lq}, f32) : at::empty({0}, f32);
   at::Tensor dtk = a.tk.on ? at::empty({a.B, a.Hkv, a.Lk}, f32) : at::empty({0}, f32);
   at::Tensor drad = a.radius ? at::empty({nrows, a.R / 2}, f64) : at::empty({0}, f64);
-  at::Tensor dzs = a.has_zero ? at::empty({nrows}, f64) : at::empty({0}, f64);
+  const bool with_dzs = a.has_zero && need_dzero_scale;
+  at::Tensor dzs = with_dzs ? at::empty({nrows}, f64) : at::empty({0}, f64);
   BwdParts parts{a.tq.on ? dtq.data_ptr<float>() : nullptr,
                  a.tk.on ? dtk.data_ptr<float>() : nullptr,
                  a.radius ? drad.data_ptr<double>() : nullptr,
-                 a.has_zero ? dzs.data_ptr<double>() : nullptr};
+                 with_dzs ? dzs.data_ptr<double>() : nullptr};
   if (a.B * a.Hkv > 0) {
     dispatch_dtype(x.q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -320,7 +322,7 @@ std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
   // reduced into the gradients: float32 head sums, float64 task sums rounded once
   return {a.tq.on ? dtq.sum(1) : at::Tensor(), a.tk.on ? dtk.sum(1) : at::Tensor(),
           a.radius ? drad.sum(0).to(at::kFloat) : at::Tensor(),
-          a.has_zero ? dzs.sum().to(at::kFloat) : at::Tensor()};
+          with_dzs ? dzs.sum().to(at::kFloat) : at::Tensor()};
 }
 
 }  // namespace zm

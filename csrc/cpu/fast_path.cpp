@@ -236,9 +236,11 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     at::Tensor dk = new_output(a.k.sizes(), a.q.options());
     at::Tensor dv = new_output(a.v.sizes(), a.q.options());
     at::Tensor g = dout[0].defined() ? dout[0].contiguous() : at::zeros_like(out);
-    auto grads = attention_backward(a, g, out, lse, dq, dk, dv);  // dtq, dtk, drad, dzs
+    // (input 4: zero_scale; a fixed one, the default, skips prob mode's sums for d ln s)
+    const bool need_dzs = !a.hard && ctx->needs_input_grad(4);
+    auto grads = attention_backward(a, g, out, lse, dq, dk, dv, need_dzs);  // dtq, dtk, drad, dzs
     // hard mode has no zero_scale in its math: no gradient flows to it
-    at::Tensor dzs = a.hard ? at::Tensor() : grads[3];
+    at::Tensor dzs = need_dzs ? grads[3] : at::Tensor();
     const at::Tensor none;
     return {dq, dk, dv, none, dzs, grads[0], grads[1], none, none, none,
             none, none, none, none, none, none};

@@ -14,11 +14,13 @@ void attention_forward(const zm_args::AttentionArgs& x, at::Tensor out, at::Tens
 
 // Writes dq, dk, dv in full and returns the other gradients: dtheta_q (B, Lq), dtheta_k
 // (B, Lk), dradius (R/2,), dzero_scale (0-dim), float32, each undefined (None in Python)
-// where that input is absent.
+// where that input is absent, or, for dzero_scale, where `need_dzero_scale` is false (a
+// zero_scale that does not require grad: the prob-mode sums it needs are skipped; dq, dk
+// and dv are bitwise the same either way).
 std::vector<at::Tensor> attention_backward(const zm_args::AttentionArgs& x,
                                            const at::Tensor& dout, const at::Tensor& out,
                                            const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
-                                           at::Tensor dv);
+                                           at::Tensor dv, bool need_dzero_scale = true);
 
 void rotary_forward(const zm_args::RotaryArgs& r, at::Tensor y);
 
