@@ -214,6 +214,9 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["sm_scale"] = sm_scale;
     ctx->saved_data["rotary_dim"] = rotary_dim;
     ctx->saved_data["interleaved"] = interleaved;
+    // (not ctx->needs_input_grad: its index counts only the inputs that are tensors, and
+    // key_zero may be None)
+    ctx->saved_data["need_dzs"] = !hard && zero_scale.requires_grad();
     return out;
   }
 
@@ -236,8 +239,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     at::Tensor dk = new_output(a.k.sizes(), a.q.options());
     at::Tensor dv = new_output(a.v.sizes(), a.q.options());
     at::Tensor g = dout[0].defined() ? dout[0].contiguous() : at::zeros_like(out);
-    // (input 4: zero_scale; a fixed one, the default, skips prob mode's sums for d ln s)
-    const bool need_dzs = !a.hard && ctx->needs_input_grad(4);
+    // a fixed zero_scale (the default) skips prob mode's sums for d ln s
+    const bool need_dzs = ctx->saved_data["need_dzs"].toBool();
     auto grads = attention_backward(a, g, out, lse, dq, dk, dv, need_dzs);  // dtq, dtk, drad, dzs
     // hard mode has no zero_scale in its math: no gradient flows to it
     at::Tensor dzs = need_dzs ? grads[3] : at::Tensor();
