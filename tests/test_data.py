@@ -284,6 +284,18 @@ def test_wide_train_ranges_cover_shifted_and_leave_test_and_shifted_unchanged():
         synth.make_dataset("/nonexistent", 10, train_ranges="huge")
 
 
+def test_train_ranges_option_is_written_from_the_ranges_table(monkeypatch):
+    """--train-ranges' choices and help come from synth.TRAIN_RANGES: an entry added there
+    (or a range changed) shows in the CLI without a second list to keep in step."""
+    monkeypatch.setitem(synth.TRAIN_RANGES, "studio",
+                        synth.TrainRanges((0.9, 1.1), (-1.0, 1.0), (40.0, 50.0), (0.05, 0.15)))
+    action = next(a for a in make_data_cli.build_parser()._actions
+                  if "--train-ranges" in a.option_strings)
+    assert tuple(action.choices) == tuple(synth.TRAIN_RANGES)
+    assert "studio = speed 0.9 to 1.1x" in action.help and "SNR 40 to 50 dB" in action.help
+    assert "narrow = speed 0.75 to 1.25x" in action.help
+
+
 def test_rooms_train_ranges_widen_only_noise_and_reverberation():
     narrow = _big_plan()[0]
     rooms = _big_plan(train_ranges=synth.TRAIN_RANGES["rooms"])[0]

@@ -7,6 +7,18 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ..data import synth
+
+
+def _describe_train_ranges() -> str:
+    """``--train-ranges``' help, written from :data:`~zeromask.data.synth.TRAIN_RANGES`."""
+    def span(lo_hi, unit=""):
+        return f"{lo_hi[0]:g} to {lo_hi[1]:g}{unit}"
+    return "; ".join(
+        f"{name} = speed {span(r.speed, 'x')}, pitch {span(r.pitch, ' semitones')}, "
+        f"SNR {span(r.snr_db, ' dB')}, RT60 {span(r.rt60, ' s')}"
+        for name, r in synth.TRAIN_RANGES.items())
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -32,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-fraction", type=float, default=0.5,
                    help="share of training utterances with noise and/or reverberation "
                         "(default 0.5)")
-    p.add_argument("--train-ranges", choices=("narrow", "wide", "rooms"), default="narrow",
-                   help="speed/pitch/SNR/RT60 ranges of train/: narrow = test/'s speeds and "
-                        "pitches, SNR 15-35 dB, RT60 0.1-0.4 s; wide = also shifted/'s "
-                        "(speed 0.55-1.6, pitch +-7 semitones, SNR 8-35 dB, RT60 0.1-0.65 s); "
-                        "rooms = narrow speeds and pitches, wide SNR and RT60 (default narrow)")
+    p.add_argument("--train-ranges", choices=tuple(synth.TRAIN_RANGES), default="narrow",
+                   help="speed/pitch/SNR/RT60 ranges of train/: " + _describe_train_ranges()
+                        + " (default narrow)")
     p.add_argument("--n-shifted", type=int, default=None,
                    help="utterances in shifted/ (default max(50, round(0.1 N)))")
     p.add_argument("--no-shifted", action="store_true",
