@@ -130,8 +130,10 @@ static void attn_bwd_impl(const Attn& a, int64_t nsplit, const at::Tensor& dout,
           const int64_t i0 = qb * BQ, rows = std::min(BQ, a.Lq - i0);
           const int64_t Mp = round_up(rows, 2);  // gemm takes strips of 6, 4 or 2 rows
           load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
-          std::fill(dO.begin(), dO.end(), 0.f);
-          std::fill(dQ.begin(), dQ.end(), 0.f);
+          // (only the Mp rows the products read and write: a short block, L = 20 say,
+          // would otherwise clear all BQ = 64 rows of both)
+          std::fill_n(dO.data(), Mp * a.Dp, 0.f);
+          std::fill_n(dQ.data(), Mp * a.Dp, 0.f);
           for (int64_t r = 0; r < Mp; ++r) {
             if (r < rows) {
               const int64_t row = (b * a.Hq + h) * a.Lq + i0 + r;

@@ -78,7 +78,7 @@ static void attn_fwd_impl(const Attn& a, const at::Tensor& q, const at::Tensor& 
       const float* kt = Kt.get();
       const float* vr = Vr.get();
       load_q<T>(a, q, b, h, i0, rows, Mp, Qs.data());
-      std::fill(O.begin(), O.end(), 0.f);
+      std::fill_n(O.data(), Mp * a.Dp, 0.f);  // the rows P V accumulates (not all BQ)
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t ke = a.kend(b, i0 + rows);
