@@ -593,6 +593,151 @@ def test_transcribe_gives_every_decoder_and_joint_takes_the_best_joint_step():
         m.transcribe(**b, max_len=4, ctc_weight=1.5)
 
 
+def _joint_score(m, mem, f0, lp, lengths, i, y, w):
+    """Joint CTC/attention log score of the closed hypothesis ``y`` (then the end token) of
+    utterance ``i``, teacher-forced through the full decoder (no cache)."""
+    from zeromask.models import CTCPrefixScorer
+    row = {f: (mm[i:i + 1], z[i:i + 1]) for f, (mm, z) in mem.items()}
+    att = torch.log_softmax(m.decode(torch.tensor([[0] + y]), row, f0[i:i + 1]).double(),
+                            -1)[0]
+    scorer = CTCPrefixScorer(lp[i:i + 1], lengths[i:i + 1])
+    total = 0.0
+    for t, tok in enumerate(y + [0]):
+        total += float((1 - w) * att[t, tok] + w * scorer.score()[0, tok])
+        if tok:
+            scorer.advance(torch.tensor([tok]))
+    return total
+
+
+def _step_scores(m, mem, f0, lp, lengths, i, g, w):
+    """(V,) joint scores of every next id after prefix ``g``, teacher-forced, no cache."""
+    from zeromask.models import CTCPrefixScorer
+    row = {f: (mm[i:i + 1], z[i:i + 1]) for f, (mm, z) in mem.items()}
+    att = torch.log_softmax(m.decode(torch.tensor([[0] + g]), row, f0[i:i + 1]).double(),
+                            -1)[0, -1]
+    scorer = CTCPrefixScorer(lp[i:i + 1], lengths[i:i + 1])
+    for tok in g:
+        scorer.advance(torch.tensor([tok]))
+    return (1 - w) * att + w * scorer.score()[0]
+
+
+def _plain_beam(m, mem, f0, lp, lengths, i, w, cap, beam):
+    """The beam search of SpeechModel._joint_beam for utterance ``i``, one hypothesis at a
+    time: keep the ``beam`` best open extensions, the best closed one, stop when it is at
+    least the best open one or at the cap (then the best open one if none closed)."""
+    live, closed = [([], 0.0)], (None, -math.inf)
+    cap = min(cap, int(lengths[i]))
+    for t in range(cap):
+        ext = []
+        for g, sc in live:
+            step = _step_scores(m, mem, f0, lp, lengths, i, g, w)
+            if sc + float(step[0]) > closed[1]:
+                closed = (g, sc + float(step[0]))
+            ext += [(g + [c], sc + float(step[c])) for c in range(1, step.shape[0])]
+        live = sorted(ext, key=lambda h: -h[1])[:beam]
+        if closed[1] >= live[0][1] or t + 1 >= cap:
+            return closed if closed[0] is not None else live[0]
+
+
+def test_joint_beam_search_finds_the_best_hypothesis_when_the_beam_holds_them_all():
+    """With beam >= (V - 1) ** (cap - 1) every open prefix is kept, so the beam search must
+    return the best closed hypothesis of all that fit the cap (enumerated by hand and scored
+    teacher-forced; here one of length 3, so the caches' reordering between steps counts);
+    a narrow beam scores no better than that."""
+    import itertools
+    from zeromask.models import downsampled_lengths, frame_lengths_of
+    b = tiny_batch()
+    b = {k: b[k] for k in ("spectrogram", "waveform", "pitch", "f0")}
+    V, cap, w = 5, 5, 0.3
+    m = make(seed=0, ctc_weight=w, vocab_size=V).eval()
+    with torch.no_grad():
+        mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+        lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
+        lp = m.ctc_log_probs(mem)
+        wide = m.transcribe(**b, max_len=cap, beam=(V - 1) ** (cap - 1))
+        narrow = m.transcribe(**b, max_len=cap, beam=2)
+        greedy = m.transcribe(**b, max_len=cap)
+        assert wide["attention"] == greedy["attention"]  # only the joint decoder changes
+        assert max(len(y) for y in wide["joint"]) >= 3
+        for i in range(2):
+            scores = {y: _joint_score(m, mem, b["f0"], lp, lengths, i, list(y), w)
+                      for n in range(cap) for y in itertools.product(range(1, V), repeat=n)}
+            best = max(scores, key=scores.get)
+            assert wide["joint"][i] == list(best), i
+            assert scores[tuple(narrow["joint"][i])] <= scores[best] + 1e-9
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="beam"):
+            m.transcribe(**b, beam=bad)
+    with pytest.raises(ValueError, match="CTC head"):
+        make(ctc_weight=0.0).eval().transcribe(**b, beam=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_joint_beam_search_is_the_plain_beam_search(seed):
+    """Narrow beams (2, 3) against the same search written plainly, one hypothesis at a time
+    and teacher-forced, no caches (:func:`_plain_beam`): same outputs, same scores. (These
+    random models' winners mostly stay in the first beam slot; the reordering of caches and
+    CTC states when a beam takes another's prefix is checked on its own below.)"""
+    from zeromask.models import downsampled_lengths, frame_lengths_of
+    b = tiny_batch(seed=seed)
+    b = {k: b[k] for k in ("spectrogram", "waveform", "pitch", "f0")}
+    V, cap, w = 5, 6, 0.3
+    m = make(seed=seed, ctc_weight=w, vocab_size=V).eval()
+    with torch.no_grad():
+        mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+        lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
+        lp = m.ctc_log_probs(mem)
+        for beam in (2, 3):
+            reported = []
+            hyps = m._joint_beam(mem, b["f0"], lp, lengths, w, cap, beam, scores=reported)
+            for i in range(2):
+                want, want_score = _plain_beam(m, mem, b["f0"], lp, lengths, i, w, cap, beam)
+                assert hyps[i] == want and abs(reported[i] - want_score) < 1e-6, (beam, i)
+
+
+def test_beam_reorder_moves_the_decoder_cache_and_the_ctc_prefix_state():
+    """A beam that takes another beam's prefix must continue exactly as that one would: after
+    ``reorder([1, 1])`` row 0 of the cached stepper and of the CTC prefix scorer give row 1's
+    next scores (both rows read the same utterance, as a beam search's rows do)."""
+    from zeromask.models import CTCPrefixScorer, downsampled_lengths, frame_lengths_of
+    b = tiny_batch()
+    b = {k: b[k][:1].expand(2, *b[k].shape[1:]).contiguous()
+         for k in ("spectrogram", "waveform", "pitch", "f0")}
+    m = make(seed=1, ctc_weight=0.5).eval()
+    with torch.no_grad():
+        mem = m.encode(b["spectrogram"], b["waveform"], b["pitch"], b["f0"])
+        lengths = downsampled_lengths(frame_lengths_of(b["spectrogram"]), 2)
+        step = m._cached_stepper(mem, b["f0"], 2, "cpu")
+        scorer = CTCPrefixScorer(m.ctc_log_probs(mem), lengths)
+        step(torch.zeros(2, 1, dtype=torch.long), 0)
+        for t, tok in enumerate(([3, 5], [0, 7]), start=1):  # (a 0 is a zero token in text)
+            step(torch.tensor([tok]).T, t)
+            scorer.advance(torch.tensor(tok), keep=torch.tensor(tok) != 0)
+        before = scorer.score()
+        index = torch.tensor([1, 1])
+        step.reorder(index)
+        scorer.reorder(index)
+        nxt = step(torch.tensor([[4], [4]]), 3)
+        torch.testing.assert_close(nxt[0], nxt[1], rtol=0, atol=0)
+        torch.testing.assert_close(scorer.score()[0], before[1], rtol=0, atol=0)
+        plain = m.decode(torch.tensor([[0, 5, 7, 4]]), {f: (x[:1], z[:1]) for f, (x, z) in
+                                                       mem.items()}, b["f0"][:1])[0, -1]
+        torch.testing.assert_close(nxt[0], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_beam_search_under_the_tempo_search_and_its_caps():
+    """beam > 1 composes with the tempo search (each factor decoded with the beam, then the
+    same per-utterance choice) and never returns a hypothesis longer than its cap."""
+    b = tiny_batch(T=40)
+    b = {k: b[k] for k in ("spectrogram", "waveform", "pitch", "f0")}
+    m = make(seed=5, ctc_weight=0.5).eval()
+    one = m.transcribe(**b, max_len=6, beam=4, tempo_factors=[1.0])
+    assert one.pop("tempo") == [1.0, 1.0]
+    assert one == m.transcribe(**b, max_len=6, beam=4)
+    out = m.transcribe(**b, max_len=6, beam=4, tempo_factors=[1.0, 0.5, 2.0])
+    assert all(len(y) <= 6 for y in out["joint"])
+
+
 # ----------------------------------------------------------------------- input scaling
 def test_utterance_norm_takes_out_loudness_and_keeps_padding_zero():
     """CMVN / RMS normalisation: a louder copy of an utterance (+12 dB on the log-mel, x4 on

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.65,0.8,1,1.25,1.5); per utterance the factor whose joint "
                         "hypothesis has the best CTC log-likelihood per token is kept; one "
                         "decoding per factor (default: off, factor 1 only)")
+    p.add_argument("--beam", type=int, default=1,
+                   help="joint CTC/attention decoding with this many beams per utterance "
+                        "(about that many times the decoder's work; default 1: greedy)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -91,6 +94,10 @@ def _evaluate(args) -> int:
     model = model_from_checkpoint(ckpt, **overrides)
     if tempo is not None and model.config.ctc_weight <= 0:
         raise UsageError("--tempo-search needs a model with a CTC head (ctc_weight > 0)")
+    if args.beam < 1:
+        raise UsageError(f"--beam must be >= 1, got {args.beam}")
+    if args.beam > 1 and model.config.ctc_weight <= 0:
+        raise UsageError("--beam > 1 needs a model with a CTC head (ctc_weight > 0)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer = CharTokenizer.from_json(ckpt["tokenizer"])
@@ -110,7 +117,7 @@ def _evaluate(args) -> int:
             raise UsageError(f"--by {args.by}: {exc}") from None
     t0 = time.time()
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
-                   progress=not args.no_progress, tempo_factors=tempo)
+                   progress=not args.no_progress, tempo_factors=tempo, beam=args.beam)
     dt = time.time() - t0
     print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
           f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
@@ -131,6 +138,7 @@ def _evaluate(args) -> int:
         Path(args.json).write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
              **score_record(res), "n": res["n"], "seconds": dt, "tempo_search": tempo,
+             "beam": args.beam,
              **({"groups": groups} if groups else {}),
              "utterances": [
                  dict({"id": res["ids"][k], "ref": res["refs"][k], "hyp": res["hyps"][k]},

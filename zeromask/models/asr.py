@@ -522,6 +522,16 @@ class CTCPrefixScorer:
         self.last = torch.where(keep, ids, self.last)
         self.started = True
 
+    def reorder(self, index: Tensor) -> None:
+        """Row ``r`` takes the prefix state of row ``index[r]`` (``(B,)`` long), for beam
+        search, where a beam continues another beam's prefix. Only the prefix state moves:
+        ``index[r]`` must read the same utterance's frames as ``r`` (a beam of the same
+        utterance)."""
+        self.r_n = self.r_n.index_select(1, index)
+        self.r_b = self.r_b.index_select(1, index)
+        self.log_psi = self.log_psi.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+
 
 def ctc_targets(labels: Tensor) -> Tuple[Tensor, Tensor]:
     """(concatenated targets, lengths) for :func:`F.ctc_loss` from decoder labels
@@ -810,7 +820,7 @@ class SpeechModel(nn.Module):
                    pitch: Optional[Tensor] = None, f0: Optional[Tensor] = None,
                    frame_lengths: Optional[Tensor] = None, max_len: Optional[int] = None,
                    ctc_weight: Optional[float] = None,
-                   tempo_factors: Optional[Sequence[float]] = None,
+                   tempo_factors: Optional[Sequence[float]] = None, beam: int = 1,
                    **_ignored) -> Dict[str, List[List[int]]]:
         """Token ids per utterance from every decoder, on one encoding of the batch:
 
@@ -822,7 +832,9 @@ class SpeechModel(nn.Module):
           each step takes the id with the highest ``(1 - w) log p_att(c | g) + w (log psi(g +
           c) - log psi(g))``, the score of Kim, Hori and Watanabe (2017) with CTC prefix
           probabilities ``psi`` (:class:`CTCPrefixScorer`) and a beam of one; ``w =
-          ctc_weight`` in ``[0, 1]``, default ``config.ctc_weight``.
+          ctc_weight`` in ``[0, 1]``, default ``config.ctc_weight``; with ``beam > 1``,
+          a beam search over the same score instead (:meth:`_joint_beam`: ``beam``
+          hypotheses per utterance, about ``beam`` times the decoder's work).
 
         With ``tempo_factors`` (test-time tempo search, e.g. ``(0.65, 0.8, 1.0, 1.25,
         1.5)``): the features are resampled in time by each factor (:func:`resample_time`:
@@ -834,20 +846,26 @@ class SpeechModel(nn.Module):
 
         Raises:
             ValueError: ``ctc_weight`` outside ``[0, 1]``; ``tempo_factors`` empty, not
-                positive finite numbers, or given to a model without a CTC head.
+                positive finite numbers, or given to a model without a CTC head; ``beam``
+                not an int >= 1, or > 1 for a model without a CTC head.
         """
         if ctc_weight is not None and not 0.0 <= float(ctc_weight) <= 1.0:
             raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
         if frame_lengths is None:
             frame_lengths = frame_lengths_of(spectrogram)
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise ValueError(f"beam must be an int >= 1, got {beam!r}")
+        if beam > 1 and self.config.ctc_weight <= 0:
+            raise ValueError("beam > 1 searches the joint CTC/attention score and needs a "
+                             "CTC head (ctc_weight > 0); this model has none")
         if tempo_factors is not None:
             return self._tempo_search(spectrogram, waveform, pitch, f0, frame_lengths,
-                                      max_len, ctc_weight, tempo_factors)
+                                      max_len, ctc_weight, tempo_factors, beam)
         return self._transcribe(spectrogram, waveform, pitch, f0, frame_lengths, max_len,
-                                ctc_weight)[0]
+                                ctc_weight, beam)[0]
 
     def _tempo_search(self, spectrogram, waveform, pitch, f0, frame_lengths, max_len,
-                      ctc_weight, factors) -> Dict[str, list]:
+                      ctc_weight, factors, beam: int = 1) -> Dict[str, list]:
         factors = [factors] if isinstance(factors, (int, float)) else list(factors)
         if not factors or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0
                                   for r in factors):
@@ -870,7 +888,7 @@ class SpeechModel(nn.Module):
                     for x, mode in ((waveform, "linear"), (pitch, "nearest"),
                                     (f0, "nearest")))
             out, log_probs, out_lengths = self._transcribe(*feats, lengths, max_len,
-                                                           ctc_weight)
+                                                           ctc_weight, beam)
             score = ctc_token_log_likelihood(log_probs, out_lengths, out["joint"])
             out["tempo"] = [float(r)] * len(out["joint"])
             if not best:
@@ -884,7 +902,7 @@ class SpeechModel(nn.Module):
         return best
 
     def _transcribe(self, spectrogram, waveform, pitch, f0, frame_lengths, max_len,
-                    ctc_weight):
+                    ctc_weight, beam: int = 1):
         """(outputs, CTC log-probs or None, encoder lengths) of :meth:`transcribe`."""
         memories = self.encode(spectrogram, waveform, pitch, f0, frame_lengths=frame_lengths)
         B = spectrogram.shape[0]
@@ -900,7 +918,10 @@ class SpeechModel(nn.Module):
         log_probs = self.ctc_log_probs(memories)
         ctc = ctc_greedy(log_probs, lengths)
         out["ctc"] = ctc
-        out["joint"] = self._joint_greedy(memories, f0, log_probs, lengths, w, max_len)
+        if beam > 1:
+            out["joint"] = self._joint_beam(memories, f0, log_probs, lengths, w, max_len, beam)
+        else:
+            out["joint"] = self._joint_greedy(memories, f0, log_probs, lengths, w, max_len)
         return out, log_probs, lengths
 
     def _joint_greedy(self, memories, f0, log_probs: Tensor, lengths: Tensor, w: float,
@@ -912,6 +933,78 @@ class SpeechModel(nn.Module):
         score with a beam of one. A row stops at the end token or at its cap."""
         ctc = (CTCPrefixScorer(log_probs, lengths), w) if w > 0 else None
         return self._greedy(memories, f0, log_probs.shape[0], max_len, limits=lengths, ctc=ctc)
+
+    def _joint_beam(self, memories, f0, log_probs: Tensor, lengths: Tensor, w: float,
+                    max_len: Optional[int], beam: int,
+                    unended: Optional[list] = None,
+                    scores: Optional[list] = None) -> List[List[int]]:
+        """Joint CTC/attention beam search: ``beam`` hypotheses per utterance (Watanabe et
+        al. 2017, Algorithm 1 with the CTC prefix scores of Algorithm 2; ESPnet's joint
+        decoding, no length bonus). A hypothesis scores the sum over its ids of ``(1 - w)
+        log p_att(c | g) + w (log psi(g + c) - log psi(g))``, the score :meth:`_joint_greedy`
+        maximises one step at a time; the end token (id 0) closes it, and then the CTC terms
+        sum to ``log P_ctc(y | x)``. Each step keeps the ``beam`` best open extensions of the
+        utterance's beams (over the whole vocabulary) and the best closed hypothesis seen.
+        Every term is <= 0, so an utterance stops once its best closed hypothesis scores at
+        least its best open one; at its cap (its encoder's length, or ``max_len``) the best
+        closed one is kept, else the best open one, reported in ``unended`` (one bool per
+        utterance); ``scores`` (a list) receives each output's summed score. (With one beam this is not :meth:`_joint_greedy`: that one follows its
+        single path to its own end token, this one may return an earlier closed hypothesis.)"""
+        B, K = log_probs.shape[0], int(beam)
+        device = log_probs.device
+
+        def rep(x):
+            return None if x is None else x.repeat_interleave(K, dim=0)
+
+        step = self._cached_stepper({f: (rep(m), rep(mask)) for f, (m, mask) in
+                                     memories.items()}, rep(f0), B * K, device)
+        scorer = CTCPrefixScorer(rep(log_probs), rep(lengths)) if w > 0 else None
+        cap = torch.full((B,), max_len or self.config.max_decode_len, dtype=torch.long)
+        cap = torch.minimum(cap, lengths.cpu().long().clamp_min(1))
+        score = torch.full((B, K), -math.inf, dtype=torch.float64, device=device)
+        score[:, 0] = 0.0  # one live beam at the start, not K copies of it
+        prefix = torch.zeros(B * K, 0, dtype=torch.long, device=device)
+        tok = torch.zeros(B * K, 1, dtype=torch.long, device=device)
+        closed = torch.full((B,), -math.inf, dtype=torch.float64)
+        best: List[Optional[List[int]]] = [None] * B
+        open_end = [False] * B
+        done = torch.zeros(B, dtype=torch.bool)
+        base = torch.arange(B, device=device)[:, None] * K
+        for t in range(int(cap.max())):
+            joint = (1 - w) * F.log_softmax(step(tok, t).double(), dim=-1)
+            if scorer is not None:
+                joint = joint + w * scorer.score()
+            V = joint.shape[-1]
+            cand = (score.reshape(-1, 1) + joint).view(B, K, V)
+            c_best, c_k = cand[:, :, 0].max(1)
+            c_best, c_k = c_best.cpu(), c_k.cpu()
+            for b in ((c_best > closed) & ~done).nonzero().flatten().tolist():
+                closed[b] = c_best[b]
+                best[b] = prefix[b * K + int(c_k[b])].tolist()
+            top, flat = cand[:, :, 1:].reshape(B, -1).topk(K, dim=1)
+            origin, ids = flat // (V - 1), flat % (V - 1) + 1
+            index = (base + origin).reshape(-1)
+            finished = done | (t + 1 >= cap) | (closed >= top[:, 0].cpu())
+            for b in (finished & ~done).nonzero().flatten().tolist():
+                if best[b] is None:  # never closed within its cap: the best open one
+                    best[b] = prefix[int(index[b * K])].tolist() + [int(ids[b, 0])]
+                    closed[b] = top[b, 0]
+                    open_end[b] = True
+            done = finished
+            if bool(done.all()):
+                break
+            prefix = torch.cat([prefix.index_select(0, index), ids.reshape(-1, 1)], dim=1)
+            score = top
+            tok = ids.reshape(-1, 1)
+            step.reorder(index)
+            if scorer is not None:
+                scorer.reorder(index)
+                scorer.advance(ids.reshape(-1))
+        if unended is not None:
+            unended.extend(open_end)
+        if scores is not None:
+            scores.extend(closed.tolist())
+        return [list(h) for h in best]
 
     def _cached_stepper(self, memories, f0, B, device):
         kf0 = self._key_f0(f0)
@@ -955,6 +1048,15 @@ class SpeechModel(nn.Module):
                 x = stage.blend(x, y)
             return self.head(self.out_norm(x))[:, -1]
 
+        def reorder(index: Tensor) -> None:
+            """Row ``r`` takes row ``index[r]``'s self-attention cache (beam search; the
+            cross-attention memories are per utterance, and ``index`` stays within one)."""
+            for cache in self_cache:
+                cache[0] = cache[0].index_select(0, index)
+                cache[1] = cache[1].index_select(0, index)
+            state["zero"] = state["zero"].index_select(0, index)
+
+        step.reorder = reorder
         return step
 
 

@@ -191,7 +191,8 @@ def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
 @torch.no_grad()
 def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
              max_utts: Optional[int] = None, max_len: Optional[int] = None,
-             progress: bool = False, tempo_factors: Optional[Sequence[float]] = None) -> dict:
+             progress: bool = False, tempo_factors: Optional[Sequence[float]] = None,
+             beam: int = 1) -> dict:
     """Greedy-decode ``loader`` and score it (character and word error rates, jiwer).
 
     Returns ``{cer, wer, n, refs, hyps, ids}`` for the attention decoder's greedy output
@@ -199,7 +200,8 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
     CTC decoding of the same utterances and ``joint_cer``, ``joint_wer``, ``joint_hyps`` for
     one-pass joint CTC/attention greedy decoding with CTC prefix scores
     (:meth:`SpeechModel.transcribe`). With ``tempo_factors``, transcribe's test-time tempo
-    search, and ``tempos``: the factor chosen per utterance.
+    search, and ``tempos``: the factor chosen per utterance. ``beam > 1``: the joint
+    decoder is transcribe's joint CTC/attention beam search with that many beams.
     """
     import jiwer
     was_training = model.training
@@ -212,7 +214,7 @@ def evaluate(model: SpeechModel, loader, tokenizer: CharTokenizer, device="cpu",
         it = tqdm(loader, desc="eval", unit="batch", leave=False)
     for batch in it:
         dec = model.transcribe(**to_device(batch, device), max_len=max_len,
-                               tempo_factors=tempo_factors)
+                               tempo_factors=tempo_factors, beam=beam)
         tempos.extend(dec.get("tempo", [1.0] * len(dec["attention"])))
         out = dec["attention"]
         ctc = dec.get("ctc", [[]] * len(out))
