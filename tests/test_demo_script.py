@@ -1,5 +1,6 @@
 """scripts/asr_demo.sh end to end on a tiny tone set (no speech synthesis): it trains, scores
-both held-out sets plain and with the test-time tempo search, draws both figures and writes
+both held-out sets greedily and searched (the test-time tempo search and a beam search),
+draws both figures and writes
 demo.json with every number the README quotes from it."""
 import json
 import os
@@ -38,7 +39,7 @@ def test_demo_script_trains_scores_and_reports(tmp_path):
     i = TINY.index("--threads")
     train_args = TINY[:i] + TINY[i + 2:]  # the script passes THREADS
     env = dict(os.environ, ZEROMASK_VENV=str(_venv()), DATA=str(data), RUN=str(run),
-               BUDGET="4", THREADS="1", TEMPO=tempo)
+               BUDGET="4", THREADS="1", TEMPO=tempo, BEAM="2")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "asr_demo.sh"), *train_args,
                           "--ctc-weight", "0.5", "--eval-every", "30"],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -46,12 +47,13 @@ def test_demo_script_trains_scores_and_reports(tmp_path):
     demo = json.loads((run / "demo.json").read_text())
     for split in ("test", "shifted"):
         rec = demo[split]
-        assert rec["n"] == 3 and rec["tempo_search"] is None
+        assert rec["n"] == 3 and rec["tempo_search"] is None and rec["beam"] == 1
         for key in ("cer", "ctc_cer", "joint_cer", "wer", "joint_wer"):
             assert 0.0 <= rec[key] < 100.0
-        searched = demo[split + "_tempo"]
+        searched = demo[split + "_search"]
         assert searched["tempo_search"] == [0.8, 1.0] and searched["n"] == 3
-        utts = json.loads((run / f"eval_{split}_tempo.json").read_text())["utterances"]
+        assert searched["beam"] == 2
+        utts = json.loads((run / f"eval_{split}_search.json").read_text())["utterances"]
         assert {u["tempo"] for u in utts} <= {0.8, 1.0}
     assert demo["steps"] >= 1 and demo["training_s"] >= 0
     for png in ("cer_vs_time.png", "utterance.png"):

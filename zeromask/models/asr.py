@@ -948,8 +948,9 @@ class SpeechModel(nn.Module):
         Every term is <= 0, so an utterance stops once its best closed hypothesis scores at
         least its best open one; at its cap (its encoder's length, or ``max_len``) the best
         closed one is kept, else the best open one, reported in ``unended`` (one bool per
-        utterance); ``scores`` (a list) receives each output's summed score. (With one beam this is not :meth:`_joint_greedy`: that one follows its
-        single path to its own end token, this one may return an earlier closed hypothesis.)"""
+        utterance); ``scores`` (a list) receives each output's summed score. (One beam is
+        not :meth:`_joint_greedy`: that follows its one path to its own end token, this may
+        return a hypothesis closed earlier.)"""
         B, K = log_probs.shape[0], int(beam)
         device = log_probs.device
 
