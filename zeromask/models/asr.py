@@ -936,7 +936,6 @@ class SpeechModel(nn.Module):
 
     def _joint_beam(self, memories, f0, log_probs: Tensor, lengths: Tensor, w: float,
                     max_len: Optional[int], beam: int,
-                    unended: Optional[list] = None,
                     scores: Optional[list] = None) -> List[List[int]]:
         """Joint CTC/attention beam search: ``beam`` hypotheses per utterance (Watanabe et
         al. 2017, Algorithm 1 with the CTC prefix scores of Algorithm 2; ESPnet's joint
@@ -947,10 +946,9 @@ class SpeechModel(nn.Module):
         utterance's beams (over the whole vocabulary) and the best closed hypothesis seen.
         Every term is <= 0, so an utterance stops once its best closed hypothesis scores at
         least its best open one; at its cap (its encoder's length, or ``max_len``) the best
-        closed one is kept, else the best open one, reported in ``unended`` (one bool per
-        utterance); ``scores`` (a list) receives each output's summed score. (One beam is
-        not :meth:`_joint_greedy`: that follows its one path to its own end token, this may
-        return a hypothesis closed earlier.)"""
+        closed one is kept, else the best open one; ``scores`` (a list) receives each
+        output's summed score. (One beam is not :meth:`_joint_greedy`: that follows its one
+        path to its own end token, this may return a hypothesis closed earlier.)"""
         B, K = log_probs.shape[0], int(beam)
         device = log_probs.device
 
@@ -968,7 +966,6 @@ class SpeechModel(nn.Module):
         tok = torch.zeros(B * K, 1, dtype=torch.long, device=device)
         closed = torch.full((B,), -math.inf, dtype=torch.float64)
         best: List[Optional[List[int]]] = [None] * B
-        open_end = [False] * B
         done = torch.zeros(B, dtype=torch.bool)
         base = torch.arange(B, device=device)[:, None] * K
         for t in range(int(cap.max())):
@@ -990,7 +987,6 @@ class SpeechModel(nn.Module):
                 if best[b] is None:  # never closed within its cap: the best open one
                     best[b] = prefix[int(index[b * K])].tolist() + [int(ids[b, 0])]
                     closed[b] = top[b, 0]
-                    open_end[b] = True
             done = finished
             if bool(done.all()):
                 break
@@ -1001,8 +997,6 @@ class SpeechModel(nn.Module):
             if scorer is not None:
                 scorer.reorder(index)
                 scorer.advance(ids.reshape(-1))
-        if unended is not None:
-            unended.extend(open_end)
         if scores is not None:
             scores.extend(closed.tolist())
         return [list(h) for h in best]
