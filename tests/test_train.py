@@ -266,3 +266,81 @@ def test_time_budget_counts_the_checkpoints_elapsed_time(tone_data, tmp_path, ca
                           + TINY) == 0
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 4 and ck["extra"]["elapsed"] > spent
+
+
+def test_weight_average_is_the_ema_of_the_optimizer_weights():
+    """WeightAverage after three steps equals the hand-computed exponential average of the
+    weights the optimizer produced (the first update copies), and leaves the model alone."""
+    from zeromask.models.training import WeightAverage
+    torch.manual_seed(0)
+    model = _linear_with_step()
+    ema = WeightAverage(model, 0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    expect = None
+    for k in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+        model.step += 1
+        ema.update()
+        w = [p.detach().clone() for p in model.parameters()]
+        expect = w if expect is None else [0.9 * a + 0.1 * b for a, b in zip(expect, w)]
+    avg = ema.averaged()
+    for a, e, live in zip(avg.parameters(), expect, model.parameters()):
+        torch.testing.assert_close(a, e)
+        assert not torch.equal(a, live)
+    assert int(avg.step) == 3  # buffers follow the live model
+    state = ema.state_dict()
+    assert state["n_averaged"] == 3 and state["decay"] == 0.9
+    other = WeightAverage(_linear_with_step(), 0.9)
+    other.load_state_dict(state)
+    for a, b in zip(other.average.module.parameters(), avg.parameters()):
+        torch.testing.assert_close(a, b)
+    for bad in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="decay must be in"):
+            WeightAverage(model, bad)
+
+
+def _linear_with_step():
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("step", torch.tensor(0))
+    return m
+
+
+def test_train_with_ema_keeps_both_weights_and_eval_picks(tone_data, tmp_path, capsys):
+    """--ema: last.pt holds the raw weights (for resuming) and the average; zeromask-eval
+    scores the average by default, the raw weights with --weights raw; a resume continues
+    the average; a checkpoint without one refuses --weights ema."""
+    from zeromask.models.training import checkpoint_weights, model_from_checkpoint
+    out = tmp_path / "run"
+    common = ["--data", str(tone_data), "--out", str(out), "--batch-size", "4",
+              "--eval-every", "0", "--no-final-eval", "--lr", "0.01"] + TINY
+    assert train_cli.main(common + ["--max-steps", "3", "--ema", "0.5"]) == 0
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["ema"]["n_averaged"] == 3 and ck["ema"]["decay"] == 0.5
+    assert checkpoint_weights(ck) == "ema" and checkpoint_weights(ck, "raw") == "raw"
+    avg, raw = model_from_checkpoint(ck), model_from_checkpoint(ck, "raw")
+    diff = [not torch.equal(a, b) for a, b in zip(avg.parameters(), raw.parameters())]
+    assert any(diff)
+    for weights in ("auto", "raw"):
+        assert eval_cli.main(["--checkpoint", str(out / "last.pt"), "--data", str(tone_data),
+                              "--no-progress", "--samples", "0", "--weights", weights,
+                              "--json", str(tmp_path / f"{weights}.json")]) == 0
+        rec = json.loads((tmp_path / f"{weights}.json").read_text())
+        assert rec["weights"] == ("ema" if weights == "auto" else "raw")
+    capsys.readouterr()
+    assert train_cli.main(common + ["--max-steps", "5", "--ema", "0.5"]) == 0
+    assert load_checkpoint(out / "last.pt")["ema"]["n_averaged"] == 5
+    plain = tmp_path / "plain"
+    assert train_cli.main(common[:2] + ["--out", str(plain)] + common[4:]
+                          + ["--max-steps", "1"]) == 0
+    ck = load_checkpoint(plain / "last.pt")
+    assert "ema" not in ck and checkpoint_weights(ck) == "raw"
+    with pytest.raises(ValueError, match="no weight average"):
+        model_from_checkpoint(ck, "ema")
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--checkpoint", str(plain / "last.pt"), "--data", str(tone_data),
+                       "--no-progress", "--weights", "ema"])
+    assert "--weights ema: this checkpoint holds no weight average" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(common + ["--max-steps", "1", "--ema", "1.0"])

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-utts", type=int, default=None)
     p.add_argument("--samples", type=int, default=10, help="greedy samples to print")
     p.add_argument("--backend", default=None, help="attention backend override")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                   help="the checkpoint's weights to score: 'ema' (the moving average of a "
+                        "run trained with --ema), 'raw' (the optimizer's), 'auto' (the "
+                        "average where there is one; default)")
     p.add_argument("--max-len", type=int, default=None, help="longest decoded text")
     p.add_argument("--json", help="write the metrics (and all hypotheses) here")
     p.add_argument("--by", default=None,
@@ -72,8 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _evaluate(args) -> int:
     from ..data import CharTokenizer, SpeechDataset, find_utterances
     from ..data import manifest_labels
-    from ..models.training import (DECODERS, evaluate, length_sorted_loader, load_checkpoint,
-                                   model_from_checkpoint, print_samples, score_groups,
+    from ..models.training import (DECODERS, checkpoint_weights, evaluate,
+                                   length_sorted_loader, load_checkpoint, model_from_checkpoint, print_samples, score_groups,
                                    score_record, score_summary)
     from .train import PAD_FRAMES
 
@@ -91,7 +95,11 @@ def _evaluate(args) -> int:
             raise UsageError(str(exc)) from None
     ckpt = load_checkpoint(args.checkpoint)
     overrides = {"backend": args.backend} if args.backend else {}
-    model = model_from_checkpoint(ckpt, **overrides)
+    try:
+        weights = checkpoint_weights(ckpt, args.weights)
+    except ValueError as exc:
+        raise UsageError(f"--weights {args.weights}: {exc}") from None
+    model = model_from_checkpoint(ckpt, weights, **overrides)
     if tempo is not None and model.config.ctc_weight <= 0:
         raise UsageError("--tempo-search needs a model with a CTC head (ctc_weight > 0)")
     if args.beam < 1:
@@ -119,7 +127,7 @@ def _evaluate(args) -> int:
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress, tempo_factors=tempo, beam=args.beam)
     dt = time.time() - t0
-    print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}) on {data}: "
+    print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}, {weights} weights) on {data}: "
           f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
     if tempo is not None:
         chosen = res["tempos"]
@@ -138,7 +146,7 @@ def _evaluate(args) -> int:
         Path(args.json).write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "step": ckpt.get("step"), "data": data,
              **score_record(res), "n": res["n"], "seconds": dt, "tempo_search": tempo,
-             "beam": args.beam,
+             "beam": args.beam, "weights": weights,
              **({"groups": groups} if groups else {}),
              "utterances": [
                  dict({"id": res["ids"][k], "ref": res["refs"][k], "hyp": res["hyps"][k]},

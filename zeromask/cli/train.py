@@ -102,6 +102,8 @@ _TRAIN_FLAGS = {
     "eval_max": (int, "held-out utterances per periodic evaluation"),
     "samples": (int, "greedy samples printed per evaluation"),
     "grad_clip": (float, "gradient norm clip (0: none)"),
+    "ema": (float, "decay of an exponential moving average of the weights, e.g. 0.999 "
+                   "(0: none); evaluations, best.pt and zeromask-eval then use the average"),
     "seed": (int, "initial weights, batch order, dropout"),
     "num_workers": (int, "DataLoader worker processes"),
     "speed_perturb": (float, "speed perturbation: each training access changes the tempo by "
@@ -111,7 +113,7 @@ _TRAIN_FLAGS = {
 }
 _TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, weight_decay=0.01, warmup=200, max_steps=None,
                        time_budget=None, eval_every=500, ckpt_every=200, log_every=10,
-                       eval_max=200, samples=5, grad_clip=1.0, seed=0, num_workers=0,
+                       eval_max=200, samples=5, grad_clip=1.0, ema=0.0, seed=0, num_workers=0,
                        speed_perturb=0.0, feature_workers=0, threads=None, eval_batch_size=32)
 
 
@@ -219,6 +221,8 @@ def resolve(args: argparse.Namespace):
         v = getattr(args, k, None)
         if v is not None:
             train[k] = v
+    if not 0.0 <= float(train["ema"]) < 1.0:
+        raise UsageError(f"--ema must be in [0, 1) (0: no average), got {train['ema']}")
     if train["max_steps"] is None and train["time_budget"] is None:
         raise UsageError("give --max-steps or --time-budget (or both)")
     return model_kw, train

@@ -130,8 +130,10 @@ def lr_lambda(warmup: int, max_steps: Optional[int], min_ratio: float = 0.1):
 
 def save_checkpoint(path: Union[str, os.PathLike], *, model: SpeechModel, optimizer=None,
                     scheduler=None, step: int = 0, epoch: int = 0,
-                    tokenizer: Optional[CharTokenizer] = None, extra: Optional[dict] = None) -> None:
-    """Atomically write a checkpoint (a torn file never replaces a good one)."""
+                    tokenizer: Optional[CharTokenizer] = None, extra: Optional[dict] = None,
+                    ema: Optional["WeightAverage"] = None) -> None:
+    """Atomically write a checkpoint (a torn file never replaces a good one). ``ema``: the
+    run's :class:`WeightAverage`, stored under ``"ema"`` (its weights, decay and count)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -145,6 +147,8 @@ def save_checkpoint(path: Union[str, os.PathLike], *, model: SpeechModel, optimi
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "extra": extra or {},
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -180,12 +184,70 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, **overrides) -> SpeechModel:
-    """A model with the checkpoint's config (``overrides`` e.g. ``backend=``) and weights."""
+#: ``weights`` of :func:`model_from_checkpoint`
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def checkpoint_weights(ckpt: dict, weights: str = "auto") -> str:
+    """Which weights ``weights`` picks in ``ckpt``: ``"ema"`` (the moving average a run
+    trained with ``--ema`` keeps) or ``"raw"`` (the optimizer's own). ``"auto"``: the
+    average where the checkpoint has one. Raises ValueError for another name, or for
+    ``"ema"`` on a checkpoint without an average."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    has_ema = isinstance(ckpt.get("ema"), dict)
+    if weights == "ema" and not has_ema:
+        raise ValueError("this checkpoint holds no weight average (train with --ema to "
+                         "keep one); choose the raw weights ('raw')")
+    return "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
+
+
+def model_from_checkpoint(ckpt: dict, weights: str = "auto", **overrides) -> SpeechModel:
+    """A model with the checkpoint's config (``overrides`` e.g. ``backend=``) and weights:
+    ``weights`` as :func:`checkpoint_weights` picks them (default: the moving average where
+    the run kept one, else the raw weights)."""
     cfg = ModelConfig.from_dict(dict(ckpt["config"], **overrides))
     model = SpeechModel(cfg)
-    model.load_state_dict(ckpt["model"])
+    which = checkpoint_weights(ckpt, weights)
+    model.load_state_dict(ckpt["ema"]["model"] if which == "ema" else ckpt["model"])
     return model
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging; the EMA of
+    timm and ESPnet), through :class:`torch.optim.swa_utils.AveragedModel`: after each
+    optimizer step every parameter ``a <- decay * a + (1 - decay) * w`` (the first update
+    copies ``w``). Buffers are not averaged: :meth:`averaged` copies the live model's
+    (its step counter, constants) before the average is used. ``decay`` in ``(0, 1)``; the
+    average spans about ``1 / (1 - decay)`` steps."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        decay = float(decay)
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay, self.model = decay, model
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                     use_buffers=False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.average.update_parameters(self.model)
+
+    @torch.no_grad()
+    def averaged(self) -> torch.nn.Module:
+        """The averaged model (the live model's buffers copied in)."""
+        for mine, live in zip(self.average.module.buffers(), self.model.buffers()):
+            mine.copy_(live)
+        return self.average.module
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "n_averaged": int(self.average.n_averaged),
+                "model": self.averaged().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.module.load_state_dict(state["model"])
+        self.average.n_averaged.fill_(int(state["n_averaged"]))
 
 
 @torch.no_grad()
@@ -309,6 +371,7 @@ def score_record(res: dict) -> dict:
 
 __all__ = ["score_summary", "score_record", "score_groups", "BucketBatchSampler", "utterance_frames", "to_device", "lr_lambda", "lr_factor",
            "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "evaluate",
+           "WeightAverage", "checkpoint_weights", "WEIGHTS",
            "TENSOR_KEYS"]
 
 
@@ -479,6 +542,8 @@ class Trainer:
         self.model = SpeechModel(self.cfg).to(self.dist.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.opt["lr"]),
                                            weight_decay=float(self.opt["weight_decay"]))
+        decay = float(self.opt.get("ema") or 0.0)
+        self.ema = WeightAverage(self.model, decay) if decay > 0 else None
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     def _open_log(self):
@@ -504,6 +569,12 @@ class Trainer:
     def _resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            if isinstance(ckpt.get("ema"), dict):
+                self.ema.load_state_dict(ckpt["ema"])
+            elif self.dist.main:  # a run resumed with --ema that had none: start it now
+                print(f"{self.last} holds no weight average: --ema starts averaging at "
+                      f"step {ckpt['step']}")
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         extra = ckpt.get("extra", {})
@@ -559,6 +630,8 @@ class Trainer:
         if self.opt["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.opt["grad_clip"]))
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         ctc = outputs["ctc_loss"].item() if "ctc_loss" in outputs else None
         return {"loss": loss.item(), "ctc_loss": ctc, "lr": lr,
@@ -586,13 +659,19 @@ class Trainer:
                                  lr=f"{lr:.2e}")
         window.reset()
 
+    def inference_model(self) -> SpeechModel:
+        """The weights evaluations score and ``best.pt`` keeps: the moving average with
+        ``ema``, else the model being trained."""
+        return self.ema.averaged() if self.ema is not None else self.model
+
     def evaluate(self, tag: str) -> Optional[dict]:
-        """Score the held-out set (main rank; None without one), print it with samples, log
-        it, and keep ``best.pt``; a periodic evaluation does not count as training time."""
+        """Score the held-out set (main rank; None without one) with
+        :meth:`inference_model`, print it with samples, log it, and keep ``best.pt``; a
+        periodic evaluation does not count as training time."""
         if self.eval_loader is None:
             return None
         t_eval = time.time()
-        res = evaluate(self.model, self.eval_loader, self.tokenizer, self.dist.device,
+        res = evaluate(self.inference_model(), self.eval_loader, self.tokenizer, self.dist.device,
                        max_utts=int(self.opt["eval_max"]), progress=self.progress)
         if tag != "final":
             self.t0 += time.time() - t_eval
@@ -608,7 +687,7 @@ class Trainer:
                        "elapsed": self.elapsed()}, **score_record(res)))
         if res["cer"] < self.best:
             self.best = res["cer"]
-            save_checkpoint(self.out / "best.pt", model=self.model, step=self.step,
+            save_checkpoint(self.out / "best.pt", model=self.inference_model(), step=self.step,
                             epoch=self.epoch, tokenizer=self.tokenizer,
                             extra={"cer": res["cer"], "wer": res["wer"]})
         return res
@@ -619,7 +698,7 @@ class Trainer:
         save_checkpoint(self.last, model=self.model, optimizer=self.optimizer, step=self.step,
                         epoch=self.epoch, tokenizer=self.tokenizer,
                         extra={"best_cer": self.best, "elapsed": self.elapsed(),
-                               "batch_in_epoch": self.in_epoch})
+                               "batch_in_epoch": self.in_epoch}, ema=self.ema)
 
     def _every(self, key: str) -> bool:
         n = int(self.opt[key])
