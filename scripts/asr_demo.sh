@@ -8,7 +8,7 @@
 #      greedy and joint CTC/attention), plain (greedy) and searched (the test-time tempo
 #      search and a joint CTC/attention beam search), and draw the CER-vs-time curve and
 #      the utterance figure.
-# Environment: N (utterances, 7200), BUDGET (training seconds, 900), DATA (data/synth-N),
+# Environment: N (utterances, 14400), BUDGET (training seconds, 900), DATA (data/synth-N),
 # RUN (runs/demo), THREADS (torch threads, 2), TEMPO (the tempo search's factors,
 # 0.65,0.8,1,1.25,1.5; empty: no tempo search), BEAM (beams of the searched decoding, 4;
 # 1: greedy). Extra arguments go to zeromask-train and override the recipe (e.g.
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ZEROMASK_VENV:-.venv}
 [ -x "$VENV/bin/zeromask-train" ] || bash scripts/setup.sh
-N=${N:-7200}
+N=${N:-14400}
 DATA=${DATA:-data/synth-$N}
 RUN=${RUN:-runs/demo}
 THREADS=${THREADS:-2}
