@@ -77,7 +77,8 @@ def _evaluate(args) -> int:
     from ..data import CharTokenizer, SpeechDataset, find_utterances
     from ..data import manifest_labels
     from ..models.training import (DECODERS, checkpoint_weights, evaluate,
-                                   length_sorted_loader, load_checkpoint, model_from_checkpoint, print_samples, score_groups,
+                                   length_sorted_loader, load_checkpoint,
+                                   model_from_checkpoint, print_samples, score_groups,
                                    score_record, score_summary)
     from .train import PAD_FRAMES
 
@@ -127,8 +128,8 @@ def _evaluate(args) -> int:
     res = evaluate(model, loader, tokenizer, device, max_len=args.max_len,
                    progress=not args.no_progress, tempo_factors=tempo, beam=args.beam)
     dt = time.time() - t0
-    print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}, {weights} weights) on {data}: "
-          f"{score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
+    print(f"checkpoint {args.checkpoint} (step {ckpt.get('step')}, {weights} weights) on "
+          f"{data}: {score_summary(res)} ({res['n']} utterances, {dt:.1f} s)")
     if tempo is not None:
         chosen = res["tempos"]
         print("tempo search: " + ", ".join(f"x{r:g} {chosen.count(r)}" for r in tempo)
